@@ -1,0 +1,499 @@
+//! A source and a destination stepped against each other in memory.
+//!
+//! This is the smallest complete environment for the machines: byte-encoded control frames in
+//! two ordered queues, data channels as FIFOs of writes that land in destination memory only
+//! through a registration table (as a NIC would check them), completions delivered out of
+//! order across channels, and a deterministic guest that keeps writing while the source
+//! workload runs. Tests, fuzz corpus generation and the in-memory demo use it; the simulator
+//! and the real transports are richer drivers of the same machines.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::destination::{DestConfig, Destination};
+use crate::source::{Source, SourceConfig};
+use crate::table::{DstPhase, SrcPhase};
+use crate::types::*;
+use crate::wire::{self, BlockDesc, Frame};
+
+/// xxh3-64 of one chunk's bytes: the digest the protocol negotiates as `Xxh3_64` (spec: SW-4).
+pub fn chunk_digest(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
+}
+
+/// Digests of every chunk of `mem` (blocks in the given order) for chunk size `1 << chunk_log2`.
+pub fn digests(mem: &[Vec<u8>], chunk_log2: u8) -> Vec<u64> {
+    mem.iter()
+        .flat_map(|b| b.chunks(1 << chunk_log2).map(chunk_digest))
+        .collect()
+}
+
+/// A write travelling on a data channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Write {
+    wr_id: u64,
+    block: u16,
+    offset: u64,
+    len: u64,
+    rkey: u32,
+    remote_offset: u64,
+}
+
+/// A registration as the destination's NIC holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mr {
+    block: u16,
+    offset: u64,
+    len: u64,
+}
+
+/// Guest behaviour while the source workload runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Guest {
+    /// Pages the guest writes per step of the pair.
+    pub pages_per_step: u32,
+    /// Steps during which the guest writes at all (afterwards it idles, so rounds converge).
+    pub active_steps: u64,
+    /// One in `zero_one_in` writes stores an all-zero page.
+    pub zero_one_in: u32,
+    pub seed: u64,
+}
+
+/// Totals a run produces, for summaries.
+#[derive(Debug, Clone, Default)]
+pub struct PairReport {
+    pub steps: u64,
+    pub source: Option<Outcome>,
+    pub destination: Option<Outcome>,
+    pub rounds: u32,
+    pub data_bytes: u64,
+    pub zero_pages: u64,
+    pub control_frames: u64,
+    pub control_bytes: u64,
+    pub reg_chunks: u64,
+    pub unreg_chunks: u64,
+    pub max_registered_bytes: u64,
+    pub memory_equal_at_start: Option<bool>,
+    pub guest_writes: u64,
+}
+
+/// Both machines, their memories and the fabric between them.
+pub struct Pair {
+    pub src: Source,
+    pub dst: Destination,
+    pub src_mem: Vec<Vec<u8>>,
+    /// Destination memory, in the destination's block order.
+    pub dst_mem: Vec<Vec<u8>>,
+    /// Destination block index -> source block index.
+    dst_order: Vec<usize>,
+    page_log2: Vec<u8>,
+    dirty_log: Vec<PageBitmap>,
+    s2d: VecDeque<Vec<u8>>,
+    d2s: VecDeque<Vec<u8>>,
+    channels: Vec<VecDeque<Write>>,
+    completions: Vec<u64>,
+    nic: BTreeMap<u32, Mr>,
+    next_rkey: u32,
+    src_inputs: VecDeque<Input>,
+    dst_inputs: VecDeque<Input>,
+    src_running: bool,
+    dst_running: bool,
+    snapshot: Option<Vec<Vec<u8>>>,
+    device_state: Vec<u8>,
+    received_state: Vec<u8>,
+    guest: Guest,
+    rng: u64,
+    now: Millis,
+    pub report: PairReport,
+    /// Every frame the source sent, encoded, in order (the control stream a fuzzer can replay).
+    pub source_stream: Vec<Vec<u8>>,
+    pub dest_stream: Vec<Vec<u8>>,
+    /// Run the checks every step (INV-REG-1, INV-PIN-1, INV-FC-1); a failure panics.
+    pub check: bool,
+}
+
+impl Pair {
+    /// Builds a pair over `blocks`, filling the source memory with a pattern that includes
+    /// zero pages. `device_state` is what the source workload hands over at switchover.
+    pub fn new(
+        scfg: SourceConfig,
+        dcfg: DestConfig,
+        guest: Guest,
+        device_state: Vec<u8>,
+    ) -> Result<Self, crate::source::ConfigError> {
+        let blocks: Vec<BlockDesc> = scfg.blocks.clone();
+        // Destination memory is in the destination's own block order.
+        let dst_order: Vec<usize> = dcfg
+            .blocks
+            .iter()
+            .map(|d| blocks.iter().position(|b| b.name == d.name).unwrap_or(0))
+            .collect();
+        let dst_mem = dcfg
+            .blocks
+            .iter()
+            .map(|b| vec![0xAA; b.length as usize])
+            .collect();
+        let src = Source::new(scfg, [7; wire::NONCE_LEN])?;
+        let dst = Destination::new(dcfg, [9; wire::NONCE_LEN])?;
+        let mut rng = guest.seed | 1;
+        let src_mem: Vec<Vec<u8>> = blocks
+            .iter()
+            .map(|b| {
+                let mut m = vec![0u8; b.length as usize];
+                for (i, page) in m.chunks_mut(1 << b.page_log2).enumerate() {
+                    if i % 3 != 2 {
+                        let v = next(&mut rng);
+                        page.iter_mut()
+                            .enumerate()
+                            .for_each(|(j, x)| *x = (v >> (j % 8 * 8)) as u8 ^ j as u8);
+                    }
+                }
+                m
+            })
+            .collect();
+        let channels = src.params().channels as usize;
+        Ok(Pair {
+            dst_mem,
+            dst_order,
+            page_log2: blocks.iter().map(|b| b.page_log2).collect(),
+            dirty_log: blocks
+                .iter()
+                .map(|b| PageBitmap::new(b.length >> b.page_log2))
+                .collect(),
+            src_mem,
+            src,
+            dst,
+            s2d: VecDeque::new(),
+            d2s: VecDeque::new(),
+            channels: vec![VecDeque::new(); channels],
+            completions: Vec::new(),
+            nic: BTreeMap::new(),
+            next_rkey: 0x100,
+            src_inputs: VecDeque::new(),
+            dst_inputs: VecDeque::new(),
+            src_running: true,
+            dst_running: false,
+            snapshot: None,
+            device_state,
+            received_state: Vec::new(),
+            guest,
+            rng,
+            now: 0,
+            report: PairReport::default(),
+            source_stream: Vec::new(),
+            dest_stream: Vec::new(),
+            check: true,
+        })
+    }
+
+    /// Runs until both sides have an outcome or `max_steps` pass; returns the report.
+    pub fn run(&mut self, max_steps: u64) -> PairReport {
+        self.src_inputs.push_back(Input::Start);
+        while self.report.steps < max_steps
+            && (self.src.outcome().is_none() || self.dst.outcome().is_none())
+        {
+            self.step();
+        }
+        self.finish_report()
+    }
+
+    /// Runs until the source reaches `phase` (or ends), for tests that need a mid-migration state.
+    pub fn run_until_source(&mut self, phase: SrcPhase, max_steps: u64) {
+        if self.src.phase() == SrcPhase::Idle {
+            self.src_inputs.push_back(Input::Start);
+        }
+        while self.report.steps < max_steps
+            && self.src.phase() != phase
+            && self.src.outcome().is_none()
+        {
+            self.step();
+        }
+    }
+
+    fn finish_report(&mut self) -> PairReport {
+        let r = &mut self.report;
+        r.source = self.src.outcome();
+        r.destination = self.dst.outcome();
+        r.rounds = self.src.round();
+        r.data_bytes = self.src.stats.data_bytes;
+        r.zero_pages = self.src.stats.zero_pages;
+        r.reg_chunks = self.src.stats.reg_chunks;
+        r.unreg_chunks = self.src.stats.unreg_chunks;
+        r.max_registered_bytes = self.dst.stats.max_registered_bytes;
+        r.clone()
+    }
+
+    /// One step: the guest writes, then each queue moves by at most one item.
+    pub fn step(&mut self) {
+        self.report.steps += 1;
+        self.now += 1;
+        if self.src_running && self.report.steps <= self.guest.active_steps {
+            for _ in 0..self.guest.pages_per_step {
+                self.guest_write();
+            }
+        }
+        if let Some(i) = self.src_inputs.pop_front() {
+            self.feed_src(i);
+        }
+        if let Some(i) = self.dst_inputs.pop_front() {
+            self.feed_dst(i);
+        }
+        if let Some(bytes) = self.s2d.pop_front() {
+            let i = match wire::decode(&bytes) {
+                Ok(f) => Input::Frame(f),
+                Err(e) => Input::Malformed(e),
+            };
+            self.feed_dst(i);
+        }
+        if let Some(bytes) = self.d2s.pop_front() {
+            let i = match wire::decode(&bytes) {
+                Ok(f) => Input::Frame(f),
+                Err(e) => Input::Malformed(e),
+            };
+            self.feed_src(i);
+        }
+        for ch in 0..self.channels.len() {
+            if let Some(w) = self.channels[ch].pop_front() {
+                self.land(w);
+            }
+        }
+        // Completions arrive newest first: no order across queues (spec: section "Transport").
+        if let Some(wr_id) = self.completions.pop() {
+            self.feed_src(Input::WriteDone { wr_id });
+        }
+        if self.check {
+            self.check_invariants();
+        }
+    }
+
+    fn guest_write(&mut self) {
+        let b = (next(&mut self.rng) % self.src_mem.len() as u64) as usize;
+        let pages = self.src_mem[b].len() as u64 >> self.page_log2[b];
+        let p = next(&mut self.rng) % pages;
+        let ps = 1usize << self.page_log2[b];
+        let v = next(&mut self.rng);
+        let zero = self.guest.zero_one_in > 0 && v % self.guest.zero_one_in as u64 == 0;
+        let page = &mut self.src_mem[b][p as usize * ps..(p as usize + 1) * ps];
+        if zero {
+            page.fill(0);
+        } else {
+            page[(v as usize >> 8) % ps] = v as u8 | 1;
+            page[0] = page[0].wrapping_add(1);
+        }
+        self.dirty_log[b].set(p);
+        self.report.guest_writes += 1;
+    }
+
+    fn land(&mut self, w: Write) {
+        // The NIC's check (spec: INV-REG-1): the key must be registered and the range inside.
+        let Some(mr) = self.nic.get(&w.rkey).copied() else {
+            assert!(
+                self.dst.outcome().is_some(),
+                "INV-REG-1: write to unregistered key {:#x} while the destination is live",
+                w.rkey
+            );
+            self.completions.push(w.wr_id);
+            return;
+        };
+        assert!(
+            w.remote_offset + w.len <= mr.len,
+            "INV-REG-1: write beyond its registration"
+        );
+        let lb = mr.block as usize;
+        let src =
+            self.src_mem[w.block as usize][w.offset as usize..(w.offset + w.len) as usize].to_vec();
+        let at = (mr.offset + w.remote_offset) as usize;
+        self.dst_mem[lb][at..at + w.len as usize].copy_from_slice(&src);
+        self.completions.push(w.wr_id);
+    }
+
+    fn check_invariants(&self) {
+        assert!(
+            self.dst.registered_bytes() <= self.dst.pin_budget(),
+            "INV-PIN-1: pin budget exceeded"
+        );
+        assert!(
+            !(self.src_running && self.dst_running),
+            "INV-OWN-1: both workloads running"
+        );
+    }
+
+    fn feed_src(&mut self, i: Input) {
+        if let Input::Frame(_) = &i {
+            self.report.control_frames += 1;
+        }
+        let cmds = self.src.step(self.now, i);
+        for c in cmds {
+            self.exec_src(c);
+        }
+    }
+
+    fn feed_dst(&mut self, i: Input) {
+        if let Input::Frame(_) = &i {
+            self.report.control_frames += 1;
+        }
+        let cmds = self.dst.step(self.now, i);
+        for c in cmds {
+            self.exec_dst(c);
+        }
+    }
+
+    fn encode(&mut self, f: &Frame) -> Vec<u8> {
+        let b = wire::encode_to_vec(f).expect("machines send only valid frames");
+        self.report.control_bytes += b.len() as u64;
+        b
+    }
+
+    fn exec_src(&mut self, c: Command) {
+        match c {
+            Command::Send(f) => {
+                let b = self.encode(&f);
+                self.source_stream.push(b.clone());
+                self.s2d.push_back(b);
+            }
+            Command::PostWrite {
+                channel,
+                wr_id,
+                block,
+                offset,
+                len,
+                rkey,
+                remote_offset,
+            } => self.channels[channel as usize].push_back(Write {
+                wr_id,
+                block,
+                offset,
+                len,
+                rkey,
+                remote_offset,
+            }),
+            Command::ScanDirty { all } => {
+                let mut dirty = Vec::new();
+                let mut zero = Vec::new();
+                for b in 0..self.src_mem.len() {
+                    let pages = self.dirty_log[b].len();
+                    let d = if all {
+                        PageBitmap::full(pages)
+                    } else {
+                        self.dirty_log[b].clone()
+                    };
+                    self.dirty_log[b] = PageBitmap::new(pages);
+                    let ps = 1usize << self.page_log2[b];
+                    let mut z = PageBitmap::new(pages);
+                    let mut p = d.next_set(0);
+                    while let Some(i) = p {
+                        if self.src_mem[b][i as usize * ps..(i as usize + 1) * ps]
+                            .iter()
+                            .all(|&x| x == 0)
+                        {
+                            z.set(i);
+                        }
+                        p = d.next_set(i + 1);
+                    }
+                    dirty.push(d);
+                    zero.push(z);
+                }
+                self.src_inputs
+                    .push_back(Input::Dirty(DirtyScan { dirty, zero }));
+            }
+            Command::PauseWorkload => {
+                self.src_running = false;
+                self.snapshot = Some(self.src_mem.clone());
+                self.src_inputs.push_back(Input::WorkloadPaused);
+            }
+            Command::ResumeWorkload => self.src_running = true,
+            Command::CaptureDeviceState => self
+                .src_inputs
+                .push_back(Input::DeviceState(self.device_state.clone())),
+            Command::ComputeDigests => {
+                let d = digests(&self.src_mem, self.src.params().chunk_log2);
+                self.src_inputs.push_back(Input::Digests(d));
+            }
+            Command::Finish(_) => {}
+            other => panic!("source issued a destination command: {other:?}"),
+        }
+    }
+
+    fn exec_dst(&mut self, c: Command) {
+        match c {
+            Command::Send(f) => {
+                let b = self.encode(&f);
+                self.dest_stream.push(b.clone());
+                self.d2s.push_back(b);
+            }
+            Command::Register {
+                target,
+                block,
+                offset,
+                len,
+            } => {
+                let rkey = self.next_rkey;
+                self.next_rkey += 1;
+                assert!(
+                    offset + len <= self.dst_mem[block as usize].len() as u64,
+                    "registration outside its block"
+                );
+                self.nic.insert(rkey, Mr { block, offset, len });
+                self.dst_inputs
+                    .push_back(Input::Registered { target, rkey });
+            }
+            Command::Unregister { rkey, .. } => {
+                assert!(
+                    self.nic.remove(&rkey).is_some(),
+                    "unregister of an unknown key"
+                );
+            }
+            Command::ZeroFill { block, offset, len } => {
+                self.dst_mem[block as usize][offset as usize..(offset + len) as usize].fill(0)
+            }
+            Command::StoreDeviceState { offset, data } => {
+                assert_eq!(offset as usize, self.received_state.len());
+                self.received_state.extend_from_slice(&data);
+            }
+            Command::ComputeDigests => {
+                let log2 = self.dst.params().expect("negotiated").chunk_log2;
+                let d = digests(&self.dst_mem, log2);
+                self.dst_inputs.push_back(Input::Digests(d));
+            }
+            Command::StartWorkload => {
+                // spec: INV-MEM-1
+                let snap = self
+                    .snapshot
+                    .as_ref()
+                    .expect("INV-OWN-1: destination starts before the source paused");
+                let equal = self
+                    .dst_order
+                    .iter()
+                    .enumerate()
+                    .all(|(d, &s)| snap[s] == self.dst_mem[d]);
+                self.report.memory_equal_at_start =
+                    Some(equal && self.received_state == self.device_state);
+                assert!(
+                    self.nic.is_empty(),
+                    "SW-8: memory still registered at start"
+                );
+                self.dst_running = true;
+                self.dst_inputs.push_back(Input::WorkloadStarted);
+            }
+            Command::Finish(_) => {}
+            other => panic!("destination issued a source command: {other:?}"),
+        }
+    }
+
+    pub fn source_running(&self) -> bool {
+        self.src_running
+    }
+    pub fn destination_running(&self) -> bool {
+        self.dst_running
+    }
+    pub fn destination_phase(&self) -> DstPhase {
+        self.dst.phase()
+    }
+}
+
+fn next(s: &mut u64) -> u64 {
+    // xorshift64*: deterministic, seedable, good enough for a test guest.
+    *s ^= *s >> 12;
+    *s ^= *s << 25;
+    *s ^= *s >> 27;
+    s.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
