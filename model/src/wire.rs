@@ -1019,3 +1019,120 @@ fn decode_payload(code: u8, payload: &[u8]) -> Result<Message, WireError> {
     r.finish()?;
     Ok(msg)
 }
+
+/// One frame of every message type with representative field values: the reference set for
+/// the byte-layout snapshots in tests and for fuzzing seed corpora.
+pub fn sample_frames() -> Vec<Frame> {
+    let params = Params {
+        chunk_log2: 20,
+        mode: RegMode::Dynamic,
+        flags: flag::ZERO_ELISION,
+        channels: 2,
+        digest: DigestAlg::Xxh3_64,
+        auth: AuthMode::HmacSha256,
+        max_reg_inflight: 4,
+    };
+    let msgs = vec![
+        Message::Hello(Hello {
+            version_min: 1,
+            version_max: 1,
+            session_id: 0x0123_4567_89ab_cdef,
+            params,
+            credit_window: 64,
+            nonce: [0x11; NONCE_LEN],
+        }),
+        Message::HelloAck(HelloAck {
+            version: 1,
+            session_id: 0x0123_4567_89ab_cdef,
+            params,
+            credit_window: 32,
+            pin_budget: 1 << 30,
+            nonce: [0x22; NONCE_LEN],
+            mac: [0x33; MAC_LEN],
+        }),
+        Message::Auth {
+            mac: [0x44; MAC_LEN],
+        },
+        Message::BlockTable {
+            blocks: vec![
+                BlockDesc {
+                    name: b"pc.ram".to_vec(),
+                    length: 1 << 30,
+                    page_log2: 12,
+                },
+                BlockDesc {
+                    name: b"vga.vram".to_vec(),
+                    length: 16 << 20,
+                    page_log2: 21,
+                },
+            ],
+        },
+        Message::BlockTableAck {
+            rkeys: vec![0x1000, 0x2000],
+        },
+        Message::RegRequest {
+            req_id: 1,
+            chunks: vec![
+                ChunkRef { block: 0, chunk: 0 },
+                ChunkRef {
+                    block: 0,
+                    chunk: 1023,
+                },
+            ],
+        },
+        Message::RegResult {
+            req_id: 1,
+            rkeys: vec![0xdead_beef, 0x0bad_cafe],
+        },
+        Message::UnregRequest {
+            req_id: 1,
+            chunks: vec![ChunkRef { block: 1, chunk: 7 }],
+        },
+        Message::UnregDone {
+            req_id: 1,
+            count: 1,
+        },
+        Message::Zero {
+            round: 2,
+            ranges: vec![PageRange {
+                block: 0,
+                first_page: 256,
+                page_count: 512,
+            }],
+        },
+        Message::RoundEnd {
+            round: 2,
+            last: true,
+            data_bytes: 123_456_789,
+            zero_pages: 512,
+        },
+        Message::RoundAck { round: 2 },
+        Message::DeviceState {
+            offset: 32_768,
+            total_len: 40_000,
+            data: vec![0xab; 16],
+        },
+        Message::Digests {
+            first_chunk: 4096,
+            digests: vec![0x0102_0304_0506_0708, u64::MAX],
+        },
+        Message::Prepare {
+            state_len: 40_000,
+            digest_count: 1040,
+        },
+        Message::Prepared,
+        Message::Commit,
+        Message::Started,
+        Message::Abort {
+            reason: AbortReason::DigestMismatch,
+        },
+        Message::Nop,
+    ];
+    msgs.into_iter()
+        .enumerate()
+        .map(|(i, msg)| Frame {
+            credits: i as u16,
+            msg,
+        })
+        .collect()
+}
