@@ -3,7 +3,13 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test deps lint unit fuzz
+FUZZ_TARGETS := wire_decode wire_roundtrip destination_session source_session handshake_auth
+# Seconds each fuzz target runs inside `make test`.
+FUZZ_SMOKE_SECONDS ?= 30
+TARGET ?= wire_decode
+SECONDS ?= 60
+
+.PHONY: demo test deps fuzz-deps lint unit fuzz fuzz-smoke fuzz-seeds
 
 # Installs what a fresh Debian machine lacks (build tools for the crates in this workspace).
 deps:
@@ -12,16 +18,42 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential pkg-config; \
 	fi
 
+fuzz-deps: deps
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+
 # A complete live migration with a report.
 demo: deps
 	$(CARGO) run --release -q -p rdmig-model --example demo
 
 lint: deps
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
+	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 
+# All unit, property, snapshot and integration tests, plus fuzz corpus and crash replay.
 unit: deps
-	$(CARGO) test --workspace
+	$(CARGO) test --workspace --all-features
 
-# Everything: formatting, lints, and every test suite.
-test: lint unit
+# One fuzz target: make fuzz TARGET=destination_session SECONDS=600
+fuzz: fuzz-deps
+	cd fuzz && $(CARGO) fuzz run -s none $(TARGET) -- -max_total_time=$(SECONDS) -print_final_stats=1
+
+# Every target for a short time, new inputs kept out of the checked-in corpus.
+fuzz-smoke: fuzz-deps
+	cd fuzz && $(CARGO) fuzz build -s none
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		tmp=$$(mktemp -d); \
+		echo "fuzz $$t for $(FUZZ_SMOKE_SECONDS)s"; \
+		(cd fuzz && $(CARGO) fuzz run -s none $$t $$tmp corpus/$$t -- \
+			-max_total_time=$(FUZZ_SMOKE_SECONDS) -print_final_stats=1 2>&1 | \
+			grep -E 'stat::(number_of_executed_units|average_exec_per_sec)|DONE|panicked|SUMMARY|crash-'; \
+			exit $${PIPESTATUS[0]}); \
+		rm -rf $$tmp; \
+	done
+
+# Regenerates the seed corpora from the sample frames and a recorded migration.
+fuzz-seeds:
+	$(CARGO) run -q -p rdmig-model --features arbitrary --example fuzz_seeds
+
+# Everything: formatting, lints, every test suite, and a short run of every fuzz target.
+test: lint unit fuzz-smoke

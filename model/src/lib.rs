@@ -6,7 +6,10 @@
 //! I/O results arrive as inputs, and every effect leaves as a command.
 
 pub mod auth;
+pub mod check;
 pub mod destination;
+#[cfg(feature = "arbitrary")]
+pub mod fuzzing;
 pub mod pair;
 pub mod source;
 pub mod table;

@@ -107,6 +107,9 @@ pub struct Pair {
     /// Every frame the source sent, encoded, in order (the control stream a fuzzer can replay).
     pub source_stream: Vec<Vec<u8>>,
     pub dest_stream: Vec<Vec<u8>>,
+    /// Frames delivered so far to the destination and to the source.
+    pub delivered_to_dst: usize,
+    pub delivered_to_src: usize,
     /// Run the checks every step (INV-REG-1, INV-PIN-1, INV-FC-1); a failure panics.
     pub check: bool,
 }
@@ -181,13 +184,15 @@ impl Pair {
             report: PairReport::default(),
             source_stream: Vec::new(),
             dest_stream: Vec::new(),
+            delivered_to_dst: 0,
+            delivered_to_src: 0,
             check: true,
         })
     }
 
     /// Runs until both sides have an outcome or `max_steps` pass; returns the report.
     pub fn run(&mut self, max_steps: u64) -> PairReport {
-        self.src_inputs.push_back(Input::Start);
+        self.start();
         while self.report.steps < max_steps
             && (self.src.outcome().is_none() || self.dst.outcome().is_none())
         {
@@ -198,14 +203,18 @@ impl Pair {
 
     /// Runs until the source reaches `phase` (or ends), for tests that need a mid-migration state.
     pub fn run_until_source(&mut self, phase: SrcPhase, max_steps: u64) {
-        if self.src.phase() == SrcPhase::Idle {
-            self.src_inputs.push_back(Input::Start);
-        }
+        self.start();
         while self.report.steps < max_steps
             && self.src.phase() != phase
             && self.src.outcome().is_none()
         {
             self.step();
+        }
+    }
+
+    fn start(&mut self) {
+        if self.src.phase() == SrcPhase::Idle && !self.src_inputs.contains(&Input::Start) {
+            self.src_inputs.push_back(Input::Start);
         }
     }
 
@@ -238,6 +247,7 @@ impl Pair {
             self.feed_dst(i);
         }
         if let Some(bytes) = self.s2d.pop_front() {
+            self.delivered_to_dst += 1;
             let i = match wire::decode(&bytes) {
                 Ok(f) => Input::Frame(f),
                 Err(e) => Input::Malformed(e),
@@ -245,6 +255,7 @@ impl Pair {
             self.feed_dst(i);
         }
         if let Some(bytes) = self.d2s.pop_front() {
+            self.delivered_to_src += 1;
             let i = match wire::decode(&bytes) {
                 Ok(f) => Input::Frame(f),
                 Err(e) => Input::Malformed(e),

@@ -609,6 +609,11 @@ impl Source {
     // Frames from the destination
 
     fn on_frame(&mut self, f: Frame, out: &mut Vec<Command>) {
+        // Drivers decode frames with `wire::decode`, which validates; a frame built any other
+        // way is checked here too, so no unvalidated field reaches the logic (spec: WIRE-5).
+        if f.msg.validate().is_err() {
+            return self.violation(out, "frame outside protocol bounds");
+        }
         if let Err(e) = self.credits.on_receive(f.credits) {
             return self.violation(out, e); // spec: FC-5
         }

@@ -1,0 +1,553 @@
+//! Fuzz target bodies with their oracles. The cargo-fuzz targets in `fuzz/` are one-line calls
+//! into these, and `cargo test` replays the checked-in corpora and crash inputs through the
+//! same functions, so a regression is caught without a fuzzer installed.
+//!
+//! Every function panics when the machine misbehaves: a panic inside a machine, a command that
+//! would touch memory outside what was declared or registered, a budget overrun, or a rejected
+//! message that does not end the session.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::OnceLock;
+
+use arbitrary::{Arbitrary, Unstructured};
+
+use crate::destination::{DestConfig, Destination};
+use crate::pair::{Guest, Pair};
+use crate::source::{Source, SourceConfig};
+use crate::table::{DstPhase, SrcPhase};
+use crate::types::*;
+use crate::wire::{self, BlockDesc, Frame, Message, RegMode};
+
+const KEY: &[u8] = b"fuzzing key";
+
+/// The small memory every session target uses: two blocks, 16 KiB chunks.
+pub fn blocks() -> Vec<BlockDesc> {
+    vec![
+        BlockDesc { name: b"ram0".to_vec(), length: 96 << 10, page_log2: 12 },
+        BlockDesc { name: b"ram1".to_vec(), length: 40 << 10, page_log2: 12 },
+    ]
+}
+
+fn configs(mode: RegMode) -> (SourceConfig, DestConfig) {
+    let mut s = SourceConfig::with_defaults(0xF022, blocks(), Some(KEY.to_vec()));
+    s.params.chunk_log2 = 14;
+    s.params.channels = 2;
+    s.params.mode = mode;
+    s.credit_window = 8;
+    s.reg_batch = 2;
+    s.writes_per_channel = 3;
+    s.downtime_limit_ms = 1;
+    let mut d = DestConfig::with_defaults(blocks(), Some(KEY.to_vec()), 48 << 10);
+    d.credit_window = 8;
+    if mode == RegMode::PinAll {
+        d.pin_budget = 1 << 20;
+    }
+    (s, d)
+}
+
+/// A recorded complete migration: both machines at several points, and both control streams.
+pub struct Recording {
+    pub source_stream: Vec<Vec<u8>>,
+    pub dest_stream: Vec<Vec<u8>>,
+    /// Destination snapshots with the number of source frames they had consumed.
+    pub dst_snapshots: Vec<(Destination, usize)>,
+    /// Source snapshots with the number of destination frames they had consumed.
+    pub src_snapshots: Vec<(Source, usize)>,
+}
+
+/// Records one dynamic-mode migration with a writing guest (cached per process).
+pub fn recording() -> &'static Recording {
+    static REC: OnceLock<Recording> = OnceLock::new();
+    REC.get_or_init(|| {
+        let (s, d) = configs(RegMode::Dynamic);
+        let guest = Guest { pages_per_step: 1, active_steps: 200, zero_one_in: 3, seed: 77 };
+        let mut pair = Pair::new(s, d, guest, vec![0x5a; 40_000]).expect("valid config");
+        let mut dst_snapshots = vec![(pair.dst.clone(), 0)];
+        let mut src_snapshots = vec![(pair.src.clone(), 0)];
+        for phase in [SrcPhase::Sending, SrcPhase::AwaitRoundAck, SrcPhase::Finalizing, SrcPhase::AwaitPrepared] {
+            pair.run_until_source(phase, 100_000);
+            dst_snapshots.push((pair.dst.clone(), pair.delivered_to_dst));
+            src_snapshots.push((pair.src.clone(), pair.delivered_to_src));
+        }
+        let r = pair.run(100_000);
+        assert_eq!(r.source, Some(Outcome::Completed), "recording must complete");
+        Recording { source_stream: pair.source_stream, dest_stream: pair.dest_stream, dst_snapshots, src_snapshots }
+    })
+}
+
+/// `wire_decode`: any bytes decode to a frame or a typed error; a decoded frame re-encodes to
+/// the same bytes and decodes again to itself (spec: WIRE-4, WIRE-5).
+pub fn wire_decode(data: &[u8]) {
+    if let Ok(f) = wire::decode(data) {
+        let again = wire::encode_to_vec(&f).expect("a decoded frame is within bounds");
+        assert_eq!(again, data, "decoding is not canonical");
+        assert_eq!(wire::decode(&again).as_ref(), Ok(&f));
+    }
+    if data.len() >= wire::HEADER_LEN {
+        let _ = wire::decode_header(data);
+    }
+}
+
+/// `wire_roundtrip`: a valid message encodes within the frame limit and decodes to itself.
+pub fn wire_roundtrip(f: &Frame) {
+    if f.msg.validate().is_err() {
+        assert!(wire::encode_to_vec(f).is_err(), "an invalid message must not encode");
+        return;
+    }
+    match wire::encode_to_vec(f) {
+        Ok(bytes) => {
+            assert!(bytes.len() <= wire::MAX_FRAME_LEN);
+            assert_eq!(wire::decode(&bytes).as_ref(), Ok(f));
+        }
+        Err(wire::WireError::TooLong(_)) => {} // e.g. 64 blocks with long names
+        Err(e) => panic!("valid message failed to encode: {e}"),
+    }
+}
+
+/// One thing that happens to a destination driven by a malicious source.
+#[derive(Debug, Arbitrary)]
+pub enum DstEvent {
+    /// A well-formed frame with arbitrary content.
+    Frame(Frame),
+    /// Arbitrary bytes through the decoder.
+    Raw(Vec<u8>),
+    /// The next frame of the recorded honest stream (reaches deep states).
+    Recorded,
+    /// The next recorded frame with one byte replaced.
+    Mutated { at: u16, value: u8 },
+    /// The driver finishes the `which`-th pending registration.
+    Registered { which: u8 },
+    RegisterFailed,
+    Digests { correct: bool },
+    WorkloadStarted,
+    WorkloadFailed,
+    Timer(bool),
+    TransportFailed,
+    Cancel,
+}
+
+/// What the destination oracle tracks: the NIC's registration table and declared memory.
+struct DstOracle {
+    blocks: Vec<BlockDesc>,
+    nic: BTreeMap<u32, (RegTarget, u16, u64, u64)>,
+    pending: Vec<RegTarget>,
+    next_rkey: u32,
+    commit_fed: bool,
+    finished: bool,
+}
+
+impl DstOracle {
+    fn check(&mut self, d: &Destination, cmds: &[Command], rejected: bool) {
+        assert!(d.registered_bytes() <= d.pin_budget(), "INV-PIN-1: registered bytes over budget");
+        for c in cmds {
+            assert!(!self.finished, "command after Finish: {c:?}");
+            match c {
+                Command::Register { target, block, offset, len } => {
+                    let b = &self.blocks[*block as usize];
+                    assert!(*len > 0 && offset + len <= b.length, "registration outside a declared block");
+                    let overlaps = self
+                        .nic
+                        .values()
+                        .any(|&(_, bb, o, l)| bb == *block && *offset < o + l && o < offset + len);
+                    assert!(!overlaps, "the same memory registered twice");
+                    self.pending.push(*target);
+                }
+                Command::Unregister { rkey, .. } => {
+                    assert!(self.nic.remove(rkey).is_some(), "unregister of a key not registered");
+                }
+                Command::ZeroFill { block, offset, len } => {
+                    let b = &self.blocks[*block as usize];
+                    assert!(offset + len <= b.length, "zero-fill outside its block");
+                }
+                Command::StoreDeviceState { offset, data } => {
+                    assert!(*offset as usize + data.len() <= wire::MAX_DEVICE_STATE as usize);
+                }
+                Command::StartWorkload => {
+                    assert!(self.commit_fed, "SW-7: started without COMMIT");
+                    assert!(self.nic.is_empty(), "SW-8: memory still registered at start");
+                }
+                Command::Finish(_) => self.finished = true,
+                Command::ComputeDigests => {}
+                Command::Send(f) => {
+                    wire::encode_to_vec(f).expect("destination sent an invalid frame");
+                }
+                other => panic!("destination issued a source command {other:?}"),
+            }
+        }
+        if rejected && !self.finished {
+            panic!("a malformed frame did not end the session");
+        }
+    }
+}
+
+/// `destination_session`: a malicious source against the destination, from a fresh start or
+/// from a recorded mid-migration state.
+pub fn destination_session(data: &[u8]) {
+    let rec = recording();
+    let mut u = Unstructured::new(data);
+    let start = u.int_in_range(0..=rec.dst_snapshots.len() - 1).unwrap_or(0);
+    let (mut d, mut cursor) = rec.dst_snapshots[start].clone();
+    let (_, dcfg) = configs(RegMode::Dynamic);
+    let mut oracle = DstOracle {
+        blocks: dcfg.blocks,
+        nic: BTreeMap::new(),
+        pending: Vec::new(),
+        next_rkey: 0x1_0000,
+        commit_fed: false,
+        finished: d.outcome().is_some(),
+    };
+    let mut now = 0;
+    for _ in 0..256 {
+        let Ok(ev) = DstEvent::arbitrary(&mut u) else { break };
+        now += 1;
+        let mut rejected = false;
+        let input = match ev {
+            DstEvent::Frame(f) => Input::Frame(f),
+            DstEvent::Raw(bytes) => match wire::decode(&bytes) {
+                Ok(f) => Input::Frame(f),
+                Err(e) => {
+                    rejected = true;
+                    Input::Malformed(e)
+                }
+            },
+            DstEvent::Recorded | DstEvent::Mutated { .. } => {
+                let Some(bytes) = rec.source_stream.get(cursor) else { continue };
+                cursor += 1;
+                let mut bytes = bytes.clone();
+                if let DstEvent::Mutated { at, value } = ev {
+                    let i = at as usize % bytes.len();
+                    bytes[i] = value;
+                }
+                match wire::decode(&bytes) {
+                    Ok(f) => Input::Frame(f),
+                    Err(e) => {
+                        rejected = true;
+                        Input::Malformed(e)
+                    }
+                }
+            }
+            DstEvent::Registered { which } => {
+                if oracle.pending.is_empty() {
+                    continue;
+                }
+                let target = oracle.pending.remove(which as usize % oracle.pending.len());
+                let rkey = oracle.next_rkey;
+                oracle.next_rkey += 1;
+                let (block, off, len) = match target {
+                    RegTarget::Block(b) => (b, 0, oracle.blocks[b as usize].length),
+                    RegTarget::Chunk(c) => {
+                        let o = (c.chunk as u64) << 14;
+                        (c.block, o, (1u64 << 14).min(oracle.blocks[c.block as usize].length - o))
+                    }
+                };
+                oracle.nic.insert(rkey, (target, block, off, len));
+                Input::Registered { target, rkey }
+            }
+            DstEvent::RegisterFailed => Input::RegisterFailed {
+                target: oracle.pending.first().copied().unwrap_or(RegTarget::Block(0)),
+            },
+            DstEvent::Digests { correct } => {
+                let n = d.geometry().map_or(0, |g| g.total_chunks as usize);
+                Input::Digests(vec![u64::from(!correct); n])
+            }
+            DstEvent::WorkloadStarted => Input::WorkloadStarted,
+            DstEvent::WorkloadFailed => Input::WorkloadFailed,
+            DstEvent::Timer(idle) => Input::Timer(if idle { TimerKind::Idle } else { TimerKind::Keepalive }),
+            DstEvent::TransportFailed => Input::TransportFailed,
+            DstEvent::Cancel => Input::Cancel,
+        };
+        if let Input::Frame(f) = &input {
+            if f.msg == Message::Commit {
+                oracle.commit_fed = true;
+            }
+        }
+        let was_done = d.outcome().is_some();
+        let cmds = d.step(now, input);
+        // A mid-migration snapshot holds registrations made before it (keys below the fuzz
+        // range); unregistering those is legitimate.
+        let cmds: Vec<Command> = cmds
+            .into_iter()
+            .filter(|c| !matches!(c, Command::Unregister { rkey, .. } if *rkey < 0x1_0000))
+            .collect();
+        oracle.check(&d, &cmds, rejected && !was_done);
+    }
+}
+
+/// One thing that happens to a source driven by a malicious destination.
+#[derive(Debug, Arbitrary)]
+pub enum SrcEvent {
+    Frame(Frame),
+    Raw(Vec<u8>),
+    Recorded,
+    Mutated { at: u16, value: u8 },
+    /// Completes the `which`-th write in flight.
+    WriteDone { which: u8 },
+    WriteFailed,
+    /// A well-formed dirty scan drawn from `seed`.
+    Dirty { seed: u64 },
+    Paused,
+    WorkloadFailed,
+    DeviceState { len: u16 },
+    Digests,
+    Timer(bool),
+    TransportFailed,
+    Cancel,
+}
+
+/// `source_session`: a malicious destination against the source.
+pub fn source_session(data: &[u8]) {
+    let rec = recording();
+    let mut u = Unstructured::new(data);
+    let start = u.int_in_range(0..=rec.src_snapshots.len() - 1).unwrap_or(0);
+    let (mut s, mut cursor) = rec.src_snapshots[start].clone();
+    let geo = s.geometry().clone();
+    let mut keys: BTreeSet<u32> = BTreeSet::new();
+    let mut pin_all = s.params().mode == RegMode::PinAll;
+    let mut inflight: Vec<u64> = Vec::new();
+    let mut seen_wr = BTreeSet::new();
+    let mut finished = s.outcome().is_some();
+    let mut commit_sent = s.commit_sent();
+    let mut table_acked = start > 0;
+    let mut now = 0;
+    if start == 0 {
+        s.step(0, Input::Start);
+    }
+    for _ in 0..256 {
+        let Ok(ev) = SrcEvent::arbitrary(&mut u) else { break };
+        now += 1;
+        let mut rejected = false;
+        let mut peer_abort = false;
+        let input = match ev {
+            SrcEvent::Frame(f) => Input::Frame(f),
+            SrcEvent::Raw(bytes) => match wire::decode(&bytes) {
+                Ok(f) => Input::Frame(f),
+                Err(e) => {
+                    rejected = true;
+                    Input::Malformed(e)
+                }
+            },
+            SrcEvent::Recorded | SrcEvent::Mutated { .. } => {
+                let Some(bytes) = rec.dest_stream.get(cursor) else { continue };
+                cursor += 1;
+                let mut bytes = bytes.clone();
+                if let SrcEvent::Mutated { at, value } = ev {
+                    let i = at as usize % bytes.len();
+                    bytes[i] = value;
+                }
+                match wire::decode(&bytes) {
+                    Ok(f) => Input::Frame(f),
+                    Err(e) => {
+                        rejected = true;
+                        Input::Malformed(e)
+                    }
+                }
+            }
+            SrcEvent::WriteDone { which } => {
+                if inflight.is_empty() {
+                    continue;
+                }
+                Input::WriteDone { wr_id: inflight.remove(which as usize % inflight.len()) }
+            }
+            SrcEvent::WriteFailed => Input::WriteFailed { wr_id: inflight.first().copied().unwrap_or(0) },
+            SrcEvent::Dirty { seed } => {
+                let mut x = seed | 1;
+                let mut dirty = Vec::new();
+                let mut zero = Vec::new();
+                for b in &geo.blocks {
+                    let mut d = PageBitmap::new(b.pages);
+                    let mut z = PageBitmap::new(b.pages);
+                    for p in 0..b.pages {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        if x % 3 == 0 {
+                            d.set(p);
+                            if x % 7 == 0 {
+                                z.set(p);
+                            }
+                        }
+                    }
+                    dirty.push(d);
+                    zero.push(z);
+                }
+                Input::Dirty(DirtyScan { dirty, zero })
+            }
+            SrcEvent::Paused => Input::WorkloadPaused,
+            SrcEvent::WorkloadFailed => Input::WorkloadFailed,
+            SrcEvent::DeviceState { len } => Input::DeviceState(vec![7; len as usize]),
+            SrcEvent::Digests => Input::Digests(vec![1; geo.total_chunks as usize]),
+            SrcEvent::Timer(idle) => Input::Timer(if idle { TimerKind::Idle } else { TimerKind::Keepalive }),
+            SrcEvent::TransportFailed => Input::TransportFailed,
+            SrcEvent::Cancel => Input::Cancel,
+        };
+        if let Input::Frame(f) = &input {
+            match &f.msg {
+                Message::RegResult { rkeys, .. } => keys.extend(rkeys),
+                Message::BlockTableAck { rkeys } => keys.extend(rkeys),
+                Message::HelloAck(a) => pin_all = a.params.mode == RegMode::PinAll,
+                Message::Abort { .. } => peer_abort = true,
+                _ => {}
+            }
+        }
+        let was_done = s.outcome().is_some();
+        let phase_before = s.phase();
+        let cmds = s.step(now, input);
+        if phase_before == SrcPhase::AwaitTableAck && s.phase() == SrcPhase::Scanning {
+            table_acked = true;
+        }
+        for c in &cmds {
+            assert!(!finished, "command after Finish: {c:?}");
+            match c {
+                Command::PostWrite { wr_id, block, offset, len, rkey, remote_offset, channel } => {
+                    assert!(table_acked, "AUTH-3: write before the block table was acknowledged");
+                    let b = &geo.blocks[*block as usize];
+                    assert!(offset + len <= b.length, "write reads outside the local block");
+                    assert!(start > 0 || keys.contains(rkey), "REG-5: write with a key never granted");
+                    let limit = if pin_all { b.length } else { geo.chunk_size() };
+                    assert!(remote_offset + len <= limit, "write beyond the registration");
+                    assert!((*channel as usize) < 16);
+                    assert!(seen_wr.insert(*wr_id), "work request id reused");
+                    inflight.push(*wr_id);
+                }
+                Command::ResumeWorkload => {
+                    assert!(!commit_sent || peer_abort, "SW-6: resumed after COMMIT");
+                }
+                Command::Send(f) => {
+                    wire::encode_to_vec(f).expect("source sent an invalid frame");
+                    if f.msg == Message::Commit {
+                        commit_sent = true;
+                    }
+                }
+                Command::Finish(_) => finished = true,
+                Command::ScanDirty { .. }
+                | Command::PauseWorkload
+                | Command::CaptureDeviceState
+                | Command::ComputeDigests => {}
+                other => panic!("source issued a destination command {other:?}"),
+            }
+        }
+        if rejected && !was_done {
+            assert!(finished, "a malformed frame did not end the session");
+        }
+    }
+}
+
+/// One frame from a peer that does not hold the key.
+#[derive(Debug, Arbitrary)]
+pub enum AuthEvent {
+    Frame(Frame),
+    Raw(Vec<u8>),
+    /// A frame replayed from a recorded session that used the real key (a replay attack).
+    Replayed(u8),
+}
+
+/// `handshake_auth`: whatever a peer without the key sends, a keyed destination never gets
+/// past authentication and a keyed source never sends memory or its block table (spec: AUTH-2,
+/// AUTH-3, AUTH-5).
+pub fn handshake_auth(data: &[u8]) {
+    let rec = recording();
+    let mut u = Unstructured::new(data);
+    let attack_destination: bool = u.arbitrary().unwrap_or(true);
+    let (scfg, dcfg) = configs(RegMode::Dynamic);
+    // Fresh nonces differ from the recording's, so replayed proofs are stale.
+    let mut d = Destination::new(dcfg, [0xd5; wire::NONCE_LEN]).expect("valid");
+    let mut s = Source::new(scfg, [0x5d; wire::NONCE_LEN]).expect("valid");
+    if !attack_destination {
+        s.step(0, Input::Start);
+    }
+    for _ in 0..64 {
+        let Ok(ev) = AuthEvent::arbitrary(&mut u) else { break };
+        let input = match ev {
+            AuthEvent::Frame(f) => Input::Frame(f),
+            AuthEvent::Raw(b) => wire::decode(&b).map_or_else(Input::Malformed, Input::Frame),
+            AuthEvent::Replayed(i) => {
+                let stream = if attack_destination { &rec.source_stream } else { &rec.dest_stream };
+                Input::Frame(wire::decode(&stream[i as usize % stream.len()]).expect("recorded frames decode"))
+            }
+        };
+        if attack_destination {
+            let cmds = d.step(0, input);
+            assert!(
+                matches!(d.phase(), DstPhase::AwaitHello | DstPhase::AwaitAuth | DstPhase::Done),
+                "AUTH-2: destination passed authentication without the key"
+            );
+            assert!(!cmds.iter().any(|c| matches!(c, Command::Register { .. } | Command::ZeroFill { .. })));
+        } else {
+            let cmds = s.step(0, input);
+            for c in &cmds {
+                match c {
+                    Command::Send(f) => assert!(
+                        matches!(f.msg, Message::Hello(_) | Message::Abort { .. } | Message::Nop),
+                        "AUTH-3: source sent {} to an unproven destination",
+                        f.msg.name()
+                    ),
+                    Command::PostWrite { .. } => panic!("AUTH-3: source wrote memory to an unproven destination"),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// Seed inputs for the corpora: every sample frame encoded, and the recorded streams.
+pub fn seed_frames() -> Vec<Vec<u8>> {
+    let rec = recording();
+    let mut v: Vec<Vec<u8>> =
+        wire::sample_frames().iter().map(|f| wire::encode_to_vec(f).expect("samples are valid")).collect();
+    v.extend(rec.source_stream.iter().cloned());
+    v.extend(rec.dest_stream.iter().cloned());
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Builds session-target input bytes that start from snapshot `start` and then replay `n`
+/// recorded frames interleaved with driver answers, found by trial against the same decoder
+/// the targets use. Used to seed corpora with inputs that reach deep states.
+pub fn session_seed(destination: bool, start: u8, n: usize) -> Vec<u8> {
+    let mut bytes = vec![start];
+    let matches = |b: &[u8], want: usize| -> bool {
+        let mut u = Unstructured::new(b);
+        let _ = u.int_in_range(0..=4usize);
+        let mut got = 0;
+        for i in 0..want {
+            let ok = if destination {
+                match DstEvent::arbitrary(&mut u) {
+                    Ok(DstEvent::Recorded) => i % 4 != 3,
+                    Ok(DstEvent::Registered { .. }) => i % 4 == 3,
+                    _ => false,
+                }
+            } else {
+                match SrcEvent::arbitrary(&mut u) {
+                    Ok(SrcEvent::Recorded) => i % 4 != 3,
+                    Ok(SrcEvent::WriteDone { .. }) => i % 4 == 3,
+                    _ => false,
+                }
+            };
+            if !ok {
+                return false;
+            }
+            got += 1;
+        }
+        got == want
+    };
+    for i in 0..n {
+        let base = bytes.clone();
+        let mut found = false;
+        'search: for len in 1..=5 {
+            for v in 0..=255u8 {
+                let mut b = base.clone();
+                b.extend(std::iter::repeat_n(v, len));
+                if matches(&b, i + 1) {
+                    bytes = b;
+                    found = true;
+                    break 'search;
+                }
+            }
+        }
+        if !found {
+            break;
+        }
+    }
+    bytes
+}
