@@ -34,7 +34,6 @@ use stateright::{Checker, Expectation, HasDiscoveries, Model, Path, Property};
 use crate::destination::{DestConfig, Destination};
 use crate::pair::chunk_digest;
 use crate::source::{LimitPolicy, Source, SourceConfig};
-use crate::table::SrcPhase;
 use crate::types::*;
 use crate::wire::{self, AbortReason, BlockDesc, DigestAlg, Frame, Message, RegMode};
 
@@ -1225,34 +1224,34 @@ impl Model for ProtocolModel {
 
     fn properties(&self) -> Vec<Property<Self>> {
         vec![
-            Property::always(P_MEM, |_, s| s.obs.memory_equal_at_start != Some(false)),
-            Property::always(P_MEM_DIGEST, |_, s| {
+            Property::always(P_MEM, |_, s: &State| s.obs.memory_equal_at_start != Some(false)),
+            Property::always(P_MEM_DIGEST, |_, s: &State| {
                 // The environment never corrupts data, so a digest mismatch is a lost update.
                 let mismatch = |o: Option<Outcome>| {
                     matches!(o, Some(Outcome::Aborted(a)) if a.reason == AbortReason::DigestMismatch)
                 };
                 !mismatch(s.src.outcome()) && !mismatch(s.dst.outcome())
             }),
-            Property::always(P_REG, |_, s| s.obs.reg_violation.is_none()),
-            Property::always(P_SW8, |_, s| !s.obs.registered_at_start),
-            Property::always(P_OWN1, |_, s| !(s.src_running && s.dst_running)),
-            Property::always(P_SW6, |_, s| {
+            Property::always(P_REG, |_, s: &State| s.obs.reg_violation.is_none()),
+            Property::always(P_SW8, |_, s: &State| !s.obs.registered_at_start),
+            Property::always(P_OWN1, |_, s: &State| !(s.src_running && s.dst_running)),
+            Property::always(P_SW6, |_, s: &State| {
                 !(matches!(s.src.outcome(), Some(Outcome::InDoubt(_))) && s.src_running)
             }),
-            Property::always(P_OWN2, |_, s| {
+            Property::always(P_OWN2, |_, s: &State| {
                 let src_ok = !matches!(s.src.outcome(), Some(Outcome::Aborted(_))) || s.src_running;
                 let dst_ok = !matches!(s.dst.outcome(), Some(Outcome::Aborted(_))) || !s.dst_running;
                 src_ok && dst_ok
             }),
-            Property::always(P_FC, |_, s| fc_ok(s)),
-            Property::always(P_PIN, |_, s| {
+            Property::always(P_FC, |_, s: &State| fc_ok(s)),
+            Property::always(P_PIN, |_, s: &State| {
                 let budget = s.dst.pin_budget();
                 let nic: u64 = s.nic.values().map(|m| m.len).sum();
                 s.dst.registered_bytes() <= budget
                     && nic <= budget
                     && s.src.registered_bytes() <= budget
             }),
-            Property::always(P_DOUBT, |_, s| match s.src.outcome() {
+            Property::always(P_DOUBT, |_, s: &State| match s.src.outcome() {
                 Some(Outcome::InDoubt(_)) => {
                     s.obs.commit_sent
                         && !s.obs.started_received
@@ -1263,10 +1262,10 @@ impl Model for ProtocolModel {
                 }
                 _ => true,
             }),
-            Property::always(P_SANE, |_, s| {
+            Property::always(P_SANE, |_, s: &State| {
                 s.obs.panic.is_none() && s.obs.driver_violation.is_none()
             }),
-            Property::always(P_LIVE_CLEAN, |m, s| {
+            Property::always(P_LIVE_CLEAN, |m: &ProtocolModel, s: &State| {
                 // Without any fault, nothing may end other than Completed: a timeout here
                 // means the protocol got stuck on its own.
                 s.faults_left < m.cfg.faults
@@ -1275,16 +1274,16 @@ impl Model for ProtocolModel {
                         && matches!(s.src.outcome(), None | Some(Outcome::Completed))
                         && matches!(s.dst.outcome(), None | Some(Outcome::Completed)))
             }),
-            Property::eventually(P_LIVE_END, |_, s| !s.src_live() && !s.dst_live()),
-            Property::sometimes(P_DONE, |_, s| s.completed()),
-            Property::sometimes(P_DONE_ROUNDS, |_, s| s.completed() && s.src.round() >= 3),
-            Property::sometimes(P_DONE_EVICT, |_, s| s.completed() && s.obs.evicted),
-            Property::sometimes(P_ABORT_RESUME, |_, s| {
+            Property::eventually(P_LIVE_END, |_, s: &State| !s.src_live() && !s.dst_live()),
+            Property::sometimes(P_DONE, |_, s: &State| s.completed()),
+            Property::sometimes(P_DONE_ROUNDS, |_, s: &State| s.completed() && s.src.round() >= 3),
+            Property::sometimes(P_DONE_EVICT, |_, s: &State| s.completed() && s.obs.evicted),
+            Property::sometimes(P_ABORT_RESUME, |_, s: &State| {
                 matches!(s.src.outcome(), Some(Outcome::Aborted(_)))
                     && s.src_running
                     && s.snapshot.is_some()
             }),
-            Property::sometimes(P_DOUBT_REACH, |_, s| {
+            Property::sometimes(P_DOUBT_REACH, |_, s: &State| {
                 matches!(s.src.outcome(), Some(Outcome::InDoubt(_)))
             }),
         ]
@@ -1482,6 +1481,7 @@ pub fn trace_file_name(property: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::table::SrcPhase;
 
     /// The initial state is what the source's Start produces: HELLO on the wire.
     #[test]

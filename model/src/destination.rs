@@ -242,6 +242,7 @@ impl Destination {
     fn on_input(&mut self, input: Input, out: &mut Vec<Command>) {
         match input {
             Input::Frame(f) => self.on_frame(f, out),
+            Input::Malformed(_) if self.phase == DstPhase::Starting => {} // committed, see on_frame
             Input::Malformed(_) => self.violation(out, "malformed frame"),
             Input::Registered { target, rkey } => self.on_registered(target, rkey, out),
             Input::RegisterFailed { .. } => {
@@ -406,6 +407,11 @@ impl Destination {
     }
 
     fn on_frame(&mut self, f: Frame, out: &mut Vec<Command>) {
+        if self.phase == DstPhase::Starting {
+            // Committed: the workload is being started and nothing the source sends now can
+            // undo that; aborting here could let both sides run (spec: INV-OWN-1).
+            return;
+        }
         // Drivers decode frames with `wire::decode`, which validates; a frame built any other
         // way is checked here too, so no unvalidated field reaches the logic (spec: WIRE-5).
         if f.msg.validate().is_err() {
@@ -826,6 +832,9 @@ impl Destination {
     }
 
     fn on_zero(&mut self, round: u32, ranges: Vec<PageRange>, out: &mut Vec<Command>) {
+        if self.params.is_some_and(|p| p.flags & wire::flag::ZERO_ELISION == 0) {
+            return self.violation(out, "ZERO without zero elision negotiated"); // spec: HS-3
+        }
         if round != self.round {
             return self.violation(out, "ZERO for another round"); // spec: RND-4
         }

@@ -318,6 +318,9 @@ impl Pair {
     }
 
     fn check_invariants(&self) {
+        // spec: INV-FC-1: frames queued towards a side never exceed its posted receive buffers.
+        assert!(self.s2d.len() <= self.dst.credits().window as usize, "INV-FC-1: destination overrun");
+        assert!(self.d2s.len() <= self.src.credits().window as usize, "INV-FC-1: source overrun");
         assert!(
             self.dst.registered_bytes() <= self.dst.pin_budget(),
             "INV-PIN-1: pin budget exceeded"

@@ -878,12 +878,13 @@ impl Source {
         if self.round == 0 {
             return self.start_round(scan, false);
         }
+        let elide = self.params.flags & wire::flag::ZERO_ELISION != 0;
         let dirty_bytes: u64 = scan
             .dirty
             .iter()
             .zip(&scan.zero)
             .zip(&self.geo.blocks)
-            .map(|((d, z), b)| (d.count_ones() - z.count_ones()) << b.page_log2)
+            .map(|((d, z), b)| (d.count_ones() - if elide { z.count_ones() } else { 0 }) << b.page_log2)
             .sum();
         // spec: CONV-1
         let converged = match self.bandwidth {

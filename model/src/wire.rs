@@ -1,4 +1,4 @@
-//! Control-channel wire codec (spec: section "Wire format", WIRE-1 .. WIRE-9).
+//! Control-channel wire codec (spec: section "Wire format", WIRE-1 .. WIRE-7).
 //!
 //! Every control message is one frame: an 8-byte header followed by a payload whose layout
 //! depends on the type code. All integers are little-endian, fields are packed with no

@@ -1,0 +1,297 @@
+//! RAM blocks: memory mapped shared from a file (regular file, `/dev/shm`, hugetlbfs) so that
+//! another process (a VMM, `rdmig workload`) keeps writing while rdmig migrates it, or
+//! anonymous memory for tests.
+//!
+//! The mapping is shared with writers rdmig does not control, so Rust references into it would
+//! be unsound (another process may change bytes under a `&[u8]`). All access goes through raw
+//! pointer copies in this module; a torn read of a page that is being written is harmless
+//! because the write marks the page dirty and it is sent again, and the final round runs with
+//! the workload paused.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use memmap2::{MmapOptions, MmapRaw};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum MemError {
+    #[error("RAM file {path}: {source}")]
+    Open { path: PathBuf, source: std::io::Error },
+    #[error("RAM file {path} is {have} bytes, expected {want}")]
+    Size { path: PathBuf, have: u64, want: u64 },
+    #[error("RAM file {path} is empty or not a multiple of the page size ({page} bytes)")]
+    Shape { path: PathBuf, page: u64 },
+    #[error("mapping {what}: {source}")]
+    Map { what: String, source: std::io::Error },
+    #[error("block name {0:?} is not 1..=64 bytes of [A-Za-z0-9._:/-]")]
+    Name(String),
+}
+
+/// One named, page-aligned region of memory.
+pub struct RamBlock {
+    name: String,
+    page_log2: u8,
+    len: u64,
+    ptr: *mut u8,
+    path: Option<PathBuf>,
+    _map: Mapping,
+}
+
+enum Mapping {
+    File(#[allow(dead_code)] MmapRaw),
+    Anon(#[allow(dead_code)] memmap2::MmapMut),
+}
+
+// SAFETY: the pointer refers to a mapping owned by the block for its whole life; every access
+// goes through bounds-checked raw copies, which are safe to perform from several threads
+// (concurrent writers to the same bytes produce unspecified bytes, never undefined behaviour
+// in rdmig's own data structures).
+unsafe impl Send for RamBlock {}
+// SAFETY: as above; no method hands out references into the mapping.
+unsafe impl Sync for RamBlock {}
+
+impl std::fmt::Debug for RamBlock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RamBlock").field("name", &self.name).field("len", &self.len).field("path", &self.path).finish()
+    }
+}
+
+fn check_name(name: &str) -> Result<(), MemError> {
+    if rdmig_model::wire::valid_name(name.as_bytes()) {
+        Ok(())
+    } else {
+        Err(MemError::Name(name.to_string()))
+    }
+}
+
+impl RamBlock {
+    /// Maps an existing file shared. Its size must be a non-zero multiple of the page size.
+    pub fn open(name: &str, path: &Path, page_log2: u8) -> Result<Self, MemError> {
+        check_name(name)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|source| MemError::Open { path: path.into(), source })?;
+        let len = file.metadata().map_err(|source| MemError::Open { path: path.into(), source })?.len();
+        if len == 0 || len % (1 << page_log2) != 0 {
+            return Err(MemError::Shape { path: path.into(), page: 1 << page_log2 });
+        }
+        Self::map_file(name, path, file, len, page_log2, false)
+    }
+
+    /// Creates (or truncates to `len`) a file and maps it shared, pre-faulting every page so
+    /// that arriving data does not pay page faults (setup cost, reported separately).
+    pub fn create(name: &str, path: &Path, len: u64, page_log2: u8) -> Result<Self, MemError> {
+        check_name(name)?;
+        if len == 0 || len % (1 << page_log2) != 0 {
+            return Err(MemError::Shape { path: path.into(), page: 1 << page_log2 });
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|source| MemError::Open { path: path.into(), source })?;
+        file.set_len(len).map_err(|source| MemError::Open { path: path.into(), source })?;
+        Self::map_file(name, path, file, len, page_log2, true)
+    }
+
+    fn map_file(name: &str, path: &Path, file: File, len: u64, page_log2: u8, populate: bool) -> Result<Self, MemError> {
+        let mut opts = MmapOptions::new();
+        opts.len(len as usize);
+        if populate {
+            opts.populate();
+        }
+        let map = opts.map_raw(&file).map_err(|source| MemError::Map { what: path.display().to_string(), source })?;
+        Ok(RamBlock {
+            name: name.to_string(),
+            page_log2,
+            len,
+            ptr: map.as_mut_ptr(),
+            path: Some(path.into()),
+            _map: Mapping::File(map),
+        })
+    }
+
+    /// Private anonymous memory, zero-filled.
+    pub fn anonymous(name: &str, len: u64, page_log2: u8) -> Result<Self, MemError> {
+        check_name(name)?;
+        let mut map = MmapOptions::new()
+            .len(len as usize)
+            .map_anon()
+            .map_err(|source| MemError::Map { what: format!("{len} anonymous bytes"), source })?;
+        Ok(RamBlock {
+            name: name.to_string(),
+            page_log2,
+            len,
+            ptr: map.as_mut_ptr(),
+            path: None,
+            _map: Mapping::Anon(map),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn page_log2(&self) -> u8 {
+        self.page_log2
+    }
+    pub fn pages(&self) -> u64 {
+        self.len >> self.page_log2
+    }
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The block as the protocol describes it.
+    pub fn desc(&self) -> rdmig_model::wire::BlockDesc {
+        rdmig_model::wire::BlockDesc { name: self.name.as_bytes().to_vec(), length: self.len, page_log2: self.page_log2 }
+    }
+
+    fn check(&self, offset: u64, len: usize) {
+        let end = offset.checked_add(len as u64);
+        assert!(end.is_some_and(|e| e <= self.len), "access {offset}+{len} outside block {} of {}", self.name, self.len);
+    }
+
+    /// Copies `buf.len()` bytes at `offset` out of the block.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) {
+        self.check(offset, buf.len());
+        // SAFETY: the range is inside the mapping (checked above) and `buf` is a distinct
+        // allocation; the source bytes may change concurrently, which only affects their values.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(offset as usize), buf.as_mut_ptr(), buf.len()) }
+    }
+
+    /// Copies `data` into the block at `offset`.
+    pub fn write(&self, offset: u64, data: &[u8]) {
+        self.check(offset, data.len());
+        // SAFETY: the range is inside the mapping (checked above) and `data` does not alias it
+        // (callers never pass slices of a mapping: there is no API that yields one).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(offset as usize), data.len()) }
+    }
+
+    /// Writes zeros over `[offset, offset+len)`.
+    pub fn zero(&self, offset: u64, len: u64) {
+        self.check(offset, len as usize);
+        // SAFETY: the range is inside the mapping (checked above).
+        unsafe { std::ptr::write_bytes(self.ptr.add(offset as usize), 0, len as usize) }
+    }
+
+    /// Calls `f` with a private copy of `[offset, offset+len)` in pieces of at most 1 MiB, so
+    /// hashing and zero checks never hold a reference into shared memory.
+    pub fn visit(&self, offset: u64, len: u64, mut f: impl FnMut(&[u8])) {
+        self.check(offset, len as usize);
+        let mut buf = vec![0u8; len.min(1 << 20) as usize];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(buf.len() as u64) as usize;
+            self.read(at, &mut buf[..n]);
+            f(&buf[..n]);
+            at += n as u64;
+        }
+    }
+
+    /// True if every byte of the range is zero.
+    pub fn is_zero(&self, offset: u64, len: u64) -> bool {
+        let mut zero = true;
+        self.visit(offset, len, |b| zero &= b.iter().all(|&x| x == 0));
+        zero
+    }
+
+    /// xxh3-64 of the range: the protocol's chunk digest (spec: SW-4).
+    pub fn digest(&self, offset: u64, len: u64) -> u64 {
+        if len <= 1 << 20 {
+            let mut h = 0;
+            self.visit(offset, len, |b| h = rdmig_model::pair::chunk_digest(b));
+            return h;
+        }
+        let mut st = xxhash_rust::xxh3::Xxh3::new();
+        self.visit(offset, len, |b| st.update(b));
+        st.digest()
+    }
+
+    /// Raw base address, for transports that register memory with a NIC.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+}
+
+/// Digests of every chunk of `blocks` in order, computed on up to `threads` threads.
+pub fn chunk_digests(blocks: &[std::sync::Arc<RamBlock>], chunk_log2: u8, threads: usize) -> Vec<u64> {
+    let chunk = 1u64 << chunk_log2;
+    let spans: Vec<(usize, u64, u64)> = blocks
+        .iter()
+        .enumerate()
+        .flat_map(|(b, blk)| {
+            (0..blk.len().div_ceil(chunk)).map(move |c| (b, c * chunk, chunk.min(blk.len() - c * chunk)))
+        })
+        .collect();
+    let mut out = vec![0u64; spans.len()];
+    let threads = threads.clamp(1, 64);
+    let per = spans.len().div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for (outs, ins) in out.chunks_mut(per).zip(spans.chunks(per)) {
+            s.spawn(move || {
+                for (o, &(b, off, len)) in outs.iter_mut().zip(ins) {
+                    *o = blocks[b].digest(off, len);
+                }
+            });
+        }
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_block_is_shared_between_mappings() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ram");
+        let a = RamBlock::create("ram", &p, 64 << 10, 12).unwrap();
+        let b = RamBlock::open("ram", &p, 12).unwrap();
+        a.write(4096, b"hello");
+        let mut buf = [0u8; 5];
+        b.read(4096, &mut buf);
+        assert_eq!(&buf, b"hello");
+        assert!(!b.is_zero(4096, 4096));
+        b.zero(4096, 4096);
+        assert!(a.is_zero(0, 64 << 10));
+    }
+
+    #[test]
+    #[should_panic(expected = "outside block")]
+    fn access_outside_block_panics_before_touching_memory() {
+        let a = RamBlock::anonymous("ram", 8192, 12).unwrap();
+        a.write(8190, b"xyz");
+    }
+
+    #[test]
+    fn open_rejects_files_not_multiple_of_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ram");
+        std::fs::write(&p, vec![1u8; 5000]).unwrap();
+        assert!(matches!(RamBlock::open("ram", &p, 12), Err(MemError::Shape { .. })));
+        assert!(matches!(RamBlock::open("ram", &dir.path().join("missing"), 12), Err(MemError::Open { .. })));
+    }
+
+    #[test]
+    fn digests_match_model_digest_of_the_same_bytes() {
+        let a = std::sync::Arc::new(RamBlock::anonymous("ram", 3 << 20, 12).unwrap());
+        a.write(1 << 20, &[7u8; 100]);
+        let d = chunk_digests(std::slice::from_ref(&a), 20, 2);
+        let mut bytes = vec![0u8; 3 << 20];
+        a.read(0, &mut bytes);
+        assert_eq!(d, rdmig_model::pair::digests(&[bytes], 20));
+    }
+}
