@@ -2,7 +2,15 @@
 //! loops that run the `rdmig-model` machines against them. No protocol decision lives here:
 //! the driver feeds the machines inputs and executes their commands.
 
+pub mod cli;
+pub mod completions;
+pub mod control;
+pub mod demo;
 pub mod dirty;
+pub mod driver;
 pub mod mapped_bitmap;
 pub mod mem;
+pub mod regtable;
+pub mod report;
+pub mod tcp;
 pub mod workload;

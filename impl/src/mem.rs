@@ -18,13 +18,19 @@ use thiserror::Error;
 #[non_exhaustive]
 pub enum MemError {
     #[error("RAM file {path}: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("RAM file {path} is {have} bytes, expected {want}")]
     Size { path: PathBuf, have: u64, want: u64 },
     #[error("RAM file {path} is empty or not a multiple of the page size ({page} bytes)")]
     Shape { path: PathBuf, page: u64 },
     #[error("mapping {what}: {source}")]
-    Map { what: String, source: std::io::Error },
+    Map {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("block name {0:?} is not 1..=64 bytes of [A-Za-z0-9._:/-]")]
     Name(String),
 }
@@ -54,7 +60,11 @@ unsafe impl Sync for RamBlock {}
 
 impl std::fmt::Debug for RamBlock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RamBlock").field("name", &self.name).field("len", &self.len).field("path", &self.path).finish()
+        f.debug_struct("RamBlock")
+            .field("name", &self.name)
+            .field("len", &self.len)
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -74,10 +84,22 @@ impl RamBlock {
             .read(true)
             .write(true)
             .open(path)
-            .map_err(|source| MemError::Open { path: path.into(), source })?;
-        let len = file.metadata().map_err(|source| MemError::Open { path: path.into(), source })?.len();
-        if len == 0 || len % (1 << page_log2) != 0 {
-            return Err(MemError::Shape { path: path.into(), page: 1 << page_log2 });
+            .map_err(|source| MemError::Open {
+                path: path.into(),
+                source,
+            })?;
+        let len = file
+            .metadata()
+            .map_err(|source| MemError::Open {
+                path: path.into(),
+                source,
+            })?
+            .len();
+        if len == 0 || !len.is_multiple_of(1 << page_log2) {
+            return Err(MemError::Shape {
+                path: path.into(),
+                page: 1 << page_log2,
+            });
         }
         Self::map_file(name, path, file, len, page_log2, false)
     }
@@ -86,8 +108,11 @@ impl RamBlock {
     /// that arriving data does not pay page faults (setup cost, reported separately).
     pub fn create(name: &str, path: &Path, len: u64, page_log2: u8) -> Result<Self, MemError> {
         check_name(name)?;
-        if len == 0 || len % (1 << page_log2) != 0 {
-            return Err(MemError::Shape { path: path.into(), page: 1 << page_log2 });
+        if len == 0 || !len.is_multiple_of(1 << page_log2) {
+            return Err(MemError::Shape {
+                path: path.into(),
+                page: 1 << page_log2,
+            });
         }
         let file = OpenOptions::new()
             .read(true)
@@ -95,18 +120,34 @@ impl RamBlock {
             .create(true)
             .truncate(false)
             .open(path)
-            .map_err(|source| MemError::Open { path: path.into(), source })?;
-        file.set_len(len).map_err(|source| MemError::Open { path: path.into(), source })?;
+            .map_err(|source| MemError::Open {
+                path: path.into(),
+                source,
+            })?;
+        file.set_len(len).map_err(|source| MemError::Open {
+            path: path.into(),
+            source,
+        })?;
         Self::map_file(name, path, file, len, page_log2, true)
     }
 
-    fn map_file(name: &str, path: &Path, file: File, len: u64, page_log2: u8, populate: bool) -> Result<Self, MemError> {
+    fn map_file(
+        name: &str,
+        path: &Path,
+        file: File,
+        len: u64,
+        page_log2: u8,
+        populate: bool,
+    ) -> Result<Self, MemError> {
         let mut opts = MmapOptions::new();
         opts.len(len as usize);
         if populate {
             opts.populate();
         }
-        let map = opts.map_raw(&file).map_err(|source| MemError::Map { what: path.display().to_string(), source })?;
+        let map = opts.map_raw(&file).map_err(|source| MemError::Map {
+            what: path.display().to_string(),
+            source,
+        })?;
         Ok(RamBlock {
             name: name.to_string(),
             page_log2,
@@ -123,7 +164,10 @@ impl RamBlock {
         let mut map = MmapOptions::new()
             .len(len as usize)
             .map_anon()
-            .map_err(|source| MemError::Map { what: format!("{len} anonymous bytes"), source })?;
+            .map_err(|source| MemError::Map {
+                what: format!("{len} anonymous bytes"),
+                source,
+            })?;
         Ok(RamBlock {
             name: name.to_string(),
             page_log2,
@@ -155,12 +199,21 @@ impl RamBlock {
 
     /// The block as the protocol describes it.
     pub fn desc(&self) -> rdmig_model::wire::BlockDesc {
-        rdmig_model::wire::BlockDesc { name: self.name.as_bytes().to_vec(), length: self.len, page_log2: self.page_log2 }
+        rdmig_model::wire::BlockDesc {
+            name: self.name.as_bytes().to_vec(),
+            length: self.len,
+            page_log2: self.page_log2,
+        }
     }
 
     fn check(&self, offset: u64, len: usize) {
         let end = offset.checked_add(len as u64);
-        assert!(end.is_some_and(|e| e <= self.len), "access {offset}+{len} outside block {} of {}", self.name, self.len);
+        assert!(
+            end.is_some_and(|e| e <= self.len),
+            "access {offset}+{len} outside block {} of {}",
+            self.name,
+            self.len
+        );
     }
 
     /// Copies `buf.len()` bytes at `offset` out of the block.
@@ -168,7 +221,13 @@ impl RamBlock {
         self.check(offset, buf.len());
         // SAFETY: the range is inside the mapping (checked above) and `buf` is a distinct
         // allocation; the source bytes may change concurrently, which only affects their values.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(offset as usize), buf.as_mut_ptr(), buf.len()) }
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.add(offset as usize),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        }
     }
 
     /// Copies `data` into the block at `offset`.
@@ -176,7 +235,9 @@ impl RamBlock {
         self.check(offset, data.len());
         // SAFETY: the range is inside the mapping (checked above) and `data` does not alias it
         // (callers never pass slices of a mapping: there is no API that yields one).
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(offset as usize), data.len()) }
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(offset as usize), data.len())
+        }
     }
 
     /// Writes zeros over `[offset, offset+len)`.
@@ -226,13 +287,18 @@ impl RamBlock {
 }
 
 /// Digests of every chunk of `blocks` in order, computed on up to `threads` threads.
-pub fn chunk_digests(blocks: &[std::sync::Arc<RamBlock>], chunk_log2: u8, threads: usize) -> Vec<u64> {
+pub fn chunk_digests(
+    blocks: &[std::sync::Arc<RamBlock>],
+    chunk_log2: u8,
+    threads: usize,
+) -> Vec<u64> {
     let chunk = 1u64 << chunk_log2;
     let spans: Vec<(usize, u64, u64)> = blocks
         .iter()
         .enumerate()
         .flat_map(|(b, blk)| {
-            (0..blk.len().div_ceil(chunk)).map(move |c| (b, c * chunk, chunk.min(blk.len() - c * chunk)))
+            (0..blk.len().div_ceil(chunk))
+                .map(move |c| (b, c * chunk, chunk.min(blk.len() - c * chunk)))
         })
         .collect();
     let mut out = vec![0u64; spans.len()];
@@ -281,8 +347,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("ram");
         std::fs::write(&p, vec![1u8; 5000]).unwrap();
-        assert!(matches!(RamBlock::open("ram", &p, 12), Err(MemError::Shape { .. })));
-        assert!(matches!(RamBlock::open("ram", &dir.path().join("missing"), 12), Err(MemError::Open { .. })));
+        assert!(matches!(
+            RamBlock::open("ram", &p, 12),
+            Err(MemError::Shape { .. })
+        ));
+        assert!(matches!(
+            RamBlock::open("ram", &dir.path().join("missing"), 12),
+            Err(MemError::Open { .. })
+        ));
     }
 
     #[test]

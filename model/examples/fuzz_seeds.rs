@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use rdmig_model::fuzzing;
 
 fn write(target: &str, name: &str, data: &[u8]) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(target);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(target);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join(name), data).unwrap();
 }
@@ -19,13 +21,25 @@ fn main() {
     let rec = fuzzing::recording();
     for start in 0..rec.dst_snapshots.len() as u8 {
         for n in [8, 64] {
-            write("destination_session", &format!("replay-{start}-{n}"), &fuzzing::session_seed(true, start, n));
-            write("source_session", &format!("replay-{start}-{n}"), &fuzzing::session_seed(false, start, n));
+            write(
+                "destination_session",
+                &format!("replay-{start}-{n}"),
+                &fuzzing::session_seed(true, start, n),
+            );
+            write(
+                "source_session",
+                &format!("replay-{start}-{n}"),
+                &fuzzing::session_seed(false, start, n),
+            );
         }
     }
     let stream: Vec<u8> = rec.source_stream.concat();
     write("wire_decode", "source-stream-first", &rec.source_stream[0]);
     write("handshake_auth", "replay", &[1, 2, 2, 2, 2, 2, 2, 2, 2]);
-    write("handshake_auth", "stream", &stream[..stream.len().min(4096)]);
+    write(
+        "handshake_auth",
+        "stream",
+        &stream[..stream.len().min(4096)],
+    );
     println!("seed corpora written");
 }

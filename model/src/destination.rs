@@ -212,8 +212,9 @@ impl Destination {
         );
         Timers {
             idle: awaiting.then(|| self.last_recv + self.cfg.idle_timeout_ms),
-            keepalive: (self.cfg.keepalive_ms > 0 && self.phase != DstPhase::AwaitHello)
-                .then(|| self.last_send + self.cfg.keepalive_ms),
+            keepalive: (self.cfg.keepalive_ms > 0
+                && !matches!(self.phase, DstPhase::AwaitHello | DstPhase::Starting))
+            .then(|| self.last_send + self.cfg.keepalive_ms),
         }
     }
 
@@ -240,6 +241,14 @@ impl Destination {
     }
 
     fn on_input(&mut self, input: Input, out: &mut Vec<Command>) {
+        if self.phase == DstPhase::Starting
+            && !matches!(
+                input,
+                Input::WorkloadStarted | Input::WorkloadFailed | Input::Frame(_)
+            )
+        {
+            return; // committed: only the workload's own result can end this phase (SW-7)
+        }
         match input {
             Input::Frame(f) => self.on_frame(f, out),
             Input::Malformed(_) if self.phase == DstPhase::Starting => {} // committed, see on_frame
@@ -261,7 +270,9 @@ impl Destination {
                 if self.phase != DstPhase::Starting {
                     return self.local_error(out, "workload start not requested");
                 }
-                self.send(Message::Started, out); // spec: SW-7
+                if self.credits.can_send() {
+                    self.send(Message::Started, out); // spec: SW-7
+                }
                 self.outcome = Some(Outcome::Completed);
                 out.push(Command::Finish(Outcome::Completed));
                 self.go(DstPhase::Done, Event::WorkloadStarted);
@@ -409,7 +420,9 @@ impl Destination {
     fn on_frame(&mut self, f: Frame, out: &mut Vec<Command>) {
         if self.phase == DstPhase::Starting {
             // Committed: the workload is being started and nothing the source sends now can
-            // undo that; aborting here could let both sides run (spec: INV-OWN-1).
+            // undo that; aborting here could let both sides run (spec: INV-OWN-1). Credits are
+            // still taken back so STARTED can be sent.
+            let _ = self.credits.on_receive(f.credits);
             return;
         }
         // Drivers decode frames with `wire::decode`, which validates; a frame built any other
@@ -832,7 +845,10 @@ impl Destination {
     }
 
     fn on_zero(&mut self, round: u32, ranges: Vec<PageRange>, out: &mut Vec<Command>) {
-        if self.params.is_some_and(|p| p.flags & wire::flag::ZERO_ELISION == 0) {
+        if self
+            .params
+            .is_some_and(|p| p.flags & wire::flag::ZERO_ELISION == 0)
+        {
             return self.violation(out, "ZERO without zero elision negotiated"); // spec: HS-3
         }
         if round != self.round {

@@ -23,8 +23,16 @@ const KEY: &[u8] = b"fuzzing key";
 /// The small memory every session target uses: two blocks, 16 KiB chunks.
 pub fn blocks() -> Vec<BlockDesc> {
     vec![
-        BlockDesc { name: b"ram0".to_vec(), length: 96 << 10, page_log2: 12 },
-        BlockDesc { name: b"ram1".to_vec(), length: 40 << 10, page_log2: 12 },
+        BlockDesc {
+            name: b"ram0".to_vec(),
+            length: 96 << 10,
+            page_log2: 12,
+        },
+        BlockDesc {
+            name: b"ram1".to_vec(),
+            length: 40 << 10,
+            page_log2: 12,
+        },
     ]
 }
 
@@ -60,18 +68,37 @@ pub fn recording() -> &'static Recording {
     static REC: OnceLock<Recording> = OnceLock::new();
     REC.get_or_init(|| {
         let (s, d) = configs(RegMode::Dynamic);
-        let guest = Guest { pages_per_step: 1, active_steps: 200, zero_one_in: 3, seed: 77 };
+        let guest = Guest {
+            pages_per_step: 1,
+            active_steps: 200,
+            zero_one_in: 3,
+            seed: 77,
+        };
         let mut pair = Pair::new(s, d, guest, vec![0x5a; 40_000]).expect("valid config");
         let mut dst_snapshots = vec![(pair.dst.clone(), 0)];
         let mut src_snapshots = vec![(pair.src.clone(), 0)];
-        for phase in [SrcPhase::Sending, SrcPhase::AwaitRoundAck, SrcPhase::Finalizing, SrcPhase::AwaitPrepared] {
+        for phase in [
+            SrcPhase::Sending,
+            SrcPhase::AwaitRoundAck,
+            SrcPhase::Finalizing,
+            SrcPhase::AwaitPrepared,
+        ] {
             pair.run_until_source(phase, 100_000);
             dst_snapshots.push((pair.dst.clone(), pair.delivered_to_dst));
             src_snapshots.push((pair.src.clone(), pair.delivered_to_src));
         }
         let r = pair.run(100_000);
-        assert_eq!(r.source, Some(Outcome::Completed), "recording must complete");
-        Recording { source_stream: pair.source_stream, dest_stream: pair.dest_stream, dst_snapshots, src_snapshots }
+        assert_eq!(
+            r.source,
+            Some(Outcome::Completed),
+            "recording must complete"
+        );
+        Recording {
+            source_stream: pair.source_stream,
+            dest_stream: pair.dest_stream,
+            dst_snapshots,
+            src_snapshots,
+        }
     })
 }
 
@@ -91,7 +118,10 @@ pub fn wire_decode(data: &[u8]) {
 /// `wire_roundtrip`: a valid message encodes within the frame limit and decodes to itself.
 pub fn wire_roundtrip(f: &Frame) {
     if f.msg.validate().is_err() {
-        assert!(wire::encode_to_vec(f).is_err(), "an invalid message must not encode");
+        assert!(
+            wire::encode_to_vec(f).is_err(),
+            "an invalid message must not encode"
+        );
         return;
     }
     match wire::encode_to_vec(f) {
@@ -114,11 +144,18 @@ pub enum DstEvent {
     /// The next frame of the recorded honest stream (reaches deep states).
     Recorded,
     /// The next recorded frame with one byte replaced.
-    Mutated { at: u16, value: u8 },
+    Mutated {
+        at: u16,
+        value: u8,
+    },
     /// The driver finishes the `which`-th pending registration.
-    Registered { which: u8 },
+    Registered {
+        which: u8,
+    },
     RegisterFailed,
-    Digests { correct: bool },
+    Digests {
+        correct: bool,
+    },
     WorkloadStarted,
     WorkloadFailed,
     Timer(bool),
@@ -138,13 +175,24 @@ struct DstOracle {
 
 impl DstOracle {
     fn check(&mut self, d: &Destination, cmds: &[Command], rejected: bool) {
-        assert!(d.registered_bytes() <= d.pin_budget(), "INV-PIN-1: registered bytes over budget");
+        assert!(
+            d.registered_bytes() <= d.pin_budget(),
+            "INV-PIN-1: registered bytes over budget"
+        );
         for c in cmds {
             assert!(!self.finished, "command after Finish: {c:?}");
             match c {
-                Command::Register { target, block, offset, len } => {
+                Command::Register {
+                    target,
+                    block,
+                    offset,
+                    len,
+                } => {
                     let b = &self.blocks[*block as usize];
-                    assert!(*len > 0 && offset + len <= b.length, "registration outside a declared block");
+                    assert!(
+                        *len > 0 && offset + len <= b.length,
+                        "registration outside a declared block"
+                    );
                     let overlaps = self
                         .nic
                         .values()
@@ -153,7 +201,10 @@ impl DstOracle {
                     self.pending.push(*target);
                 }
                 Command::Unregister { rkey, .. } => {
-                    assert!(self.nic.remove(rkey).is_some(), "unregister of a key not registered");
+                    assert!(
+                        self.nic.remove(rkey).is_some(),
+                        "unregister of a key not registered"
+                    );
                 }
                 Command::ZeroFill { block, offset, len } => {
                     let b = &self.blocks[*block as usize];
@@ -164,7 +215,10 @@ impl DstOracle {
                 }
                 Command::StartWorkload => {
                     assert!(self.commit_fed, "SW-7: started without COMMIT");
-                    assert!(self.nic.is_empty(), "SW-8: memory still registered at start");
+                    assert!(
+                        self.nic.is_empty(),
+                        "SW-8: memory still registered at start"
+                    );
                 }
                 Command::Finish(_) => self.finished = true,
                 Command::ComputeDigests => {}
@@ -198,7 +252,9 @@ pub fn destination_session(data: &[u8]) {
     };
     let mut now = 0;
     for _ in 0..256 {
-        let Ok(ev) = DstEvent::arbitrary(&mut u) else { break };
+        let Ok(ev) = DstEvent::arbitrary(&mut u) else {
+            break;
+        };
         now += 1;
         let mut rejected = false;
         let input = match ev {
@@ -211,7 +267,9 @@ pub fn destination_session(data: &[u8]) {
                 }
             },
             DstEvent::Recorded | DstEvent::Mutated { .. } => {
-                let Some(bytes) = rec.source_stream.get(cursor) else { continue };
+                let Some(bytes) = rec.source_stream.get(cursor) else {
+                    continue;
+                };
                 cursor += 1;
                 let mut bytes = bytes.clone();
                 if let DstEvent::Mutated { at, value } = ev {
@@ -237,14 +295,22 @@ pub fn destination_session(data: &[u8]) {
                     RegTarget::Block(b) => (b, 0, oracle.blocks[b as usize].length),
                     RegTarget::Chunk(c) => {
                         let o = (c.chunk as u64) << 14;
-                        (c.block, o, (1u64 << 14).min(oracle.blocks[c.block as usize].length - o))
+                        (
+                            c.block,
+                            o,
+                            (1u64 << 14).min(oracle.blocks[c.block as usize].length - o),
+                        )
                     }
                 };
                 oracle.nic.insert(rkey, (target, block, off, len));
                 Input::Registered { target, rkey }
             }
             DstEvent::RegisterFailed => Input::RegisterFailed {
-                target: oracle.pending.first().copied().unwrap_or(RegTarget::Block(0)),
+                target: oracle
+                    .pending
+                    .first()
+                    .copied()
+                    .unwrap_or(RegTarget::Block(0)),
             },
             DstEvent::Digests { correct } => {
                 let n = d.geometry().map_or(0, |g| g.total_chunks as usize);
@@ -252,7 +318,11 @@ pub fn destination_session(data: &[u8]) {
             }
             DstEvent::WorkloadStarted => Input::WorkloadStarted,
             DstEvent::WorkloadFailed => Input::WorkloadFailed,
-            DstEvent::Timer(idle) => Input::Timer(if idle { TimerKind::Idle } else { TimerKind::Keepalive }),
+            DstEvent::Timer(idle) => Input::Timer(if idle {
+                TimerKind::Idle
+            } else {
+                TimerKind::Keepalive
+            }),
             DstEvent::TransportFailed => Input::TransportFailed,
             DstEvent::Cancel => Input::Cancel,
         };
@@ -261,7 +331,8 @@ pub fn destination_session(data: &[u8]) {
                 oracle.commit_fed = true;
             }
         }
-        let was_done = d.outcome().is_some();
+        // Once committed (Starting) the destination deliberately ignores what the source sends.
+        let was_done = d.outcome().is_some() || d.phase() == DstPhase::Starting;
         let cmds = d.step(now, input);
         // A mid-migration snapshot holds registrations made before it (keys below the fuzz
         // range); unregistering those is legitimate.
@@ -279,15 +350,24 @@ pub enum SrcEvent {
     Frame(Frame),
     Raw(Vec<u8>),
     Recorded,
-    Mutated { at: u16, value: u8 },
+    Mutated {
+        at: u16,
+        value: u8,
+    },
     /// Completes the `which`-th write in flight.
-    WriteDone { which: u8 },
+    WriteDone {
+        which: u8,
+    },
     WriteFailed,
     /// A well-formed dirty scan drawn from `seed`.
-    Dirty { seed: u64 },
+    Dirty {
+        seed: u64,
+    },
     Paused,
     WorkloadFailed,
-    DeviceState { len: u16 },
+    DeviceState {
+        len: u16,
+    },
     Digests,
     Timer(bool),
     TransportFailed,
@@ -313,7 +393,9 @@ pub fn source_session(data: &[u8]) {
         s.step(0, Input::Start);
     }
     for _ in 0..256 {
-        let Ok(ev) = SrcEvent::arbitrary(&mut u) else { break };
+        let Ok(ev) = SrcEvent::arbitrary(&mut u) else {
+            break;
+        };
         now += 1;
         let mut rejected = false;
         let mut peer_abort = false;
@@ -327,7 +409,9 @@ pub fn source_session(data: &[u8]) {
                 }
             },
             SrcEvent::Recorded | SrcEvent::Mutated { .. } => {
-                let Some(bytes) = rec.dest_stream.get(cursor) else { continue };
+                let Some(bytes) = rec.dest_stream.get(cursor) else {
+                    continue;
+                };
                 cursor += 1;
                 let mut bytes = bytes.clone();
                 if let SrcEvent::Mutated { at, value } = ev {
@@ -346,9 +430,13 @@ pub fn source_session(data: &[u8]) {
                 if inflight.is_empty() {
                     continue;
                 }
-                Input::WriteDone { wr_id: inflight.remove(which as usize % inflight.len()) }
+                Input::WriteDone {
+                    wr_id: inflight.remove(which as usize % inflight.len()),
+                }
             }
-            SrcEvent::WriteFailed => Input::WriteFailed { wr_id: inflight.first().copied().unwrap_or(0) },
+            SrcEvent::WriteFailed => Input::WriteFailed {
+                wr_id: inflight.first().copied().unwrap_or(0),
+            },
             SrcEvent::Dirty { seed } => {
                 let mut x = seed | 1;
                 let mut dirty = Vec::new();
@@ -360,9 +448,9 @@ pub fn source_session(data: &[u8]) {
                         x ^= x << 13;
                         x ^= x >> 7;
                         x ^= x << 17;
-                        if x % 3 == 0 {
+                        if x.is_multiple_of(3) {
                             d.set(p);
-                            if x % 7 == 0 {
+                            if x.is_multiple_of(7) {
                                 z.set(p);
                             }
                         }
@@ -376,7 +464,11 @@ pub fn source_session(data: &[u8]) {
             SrcEvent::WorkloadFailed => Input::WorkloadFailed,
             SrcEvent::DeviceState { len } => Input::DeviceState(vec![7; len as usize]),
             SrcEvent::Digests => Input::Digests(vec![1; geo.total_chunks as usize]),
-            SrcEvent::Timer(idle) => Input::Timer(if idle { TimerKind::Idle } else { TimerKind::Keepalive }),
+            SrcEvent::Timer(idle) => Input::Timer(if idle {
+                TimerKind::Idle
+            } else {
+                TimerKind::Keepalive
+            }),
             SrcEvent::TransportFailed => Input::TransportFailed,
             SrcEvent::Cancel => Input::Cancel,
         };
@@ -398,13 +490,33 @@ pub fn source_session(data: &[u8]) {
         for c in &cmds {
             assert!(!finished, "command after Finish: {c:?}");
             match c {
-                Command::PostWrite { wr_id, block, offset, len, rkey, remote_offset, channel } => {
-                    assert!(table_acked, "AUTH-3: write before the block table was acknowledged");
+                Command::PostWrite {
+                    wr_id,
+                    block,
+                    offset,
+                    len,
+                    rkey,
+                    remote_offset,
+                    channel,
+                } => {
+                    assert!(
+                        table_acked,
+                        "AUTH-3: write before the block table was acknowledged"
+                    );
                     let b = &geo.blocks[*block as usize];
-                    assert!(offset + len <= b.length, "write reads outside the local block");
-                    assert!(start > 0 || keys.contains(rkey), "REG-5: write with a key never granted");
+                    assert!(
+                        offset + len <= b.length,
+                        "write reads outside the local block"
+                    );
+                    assert!(
+                        start > 0 || keys.contains(rkey),
+                        "REG-5: write with a key never granted"
+                    );
                     let limit = if pin_all { b.length } else { geo.chunk_size() };
-                    assert!(remote_offset + len <= limit, "write beyond the registration");
+                    assert!(
+                        remote_offset + len <= limit,
+                        "write beyond the registration"
+                    );
                     assert!((*channel as usize) < 16);
                     assert!(seen_wr.insert(*wr_id), "work request id reused");
                     inflight.push(*wr_id);
@@ -456,32 +568,51 @@ pub fn handshake_auth(data: &[u8]) {
         s.step(0, Input::Start);
     }
     for _ in 0..64 {
-        let Ok(ev) = AuthEvent::arbitrary(&mut u) else { break };
+        let Ok(ev) = AuthEvent::arbitrary(&mut u) else {
+            break;
+        };
         let input = match ev {
             AuthEvent::Frame(f) => Input::Frame(f),
             AuthEvent::Raw(b) => wire::decode(&b).map_or_else(Input::Malformed, Input::Frame),
             AuthEvent::Replayed(i) => {
-                let stream = if attack_destination { &rec.source_stream } else { &rec.dest_stream };
-                Input::Frame(wire::decode(&stream[i as usize % stream.len()]).expect("recorded frames decode"))
+                let stream = if attack_destination {
+                    &rec.source_stream
+                } else {
+                    &rec.dest_stream
+                };
+                Input::Frame(
+                    wire::decode(&stream[i as usize % stream.len()])
+                        .expect("recorded frames decode"),
+                )
             }
         };
         if attack_destination {
             let cmds = d.step(0, input);
             assert!(
-                matches!(d.phase(), DstPhase::AwaitHello | DstPhase::AwaitAuth | DstPhase::Done),
+                matches!(
+                    d.phase(),
+                    DstPhase::AwaitHello | DstPhase::AwaitAuth | DstPhase::Done
+                ),
                 "AUTH-2: destination passed authentication without the key"
             );
-            assert!(!cmds.iter().any(|c| matches!(c, Command::Register { .. } | Command::ZeroFill { .. })));
+            assert!(!cmds
+                .iter()
+                .any(|c| matches!(c, Command::Register { .. } | Command::ZeroFill { .. })));
         } else {
             let cmds = s.step(0, input);
             for c in &cmds {
                 match c {
                     Command::Send(f) => assert!(
-                        matches!(f.msg, Message::Hello(_) | Message::Abort { .. } | Message::Nop),
+                        matches!(
+                            f.msg,
+                            Message::Hello(_) | Message::Abort { .. } | Message::Nop
+                        ),
                         "AUTH-3: source sent {} to an unproven destination",
                         f.msg.name()
                     ),
-                    Command::PostWrite { .. } => panic!("AUTH-3: source wrote memory to an unproven destination"),
+                    Command::PostWrite { .. } => {
+                        panic!("AUTH-3: source wrote memory to an unproven destination")
+                    }
                     _ => {}
                 }
             }
@@ -492,8 +623,10 @@ pub fn handshake_auth(data: &[u8]) {
 /// Seed inputs for the corpora: every sample frame encoded, and the recorded streams.
 pub fn seed_frames() -> Vec<Vec<u8>> {
     let rec = recording();
-    let mut v: Vec<Vec<u8>> =
-        wire::sample_frames().iter().map(|f| wire::encode_to_vec(f).expect("samples are valid")).collect();
+    let mut v: Vec<Vec<u8>> = wire::sample_frames()
+        .iter()
+        .map(|f| wire::encode_to_vec(f).expect("samples are valid"))
+        .collect();
     v.extend(rec.source_stream.iter().cloned());
     v.extend(rec.dest_stream.iter().cloned());
     v.sort();

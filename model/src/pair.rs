@@ -282,7 +282,7 @@ impl Pair {
         let p = next(&mut self.rng) % pages;
         let ps = 1usize << self.page_log2[b];
         let v = next(&mut self.rng);
-        let zero = self.guest.zero_one_in > 0 && v % self.guest.zero_one_in as u64 == 0;
+        let zero = self.guest.zero_one_in > 0 && v.is_multiple_of(self.guest.zero_one_in as u64);
         let page = &mut self.src_mem[b][p as usize * ps..(p as usize + 1) * ps];
         if zero {
             page.fill(0);
@@ -319,8 +319,14 @@ impl Pair {
 
     fn check_invariants(&self) {
         // spec: INV-FC-1: frames queued towards a side never exceed its posted receive buffers.
-        assert!(self.s2d.len() <= self.dst.credits().window as usize, "INV-FC-1: destination overrun");
-        assert!(self.d2s.len() <= self.src.credits().window as usize, "INV-FC-1: source overrun");
+        assert!(
+            self.s2d.len() <= self.dst.credits().window as usize,
+            "INV-FC-1: destination overrun"
+        );
+        assert!(
+            self.d2s.len() <= self.src.credits().window as usize,
+            "INV-FC-1: source overrun"
+        );
         assert!(
             self.dst.registered_bytes() <= self.dst.pin_budget(),
             "INV-PIN-1: pin budget exceeded"

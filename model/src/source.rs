@@ -884,7 +884,9 @@ impl Source {
             .iter()
             .zip(&scan.zero)
             .zip(&self.geo.blocks)
-            .map(|((d, z), b)| (d.count_ones() - if elide { z.count_ones() } else { 0 }) << b.page_log2)
+            .map(|((d, z), b)| {
+                (d.count_ones() - if elide { z.count_ones() } else { 0 }) << b.page_log2
+            })
             .sum();
         // spec: CONV-1
         let converged = match self.bandwidth {

@@ -13,7 +13,9 @@ fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
     let mut v = Vec::new();
     for dir in ["corpus", "artifacts"] {
-        let Ok(rd) = std::fs::read_dir(root.join(dir).join(target)) else { continue };
+        let Ok(rd) = std::fs::read_dir(root.join(dir).join(target)) else {
+            continue;
+        };
         for e in rd.flatten() {
             if e.path().is_file() {
                 v.push((e.path(), std::fs::read(e.path()).unwrap()));
@@ -42,7 +44,9 @@ fn smoke(seed: u64, count: usize, max_len: usize, f: impl Fn(&[u8])) {
         let len = (x % max_len as u64) as usize;
         let data: Vec<u8> = (0..len)
             .map(|i| {
-                let y = x.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(i as u32 % 64);
+                let y = x
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    .rotate_left(i as u32 % 64);
                 (y >> 24) as u8
             })
             .collect();
@@ -53,7 +57,10 @@ fn smoke(seed: u64, count: usize, max_len: usize, f: impl Fn(&[u8])) {
 #[test]
 fn fuzz_replay_wire_decode() {
     let n = replay("wire_decode", fuzzing::wire_decode);
-    assert!(n >= 20, "seed corpus for wire_decode is missing ({n} inputs)");
+    assert!(
+        n >= 20,
+        "seed corpus for wire_decode is missing ({n} inputs)"
+    );
     smoke(1, 20_000, 96, fuzzing::wire_decode);
 }
 

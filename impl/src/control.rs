@@ -1,0 +1,177 @@
+//! Workload control at switchover: pausing and resuming the source workload, starting the
+//! destination's, and where device state comes from and goes to.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rustix::process::{kill_process, Pid, Signal};
+
+/// How the source workload is paused and resumed.
+#[derive(Debug, Clone, Default)]
+pub enum SourceWorkload {
+    /// Nothing to pause (a file, or a workload already stopped).
+    #[default]
+    None,
+    /// SIGSTOP / SIGCONT to a process.
+    Pid(i32),
+    /// Shell commands; the pause command's standard output is the device state unless
+    /// `--state-in` names a file.
+    Hooks {
+        pause: String,
+        resume: Option<String>,
+    },
+}
+
+/// Why a workload operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("process {0} does not exist")]
+    NoProcess(i32),
+    #[error("signal to process {pid}: {err}")]
+    Signal { pid: i32, err: rustix::io::Errno },
+    #[error("process {0} did not stop within 2 s")]
+    NotStopped(i32),
+    #[error("hook `{cmd}` failed: {why}")]
+    Hook { cmd: String, why: String },
+}
+
+fn run_hook(cmd: &str) -> Result<Vec<u8>, ControlError> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| ControlError::Hook {
+            cmd: cmd.into(),
+            why: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(ControlError::Hook {
+            cmd: cmd.into(),
+            why: format!("exit status {}", out.status),
+        });
+    }
+    Ok(out.stdout)
+}
+
+fn process_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The state follows the parenthesised command name, which may itself contain spaces.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+fn signal(pid: i32, sig: Signal) -> Result<(), ControlError> {
+    let p = Pid::from_raw(pid).ok_or(ControlError::NoProcess(pid))?;
+    kill_process(p, sig).map_err(|err| ControlError::Signal { pid, err })
+}
+
+impl SourceWorkload {
+    /// Pauses the workload and waits until it is really stopped; returns the pause hook's
+    /// output (possible device state).
+    pub fn pause(&self) -> Result<Vec<u8>, ControlError> {
+        match self {
+            SourceWorkload::None => Ok(Vec::new()),
+            SourceWorkload::Pid(pid) => {
+                signal(*pid, Signal::STOP)?;
+                let t = Instant::now();
+                loop {
+                    match process_state(*pid) {
+                        Some('T') | Some('t') => return Ok(Vec::new()),
+                        None => return Err(ControlError::NoProcess(*pid)),
+                        _ if t.elapsed() > Duration::from_secs(2) => {
+                            return Err(ControlError::NotStopped(*pid))
+                        }
+                        _ => std::thread::sleep(Duration::from_micros(200)),
+                    }
+                }
+            }
+            SourceWorkload::Hooks { pause, .. } => run_hook(pause),
+        }
+    }
+
+    /// Resumes the workload after an abort (spec: INV-OWN-2).
+    pub fn resume(&self) -> Result<(), ControlError> {
+        match self {
+            SourceWorkload::None => Ok(()),
+            SourceWorkload::Pid(pid) => signal(*pid, Signal::CONT),
+            SourceWorkload::Hooks { resume, .. } => resume
+                .as_deref()
+                .map_or(Ok(()), |c| run_hook(c).map(|_| ())),
+        }
+    }
+}
+
+/// How the destination starts its workload after COMMIT.
+#[derive(Debug, Clone, Default)]
+pub struct DestWorkload {
+    pub start_cmd: Option<String>,
+    /// SIGCONT to a process waiting stopped on the destination.
+    pub start_pid: Option<i32>,
+}
+
+impl DestWorkload {
+    pub fn start(&self) -> Result<(), ControlError> {
+        if let Some(pid) = self.start_pid {
+            signal(pid, Signal::CONT)?;
+        }
+        if let Some(cmd) = &self.start_cmd {
+            run_hook(cmd)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where the destination writes device state.
+#[derive(Debug, Clone, Default)]
+pub struct StateSink {
+    pub path: Option<PathBuf>,
+    pub data: Vec<u8>,
+}
+
+impl StateSink {
+    pub fn store(&mut self, offset: u32, bytes: &[u8]) {
+        let end = offset as usize + bytes.len();
+        if self.data.len() < end {
+            self.data.resize(end, 0);
+        }
+        self.data[offset as usize..end].copy_from_slice(bytes);
+    }
+
+    /// Writes the state file once the migration is committed.
+    pub fn persist(&self) -> std::io::Result<()> {
+        match &self.path {
+            Some(p) => std::fs::write(p, &self.data),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pid_pause_waits_for_stopped_state_and_resume_continues() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let w = SourceWorkload::Pid(child.id() as i32);
+        w.pause().unwrap();
+        assert_eq!(process_state(child.id() as i32), Some('T'));
+        w.resume().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_ne!(process_state(child.id() as i32), Some('T'));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn failing_hook_is_an_error_and_output_is_the_state() {
+        let w = SourceWorkload::Hooks {
+            pause: "printf state-bytes".into(),
+            resume: Some("false".into()),
+        };
+        assert_eq!(w.pause().unwrap(), b"state-bytes");
+        assert!(matches!(w.resume(), Err(ControlError::Hook { .. })));
+    }
+}

@@ -1,0 +1,364 @@
+//! `rdmig demo` and `rdmig bench`: orchestrate real processes (a workload, a destination and a
+//! source) on loopback, the way an operator would run them.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn exe() -> PathBuf {
+    std::env::current_exe().expect("the running executable has a path")
+}
+
+fn wait_file(p: &Path, timeout: Duration, child: &mut Child) -> Result<(), String> {
+    let t = Instant::now();
+    while !p.exists() {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Err(format!(
+                "process exited ({s}) before creating {}",
+                p.display()
+            ));
+        }
+        if t.elapsed() > timeout {
+            return Err(format!("timed out waiting for {}", p.display()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn work_dir(dir: Option<PathBuf>, tag: &str) -> Result<PathBuf, String> {
+    let base = dir.unwrap_or_else(|| {
+        if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        }
+    });
+    let d = base.join(format!("rdmig-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
+    Ok(d)
+}
+
+fn write_key(dir: &Path) -> Result<PathBuf, String> {
+    let mut k = [0u8; 32];
+    getrandom::fill(&mut k).expect("OS random source");
+    let hex: String = k.iter().map(|b| format!("{b:02x}")).collect();
+    let p = dir.join("psk");
+    std::fs::write(&p, hex).map_err(|e| e.to_string())?;
+    Ok(p)
+}
+
+/// Starts a destination on an ephemeral loopback port; returns it and its address.
+fn start_recv(
+    dir: &Path,
+    key: &Path,
+    rams: &[(String, PathBuf, u64)],
+    extra: &[&str],
+) -> Result<(Child, String), String> {
+    let addr_file = dir.join(format!("addr-{}", rams[0].0));
+    let _ = std::fs::remove_file(&addr_file);
+    let mut cmd = Command::new(exe());
+    cmd.args(["recv", "--listen", "127.0.0.1:0", "--json", "--psk-file"])
+        .arg(key)
+        .arg("--addr-file")
+        .arg(&addr_file);
+    for (name, path, size) in rams {
+        cmd.arg("--ram")
+            .arg(format!("{name}={}:{size}", path.display()));
+    }
+    cmd.args(extra).stdout(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("starting rdmig recv: {e}"))?;
+    wait_file(&addr_file, Duration::from_secs(60), &mut child)?;
+    let addr = std::fs::read_to_string(&addr_file).map_err(|e| e.to_string())?;
+    Ok((child, addr))
+}
+
+fn report_of(child: Child, what: &str) -> Result<(i32, Value), String> {
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{what}: {e}"))?;
+    let code = out.status.code().unwrap_or(-1);
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("{what} exited {code} without a JSON report: {e}"))?;
+    Ok((code, v))
+}
+
+fn field(v: &Value, k: &str) -> u64 {
+    v.get(k).and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// The main job: a live migration between three processes with verification.
+pub fn demo(
+    size: u64,
+    dirty_rate: f64,
+    channels: u8,
+    dir: Option<PathBuf>,
+) -> Result<ExitCode, String> {
+    let d = work_dir(dir, "demo")?;
+    let key = write_key(&d)?;
+    let src_ram = d.join("source.ram");
+    let dst_ram = d.join("destination.ram");
+    let bitmap = d.join("source.dirty");
+    let ready = d.join("ready");
+    println!("rdmig demo: {} MiB workload writing {dirty_rate} MB/s, {channels} TCP data channels, loopback", size >> 20);
+    let mut wl = Command::new(exe())
+        .args([
+            "workload",
+            "--size",
+            &size.to_string(),
+            "--dirty-rate",
+            &dirty_rate.to_string(),
+            "--pattern",
+            "hot:0.25",
+        ])
+        .arg("--ram")
+        .arg(&src_ram)
+        .arg("--bitmap")
+        .arg(&bitmap)
+        .arg("--ready-file")
+        .arg(&ready)
+        .spawn()
+        .map_err(|e| format!("starting workload: {e}"))?;
+    let result = (|| {
+        wait_file(&ready, Duration::from_secs(120), &mut wl)?;
+        let (recv, addr) = start_recv(&d, &key, &[("ram".into(), dst_ram.clone(), size)], &[])?;
+        println!(
+            "workload pid {} running; destination listening on {addr}",
+            wl.id()
+        );
+        let send = Command::new(exe())
+            .args([
+                "send",
+                "--connect",
+                &addr,
+                "--json",
+                "--verify",
+                "--channels",
+                &channels.to_string(),
+            ])
+            .arg("--ram")
+            .arg(format!("ram={}", src_ram.display()))
+            .arg("--psk-file")
+            .arg(&key)
+            .arg("--dirty-log")
+            .arg(format!("bitmap:{}", bitmap.display()))
+            .args(["--pid", &wl.id().to_string(), "--downtime-limit", "50"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("starting rdmig send: {e}"))?;
+        let (scode, srep) = report_of(send, "rdmig send")?;
+        let (dcode, drep) = report_of(recv, "rdmig recv")?;
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&srep).expect("serialises")
+        );
+        println!(
+            "source: {} in {} ms (setup {} ms, downtime {} ms), {} rounds, {} MiB data at {:.0} MB/s",
+            srep["status"].as_str().unwrap_or("?"),
+            field(&srep, "total_time_ms"),
+            field(&srep, "setup_time_ms"),
+            field(&srep, "downtime_ms"),
+            srep["rounds"].as_array().map_or(0, |r| r.len()),
+            srep["bytes"]["data"].as_u64().unwrap_or(0) >> 20,
+            srep["throughput_mb_s"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "destination: {} (exit {dcode})",
+            drep["status"].as_str().unwrap_or("?")
+        );
+        if scode != 0 || dcode != 0 {
+            return Err(format!(
+                "migration did not complete (source exit {scode}, destination exit {dcode})"
+            ));
+        }
+        // The source workload is still paused (committed), so its memory is as at the pause.
+        let a = crate::workload::file_digest(&src_ram).map_err(|e| e.to_string())?;
+        let b = crate::workload::file_digest(&dst_ram).map_err(|e| e.to_string())?;
+        if a != b {
+            return Err(format!(
+                "destination memory differs from the source: {a:016x} != {b:016x}"
+            ));
+        }
+        println!("destination memory verified equal to source at pause (xxh3 {a:016x})");
+        Ok(ExitCode::SUCCESS)
+    })();
+    let _ = wl.kill();
+    let _ = wl.wait();
+    let _ = std::fs::remove_dir_all(&d);
+    result
+}
+
+/// A plain copy loop between two processes: the reference rdmig is measured against.
+fn raw_stream(src: &crate::mem::RamBlock) -> Result<f64, String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let mut sink = Command::new(exe())
+        .args(["bench", "--sink-port", &addr.port().to_string()])
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    drop(listener);
+    let t0 = Instant::now();
+    let mut s = loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => break s,
+            Err(e) if t0.elapsed() > Duration::from_secs(10) => {
+                return Err(format!("raw sink: {e}"))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let t = Instant::now();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut off = 0;
+    while off < src.len() {
+        let n = (src.len() - off).min(buf.len() as u64) as usize;
+        src.read(off, &mut buf[..n]);
+        s.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+        off += n as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write)
+        .map_err(|e| e.to_string())?;
+    let mut ack = [0u8; 8];
+    s.read_exact(&mut ack).map_err(|e| e.to_string())?;
+    let secs = t.elapsed().as_secs_f64();
+    let _ = sink.wait();
+    if u64::from_le_bytes(ack) != src.len() {
+        return Err("raw sink received a different byte count".into());
+    }
+    Ok(src.len() as f64 / secs / 1e9)
+}
+
+/// The receiving half of the raw stream benchmark.
+pub fn raw_sink(port: u16) -> Result<ExitCode, String> {
+    let l = TcpListener::bind(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    let (mut s, _) = l.accept().map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 4 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = s.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    s.write_all(&total.to_le_bytes())
+        .map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rdmig_run(
+    d: &Path,
+    key: &Path,
+    src: &Path,
+    size: u64,
+    channels: u8,
+    tag: &str,
+) -> Result<(Value, Value), String> {
+    let dst = d.join(format!("dst-{tag}.ram"));
+    let (recv, addr) = start_recv(d, key, &[(format!("ram{tag}"), dst.clone(), size)], &[])?;
+    let send = Command::new(exe())
+        .args([
+            "send",
+            "--connect",
+            &addr,
+            "--json",
+            "--channels",
+            &channels.to_string(),
+        ])
+        .arg("--ram")
+        .arg(format!("ram{tag}={}", src.display()))
+        .arg("--psk-file")
+        .arg(key)
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let (sc, s) = report_of(send, "rdmig send")?;
+    let (dc, r) = report_of(recv, "rdmig recv")?;
+    let _ = std::fs::remove_file(&dst);
+    if sc != 0 || dc != 0 {
+        return Err(format!(
+            "benchmark migration failed: source {sc}, destination {dc}"
+        ));
+    }
+    Ok((s, r))
+}
+
+/// Side-by-side throughput of a raw stream and rdmig with 1 and 2 channels, plus overheads.
+pub fn bench(size: u64, dir: Option<PathBuf>) -> Result<ExitCode, String> {
+    let d = work_dir(dir, "bench")?;
+    let result = (|| {
+        let key = write_key(&d)?;
+        let src_path = d.join("src.ram");
+        let src = crate::mem::RamBlock::create("bench", &src_path, size, 12)
+            .map_err(|e| e.to_string())?;
+        let mut page = vec![0u8; 1 << 20];
+        let mut off = 0u64;
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        while off < size {
+            for w in page.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
+            }
+            let n = (size - off).min(page.len() as u64) as usize;
+            src.write(off, &page[..n]);
+            off += n as u64;
+        }
+        println!(
+            "rdmig bench: {} MiB of non-zero memory, loopback TCP, one run each, side by side",
+            size >> 20
+        );
+        let raw = raw_stream(&src)?;
+        println!("  raw single stream (copy loop, 2 processes)   {raw:6.2} GB/s");
+        let mut ratios = Vec::new();
+        for ch in [1u8, 2] {
+            let (s, r) = rdmig_run(&d, &key, &src_path, size, ch, &ch.to_string())?;
+            let secs =
+                (field(&s, "total_time_ms") - field(&s, "setup_time_ms")).max(1) as f64 / 1e3;
+            let gbs = size as f64 / secs / 1e9;
+            ratios.push(gbs / raw);
+            let limit = size / 100 + (64 << 20);
+            println!(
+                "  rdmig, {ch} channel{}                            {gbs:6.2} GB/s  ({:.2}x raw; total {} ms incl. setup {} ms)",
+                if ch > 1 { "s" } else { " " },
+                gbs / raw,
+                field(&s, "total_time_ms"),
+                field(&s, "setup_time_ms"),
+            );
+            println!(
+                "    memory overhead: source {} MiB, destination {} MiB (limit 1% of RAM + 64 MiB = {} MiB)",
+                field(&s, "rss_anon_bytes") >> 20,
+                field(&r, "rss_anon_bytes") >> 20,
+                limit >> 20
+            );
+        }
+        let blocks = vec![std::sync::Arc::new(src)];
+        for threads in [1usize, 2] {
+            let mut t = crate::dirty::open_tracker(
+                &crate::dirty::DirtyLogSpec::Scan,
+                blocks.clone(),
+                threads,
+            )
+            .map_err(|e| e.to_string())?;
+            t.scan(true).map_err(|e| e.to_string())?;
+            let start = Instant::now();
+            t.scan(false).map_err(|e| e.to_string())?;
+            let gbs = size as f64 / start.elapsed().as_secs_f64() / 1e9;
+            println!("  dirty-log scan, {threads} thread{}                     {gbs:6.2} GB/s ({:.2} GB/s per core)", if threads > 1 { "s" } else { " " }, gbs / threads as f64);
+        }
+        println!(
+            "  target: rdmig with 1 channel >= 0.9x raw: {}",
+            if ratios[0] >= 0.9 { "met" } else { "not met" }
+        );
+        Ok(ExitCode::SUCCESS)
+    })();
+    let _ = std::fs::remove_dir_all(&d);
+    result
+}

@@ -1,0 +1,138 @@
+//! The end-of-migration report, shaped like QEMU's `query-migrate` so operators find the same
+//! figures under familiar names.
+
+use rdmig_model::{AbortInfo, Outcome};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct RoundReport {
+    pub round: u32,
+    pub last: bool,
+    pub dirty_pages: u64,
+    pub zero_pages: u64,
+    pub data_bytes: u64,
+    pub writes: u64,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Bytes {
+    pub data: u64,
+    pub zero_pages: u64,
+    pub control_frames: u64,
+    pub control_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Report {
+    pub role: &'static str,
+    /// `completed`, `aborted` or `in-doubt`.
+    pub status: &'static str,
+    pub reason: Option<String>,
+    pub detail: Option<String>,
+    pub aborted_by_peer: bool,
+    pub total_time_ms: u64,
+    pub setup_time_ms: u64,
+    /// Source: workload paused until the destination confirmed it started.
+    pub downtime_ms: Option<u64>,
+    pub memory_bytes: u64,
+    pub rounds: Vec<RoundReport>,
+    pub bytes: Bytes,
+    /// Data bytes per second over the whole migration, in MB/s.
+    pub throughput_mb_s: f64,
+    /// Mean dirty rate observed after the first round, in MB/s.
+    pub dirty_rate_mb_s: f64,
+    pub registration_requests: u64,
+    pub chunks_registered: u64,
+    pub chunks_evicted: u64,
+    pub verified: bool,
+    /// Anonymous memory of this process at the end (rdmig's own overhead), bytes.
+    pub rss_anon_bytes: u64,
+    pub channels: u8,
+    pub transport: &'static str,
+}
+
+impl Report {
+    pub fn set_outcome(&mut self, o: Option<Outcome>) {
+        match o {
+            Some(Outcome::Completed) => self.status = "completed",
+            Some(Outcome::Aborted(AbortInfo {
+                reason,
+                by_peer,
+                detail,
+            })) => {
+                self.status = "aborted";
+                self.reason = Some(format!("{reason:?}"));
+                self.detail = Some(detail.to_string());
+                self.aborted_by_peer = by_peer;
+            }
+            Some(Outcome::InDoubt(d)) => {
+                self.status = "in-doubt";
+                self.detail = Some(d.to_string());
+            }
+            None => {
+                self.status = "aborted";
+                self.detail = Some("no outcome".into());
+            }
+        }
+    }
+
+    /// Exit code: 0 completed, 2 aborted (source resumed), 3 in doubt.
+    pub fn exit_code(&self) -> i32 {
+        match self.status {
+            "completed" => 0,
+            "in-doubt" => 3,
+            _ => 2,
+        }
+    }
+
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "{} {}: {} ms total, setup {} ms",
+            self.role, self.status, self.total_time_ms, self.setup_time_ms
+        );
+        if let Some(d) = self.downtime_ms {
+            s += &format!(", downtime {d} ms");
+        }
+        if let Some(r) = &self.reason {
+            s += &format!(", reason {r}");
+        }
+        if let Some(d) = &self.detail {
+            s += &format!(" ({d})");
+        }
+        if !self.rounds.is_empty() {
+            s += &format!(
+                "\n  {} rounds, {} MiB data, {} zero pages, {} control frames, {:.0} MB/s",
+                self.rounds.len(),
+                self.bytes.data >> 20,
+                self.bytes.zero_pages,
+                self.bytes.control_frames,
+                self.throughput_mb_s
+            );
+            for r in &self.rounds {
+                s += &format!(
+                    "\n  round {:>3}{} dirty {:>8} pages, zero {:>7}, sent {:>6} MiB in {:>5} ms",
+                    r.round,
+                    if r.last { " (final)" } else { "        " },
+                    r.dirty_pages,
+                    r.zero_pages,
+                    r.data_bytes >> 20,
+                    r.duration_ms
+                );
+            }
+        }
+        s
+    }
+}
+
+/// RssAnon of this process from /proc/self/status, in bytes.
+pub fn rss_anon() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("RssAnon:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}

@@ -1,0 +1,320 @@
+//! End-to-end tests with real processes over loopback TCP: a writing workload, a destination
+//! and a source, as an operator runs them; plus kill -9 and hostile-peer cases.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_rdmig");
+
+struct Dir(PathBuf);
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn dir(tag: &str) -> Dir {
+    let d = std::env::temp_dir().join(format!("rdmig-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    Dir(d)
+}
+
+fn key(d: &Path, name: &str, content: &str) -> PathBuf {
+    let p = d.join(name);
+    std::fs::write(&p, content).unwrap();
+    p
+}
+
+fn wait_file(p: &Path) {
+    let t = Instant::now();
+    while !p.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {}",
+            p.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Workload {
+    child: Child,
+    ram: PathBuf,
+    bitmap: PathBuf,
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn workload(d: &Path, size: &str, rate: &str) -> Workload {
+    let ram = d.join("src.ram");
+    let bitmap = d.join("src.dirty");
+    let ready = d.join("ready");
+    let child = Command::new(BIN)
+        .args(["workload", "--size", size, "--dirty-rate", rate])
+        .arg("--ram")
+        .arg(&ram)
+        .arg("--bitmap")
+        .arg(&bitmap)
+        .arg("--ready-file")
+        .arg(&ready)
+        .spawn()
+        .unwrap();
+    wait_file(&ready);
+    Workload { child, ram, bitmap }
+}
+
+fn recv(d: &Path, key: &Path, size: &str, extra: &[&str]) -> (Child, String, PathBuf) {
+    let addr_file = d.join("addr");
+    let _ = std::fs::remove_file(&addr_file);
+    let dst = d.join("dst.ram");
+    let child = Command::new(BIN)
+        .args([
+            "recv",
+            "--listen",
+            "127.0.0.1:0",
+            "--json",
+            "--idle-timeout",
+            "5",
+        ])
+        .arg("--psk-file")
+        .arg(key)
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .arg("--ram")
+        .arg(format!("ram={}:{size}", dst.display()))
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_file(&addr_file);
+    (child, std::fs::read_to_string(&addr_file).unwrap(), dst)
+}
+
+fn send(addr: &str, key: &Path, w: &Workload, extra: &[&str]) -> Child {
+    Command::new(BIN)
+        .args(["send", "--connect", addr, "--json", "--idle-timeout", "5"])
+        .arg("--psk-file")
+        .arg(key)
+        .arg("--ram")
+        .arg(format!("ram={}", w.ram.display()))
+        .arg("--dirty-log")
+        .arg(format!("bitmap:{}", w.bitmap.display()))
+        .args(["--pid", &w.child.id().to_string()])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn report(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}); stderr: {}",
+            String::from_utf8_lossy(&o.stderr)
+        )
+    })
+}
+
+fn digest(p: &Path) -> String {
+    let o = Command::new(BIN).arg("digest").arg(p).output().unwrap();
+    assert!(o.status.success());
+    String::from_utf8(o.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn state(pid: u32) -> char {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    s.rsplit_once(')')
+        .unwrap()
+        .1
+        .trim_start()
+        .chars()
+        .next()
+        .unwrap()
+}
+
+fn live_migration(channels: &str, pin_all: bool) {
+    let d = dir(&format!("live-{channels}-{pin_all}"));
+    let k = key(&d.0, "psk", "0123456789abcdef0123");
+    let w = workload(&d.0, "32MiB", "40");
+    let (r, addr, dst) = recv(
+        &d.0,
+        &k,
+        "32MiB",
+        &["--pin-budget", if pin_all { "32MiB" } else { "8MiB" }],
+    );
+    let mut extra = vec!["--verify", "--channels", channels, "--downtime-limit", "20"];
+    if pin_all {
+        extra.push("--pin-all");
+    }
+    let s = send(&addr, &k, &w, &extra).wait_with_output().unwrap();
+    let r = r.wait_with_output().unwrap();
+    let (sr, rr) = (report(&s), report(&r));
+    assert_eq!(sr["status"], "completed", "{sr}");
+    assert_eq!(rr["status"], "completed", "{rr}");
+    assert_eq!(s.status.code(), Some(0));
+    assert!(sr["verified"].as_bool().unwrap());
+    assert!(
+        sr["rounds"].as_array().unwrap().len() >= 2,
+        "a writing workload needs several rounds"
+    );
+    if !pin_all {
+        assert!(
+            sr["chunks_evicted"].as_u64().unwrap() > 0,
+            "8 MiB budget for 32 MiB must evict"
+        );
+    }
+    // Committed: the source workload stays stopped, so its memory is as at the pause.
+    assert_eq!(state(w.child.id()), 'T');
+    assert_eq!(digest(&w.ram), digest(&dst));
+    assert!(!PathBuf::from(format!("{}.rdmig-incomplete", dst.display())).exists());
+}
+
+/// spec: INV-MEM-1 over real TCP with a concurrently writing workload, one channel, dynamic
+/// registration under a pin budget that forces eviction.
+#[test]
+fn inv_mem_1_live_tcp_one_channel_dynamic() {
+    live_migration("1", false);
+}
+
+/// spec: INV-MEM-1 with two data channels and pin-all registration.
+#[test]
+fn inv_mem_1_live_tcp_two_channels_pin_all() {
+    live_migration("2", true);
+}
+
+/// spec: INV-MEM-1 with several channels and dynamic registration.
+#[test]
+fn inv_mem_1_live_tcp_four_channels_dynamic() {
+    live_migration("4", false);
+}
+
+/// spec: INV-OWN-2: the destination killed mid-migration leaves the source workload running
+/// and its memory its own.
+#[test]
+fn inv_own_2_kill_destination_source_resumes() {
+    for delay_ms in [150u64, 600] {
+        let d = dir(&format!("killdst-{delay_ms}"));
+        let k = key(&d.0, "psk", "0123456789abcdef0123");
+        let w = workload(&d.0, "64MiB", "80");
+        let (mut r, addr, _) = recv(&d.0, &k, "64MiB", &[]);
+        let s = send(&addr, &k, &w, &["--max-bandwidth", "100MB/s", "--verify"]);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        r.kill().unwrap();
+        r.wait().unwrap();
+        let s = s.wait_with_output().unwrap();
+        let sr = report(&s);
+        assert_eq!(sr["status"], "aborted", "{sr}");
+        assert_eq!(s.status.code(), Some(2));
+        // The workload keeps running (not stopped) and keeps writing.
+        std::thread::sleep(Duration::from_millis(100));
+        assert_ne!(state(w.child.id()), 'T', "source workload left paused");
+        let a = digest(&w.ram);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_ne!(
+            a,
+            digest(&w.ram),
+            "source workload is not writing after the abort"
+        );
+    }
+}
+
+/// spec: SW-7: the source killed mid-migration never lets the destination start; its memory
+/// stays marked incomplete.
+#[test]
+fn sw_7_kill_source_destination_never_starts() {
+    let d = dir("killsrc");
+    let k = key(&d.0, "psk", "0123456789abcdef0123");
+    let w = workload(&d.0, "64MiB", "80");
+    let started = d.0.join("started");
+    let start_cmd = format!("touch {}", started.display());
+    let (r, addr, dst) = recv(&d.0, &k, "64MiB", &["--start-cmd", &start_cmd]);
+    let mut s = send(&addr, &k, &w, &["--max-bandwidth", "100MB/s"]);
+    std::thread::sleep(Duration::from_millis(300));
+    s.kill().unwrap();
+    s.wait().unwrap();
+    let r = r.wait_with_output().unwrap();
+    let rr = report(&r);
+    assert_eq!(rr["status"], "aborted", "{rr}");
+    assert_eq!(r.status.code(), Some(2));
+    assert!(!started.exists(), "destination started without a commit");
+    assert!(PathBuf::from(format!("{}.rdmig-incomplete", dst.display())).exists());
+}
+
+/// spec: AUTH-5: a wrong key is rejected before any memory is registered or sent.
+#[test]
+fn auth_5_wrong_key_rejected_before_memory_is_exposed() {
+    let d = dir("wrongkey");
+    let good = key(&d.0, "good", "0123456789abcdef0123");
+    let bad = key(&d.0, "bad", "fedcba9876543210fedc");
+    let w = workload(&d.0, "8MiB", "10");
+    let (r, addr, dst) = recv(&d.0, &good, "8MiB", &[]);
+    let s = send(&addr, &bad, &w, &[]).wait_with_output().unwrap();
+    let r = r.wait_with_output().unwrap();
+    let (sr, rr) = (report(&s), report(&r));
+    assert_eq!(sr["status"], "aborted");
+    assert_eq!(sr["reason"], "AuthFailed", "{sr}");
+    assert_eq!(rr["status"], "aborted");
+    assert_eq!(rr["chunks_registered"], 0);
+    assert_eq!(sr["bytes"]["data"], 0);
+    let zero = std::fs::read(&dst).unwrap().iter().all(|&b| b == 0);
+    assert!(zero, "destination memory was written");
+    assert_ne!(state(w.child.id()), 'T');
+}
+
+/// spec: WIRE-4, ERR-1: a peer that sends garbage gets a typed abort, not a hang or a panic.
+#[test]
+fn wire_4_garbage_peer_is_a_protocol_violation() {
+    let d = dir("garbage");
+    let k = key(&d.0, "psk", "0123456789abcdef0123");
+    let (r, addr, _) = recv(&d.0, &k, "4MiB", &[]);
+    let mut c = TcpStream::connect(addr.trim()).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let r = r.wait_with_output().unwrap();
+    let rr = report(&r);
+    assert_eq!(rr["status"], "aborted");
+    assert_eq!(rr["reason"], "ProtocolViolation", "{rr}");
+    assert_eq!(r.status.code(), Some(2));
+}
+
+/// Bad input: missing RAM file, block table mismatch.
+#[test]
+fn bad_input_missing_file_and_block_mismatch_are_clear_errors() {
+    let d = dir("badinput");
+    let k = key(&d.0, "psk", "0123456789abcdef0123");
+    let o = Command::new(BIN)
+        .args(["send", "--connect", "127.0.0.1:9", "--ram"])
+        .arg(format!("ram={}", d.0.join("missing").display()))
+        .arg("--psk-file")
+        .arg(&k)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("missing"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    let w = workload(&d.0, "8MiB", "0");
+    let (r, addr, _) = recv(&d.0, &k, "16MiB", &[]);
+    let s = send(&addr, &k, &w, &[]).wait_with_output().unwrap();
+    let r = r.wait_with_output().unwrap();
+    assert_eq!(report(&s)["reason"], "BlockMismatch");
+    assert_eq!(report(&r)["reason"], "BlockMismatch");
+}
