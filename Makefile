@@ -3,13 +3,13 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-FUZZ_TARGETS := wire_decode wire_roundtrip destination_session source_session handshake_auth
+FUZZ_TARGETS := wire_decode wire_roundtrip destination_session source_session handshake_auth tcp_data_frame
 # Seconds each fuzz target runs inside `make test`.
 FUZZ_SMOKE_SECONDS ?= 30
 TARGET ?= wire_decode
 SECONDS ?= 60
 
-.PHONY: demo test deps fuzz-deps lint unit fuzz fuzz-smoke fuzz-seeds
+.PHONY: demo test deps fuzz-deps lint unit loom fuzz fuzz-smoke fuzz-seeds bench
 
 # Installs what a fresh Debian machine lacks (build tools for the crates in this workspace).
 deps:
@@ -21,9 +21,16 @@ deps:
 fuzz-deps: deps
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 
-# A complete live migration with a report.
+# A complete live migration with a report: a writing workload, a destination and a source as
+# separate processes on loopback, verified end to end.
 demo: deps
-	$(CARGO) run --release -q -p rdmig-model --example demo
+	$(CARGO) build --release -q -p rdmig
+	./target/release/rdmig demo
+
+# Raw TCP stream vs rdmig with 1 and 2 channels, memory overhead, dirty-scan rate.
+bench: deps
+	$(CARGO) build --release -q -p rdmig
+	./target/release/rdmig bench
 
 lint: deps
 	$(CARGO) fmt --all -- --check
@@ -33,6 +40,10 @@ lint: deps
 # All unit, property, snapshot and integration tests, plus fuzz corpus and crash replay.
 unit: deps
 	$(CARGO) test --workspace --all-features
+
+# Structures shared between threads, under the loom model checker.
+loom: deps
+	RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom $(CARGO) test --release -p rdmig --test loom_sync --test loom_bitmap
 
 # One fuzz target: make fuzz TARGET=destination_session SECONDS=600
 fuzz: fuzz-deps
@@ -56,4 +67,4 @@ fuzz-seeds:
 	$(CARGO) run -q -p rdmig-model --features arbitrary --example fuzz_seeds
 
 # Everything: formatting, lints, every test suite, and a short run of every fuzz target.
-test: lint unit fuzz-smoke
+test: lint unit loom fuzz-smoke

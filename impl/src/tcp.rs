@@ -631,3 +631,61 @@ mod tests {
         assert_eq!(parse_hello(&hello_bytes(42, 3, &t)), Some((42, 3, t)));
     }
 }
+
+/// Fuzz target body for `tcp_data_frame`: a stream of data frames against a small registered
+/// memory. Panics if any byte outside a live registration changes (spec: INV-REG-1).
+///
+/// Input: repeated `[selector u8][24-byte header][payload]`; an odd selector replaces the
+/// header's key with one of the table's keys (registered, or registered then revoked), so the
+/// fuzzer reaches the apply path without guessing keys.
+pub fn fuzz_data_frames(mut data: &[u8]) {
+    let blocks = vec![
+        Arc::new(RamBlock::anonymous("ram0", 64 << 10, 12).expect("anonymous memory")),
+        Arc::new(RamBlock::anonymous("ram1", 16 << 10, 12).expect("anonymous memory")),
+    ];
+    let table = RegTable::new();
+    let live = [
+        (table.register(crate::regtable::Region { block: 0, offset: 16 << 10, len: 16 << 10 }, 0), 0u16, 16u64 << 10, 16u64 << 10),
+        (table.register(crate::regtable::Region { block: 1, offset: 0, len: 8 << 10 }, 0), 1, 0, 8 << 10),
+    ];
+    let revoked = table.register(crate::regtable::Region { block: 0, offset: 0, len: 64 << 10 }, 0);
+    table.unregister(revoked);
+    let keys = [live[0].0, live[1].0, revoked];
+    let mut allowed: Vec<Vec<bool>> = blocks.iter().map(|b| vec![false; b.len() as usize]).collect();
+    for &(_, b, off, len) in &live {
+        allowed[b as usize][off as usize..(off + len) as usize].iter_mut().for_each(|a| *a = true);
+    }
+    let snapshot = |blocks: &[Arc<RamBlock>]| -> Vec<Vec<u8>> {
+        blocks
+            .iter()
+            .map(|b| {
+                let mut v = vec![0u8; b.len() as usize];
+                b.read(0, &mut v);
+                v
+            })
+            .collect()
+    };
+    while data.len() > DATA_HEADER_LEN {
+        let sel = data[0];
+        let mut hb = [0u8; DATA_HEADER_LEN];
+        hb.copy_from_slice(&data[1..1 + DATA_HEADER_LEN]);
+        data = &data[1 + DATA_HEADER_LEN..];
+        if sel & 1 == 1 {
+            hb[4..8].copy_from_slice(&keys[(sel >> 1) as usize % keys.len()].to_le_bytes());
+        }
+        let Ok(h) = parse_data_header(&hb) else { return };
+        let n = (h.len as usize).min(data.len());
+        let before = snapshot(&blocks);
+        let r = apply_data_frame(&table, &blocks, &h, &data[..n]);
+        let after = snapshot(&blocks);
+        for (b, (x, y)) in before.iter().zip(&after).enumerate() {
+            for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                assert!(p == q || allowed[b][i], "INV-REG-1: byte {i} of block {b} written outside a registration");
+            }
+        }
+        if r.is_ok() {
+            assert_eq!(n, h.len as usize);
+        }
+        data = &data[n..];
+    }
+}

@@ -388,9 +388,9 @@ impl Source {
             | SrcPhase::AwaitPrepared
             | SrcPhase::AwaitStarted => true,
             SrcPhase::Sending | SrcPhase::Finalizing => {
-                !self.reg_queue.is_empty()
-                    || !self.unreg_queue.is_empty()
-                    || (!self.outbox.is_empty() && !self.credits.can_send())
+                // Out of credits means waiting for the destination's grant, whether the frame
+                // that waits is in the outbox or still to be built from the round's bitmaps.
+                !self.reg_queue.is_empty() || !self.unreg_queue.is_empty() || !self.credits.can_send()
             }
             _ => false,
         }

@@ -1,0 +1,28 @@
+//! Replays the `tcp_data_frame` fuzz corpus and crash inputs without a fuzzer.
+
+#[test]
+fn fuzz_replay_tcp_data_frame() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+    let mut n = 0;
+    for dir in ["corpus", "artifacts"] {
+        let Ok(rd) = std::fs::read_dir(root.join(dir).join("tcp_data_frame")) else { continue };
+        for e in rd.flatten() {
+            rdmig::tcp::fuzz_data_frames(&std::fs::read(e.path()).unwrap());
+            n += 1;
+        }
+    }
+    assert!(n >= 5, "tcp_data_frame seed corpus missing");
+    // A deterministic random smoke on top of the corpus.
+    let mut x = 0x1234_5678_9abc_def1u64;
+    for _ in 0..2000 {
+        let data: Vec<u8> = (0..(x % 300) as usize)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        rdmig::tcp::fuzz_data_frames(&data);
+    }
+}

@@ -1,0 +1,565 @@
+//! `rdmig-sim`: run, compare, sweep and swarm-test rdmig migrations on simulated hardware.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use rdmig_sim::faults::FaultKind;
+use rdmig_sim::guest::{GuestConfig, Pattern};
+use rdmig_sim::plot::{self, Series};
+use rdmig_sim::profile::{Profile, PROFILE_NAMES};
+use rdmig_sim::rng::parse_seed;
+use rdmig_sim::units::{fmt_bytes, parse_rate, parse_size};
+use rdmig_sim::{bench, run, swarm, Report, SimConfig};
+
+/// Deterministic simulator for rdmig live migration: the production source and destination
+/// state machines against simulated RDMA/TCP hardware, a simulated guest and injected faults,
+/// on a virtual clock. One seed reproduces a run exactly.
+#[derive(Parser)]
+#[command(
+    name = "rdmig-sim",
+    version,
+    after_help = "Examples:\n  \
+    rdmig-sim run --seed 7 --ram 4GiB --dirty 500MB/s --pattern hot:0.1 --plot-dir out\n  \
+    rdmig-sim run --seed 7 --faults                 (faults drawn from the seed)\n  \
+    rdmig-sim compare --profiles rdma-100g,tcp-100g --ram 64GiB --dirty 2GB/s\n  \
+    rdmig-sim sweep --ram 8GiB --downtime-ms 100 --dirty-to 4GB/s --out sweep.svg\n  \
+    rdmig-sim swarm --seeds 1000 --ram 16MiB\n  \
+    rdmig-sim bench"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Simulate one migration and print its report.
+    Run {
+        /// A u64, 0x-hex, or a 40-hex commit hash.
+        #[arg(long, default_value = "1")]
+        seed: String,
+        #[command(flatten)]
+        w: Workload,
+        /// Inject faults drawn from the seed (swarm strengths).
+        #[arg(long)]
+        faults: bool,
+        /// Inject only this fault kind, often (connection-loss, completion-delay,
+        /// completion-reorder, registration-failure, pin-budget, slow-receiver, source-crash,
+        /// destination-crash, cancel, wrong-key).
+        #[arg(long, value_name = "KIND")]
+        fault: Option<String>,
+        /// Draw the whole configuration from the seed, as `swarm` does (replays a swarm seed).
+        #[arg(long)]
+        swarm: bool,
+        /// Print the report as JSON instead of the summary.
+        #[arg(long)]
+        json: bool,
+        /// Write rounds.svg and throughput.svg here.
+        #[arg(long, value_name = "DIR")]
+        plot_dir: Option<PathBuf>,
+        /// Trace records shown if an invariant is violated.
+        #[arg(long, default_value_t = 48)]
+        trace_tail: usize,
+    },
+    /// Run one workload on several profiles side by side ("RDMA vs NIC").
+    Compare {
+        #[arg(long, default_value = "rdma-100g,tcp-100g", value_delimiter = ',')]
+        profiles: Vec<String>,
+        #[arg(long, default_value = "1")]
+        seed: String,
+        #[command(flatten)]
+        w: Workload,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Total time and downtime against dirty rate, for several profiles; writes an SVG.
+    Sweep {
+        #[arg(
+            long,
+            default_value = "rdma-25g,rdma-100g,tcp-25g,tcp-100g",
+            value_delimiter = ','
+        )]
+        profiles: Vec<String>,
+        #[arg(long, default_value = "0")]
+        dirty_from: String,
+        #[arg(long, default_value = "3GB/s")]
+        dirty_to: String,
+        #[arg(long, default_value_t = 7)]
+        steps: u32,
+        #[arg(long, default_value = "1")]
+        seed: String,
+        #[command(flatten)]
+        w: Workload,
+        #[arg(long, default_value = "sweep.svg")]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run N seeds with swarm-drawn configurations and faults; count outcomes, report failures.
+    Swarm {
+        #[arg(long, default_value_t = 500)]
+        seeds: u64,
+        /// First seed.
+        #[arg(long, default_value_t = 1)]
+        start: u64,
+        #[command(flatten)]
+        w: Workload,
+        /// Print one line per run.
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// Print the performance figures: simulated migrations per second of one core, and the
+    /// rdma-100g transfer efficiency on a 16 GiB idle guest with where the time goes.
+    Bench {
+        /// Fewer runs and a 4 GiB guest instead of 16 GiB.
+        #[arg(long)]
+        quick: bool,
+        /// Seeds per speed case (default 300, or 40 with --quick).
+        #[arg(long)]
+        runs: Option<u64>,
+        /// Only the simulator-speed figures.
+        #[arg(long)]
+        speed_only: bool,
+    },
+    /// List the transport profiles and their parameters.
+    Profiles,
+}
+
+/// The workload and protocol knobs shared by every command.
+#[derive(Args, Clone)]
+struct Workload {
+    /// Transport profile (see `profiles`).
+    #[arg(long, default_value = "rdma-100g")]
+    profile: String,
+    /// Override a profile parameter, e.g. --set link_gbps=40 --set reg_threads=8.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Guest RAM, e.g. 1GiB, 64GiB.
+    #[arg(long, default_value = "1GiB")]
+    ram: String,
+    /// Guest dirty rate, e.g. 100MB/s.
+    #[arg(long, default_value = "0")]
+    dirty: String,
+    /// uniform, hot:F[:P], seq, burst:ON_MS:OFF_MS.
+    #[arg(long, default_value = "uniform")]
+    pattern: String,
+    /// Fraction of pages initially zero.
+    #[arg(long, default_value_t = 0.1)]
+    zero: f64,
+    /// Fraction of guest writes that leave a page zero.
+    #[arg(long, default_value_t = 0.0)]
+    zero_writes: f64,
+    /// Guest page size (4KiB, or 2MiB for huge pages).
+    #[arg(long, default_value = "4KiB")]
+    page_size: String,
+    /// RAM blocks.
+    #[arg(long, default_value_t = 1)]
+    blocks: u8,
+    /// Device state handed over at switchover.
+    #[arg(long, default_value = "256KiB")]
+    device_state: String,
+    /// Destination memory pre-faulted (no first-touch cost when pinning or receiving).
+    #[arg(long)]
+    pretouched: bool,
+    /// Chunk size (registration and digest unit).
+    #[arg(long, default_value = "1MiB")]
+    chunk: String,
+    /// dynamic or pin-all.
+    #[arg(long, default_value = "dynamic")]
+    mode: String,
+    /// Data channels (default: the profile's).
+    #[arg(long)]
+    channels: Option<u8>,
+    /// Writes in flight per channel (default: the profile's send-queue depth).
+    #[arg(long)]
+    sq_depth: Option<u16>,
+    /// Chunks per REG_REQUEST.
+    #[arg(long, default_value_t = 64)]
+    reg_batch: u16,
+    /// REG_REQUESTs outstanding at once.
+    #[arg(long, default_value_t = 4)]
+    max_reg_inflight: u8,
+    /// Destination pin budget (default: all of RAM).
+    #[arg(long)]
+    pin_budget: Option<String>,
+    /// Downtime limit the source converges to (spec: CONV-1).
+    #[arg(long, default_value_t = 300)]
+    downtime_ms: u64,
+    /// Rounds before switching over (or aborting) regardless (spec: CONV-2).
+    #[arg(long, default_value_t = 30)]
+    max_rounds: u32,
+    /// At the round limit abort instead of switching over.
+    #[arg(long)]
+    abort_on_limit: bool,
+    /// Abort when the peer is silent this long (spec: ERR-4).
+    #[arg(long, default_value_t = 30_000)]
+    idle_timeout_ms: u64,
+    /// Send a NOP after this long without sending (0 = off; spec: ERR-5).
+    #[arg(long, default_value_t = 5_000)]
+    keepalive_ms: u64,
+    /// Send zero pages as data instead of ZERO ranges.
+    #[arg(long)]
+    no_zero_elision: bool,
+    /// Skip the end-of-migration digest verification.
+    #[arg(long)]
+    no_verify: bool,
+    /// No pre-shared key (both sides insecure).
+    #[arg(long)]
+    insecure: bool,
+}
+
+fn log2_of(bytes: u64, what: &str) -> Result<u8, String> {
+    if bytes.is_power_of_two() {
+        Ok(bytes.trailing_zeros() as u8)
+    } else {
+        Err(format!("{what} must be a power of two"))
+    }
+}
+
+impl Workload {
+    fn profile(&self, name: &str) -> Result<Profile, String> {
+        let mut p = Profile::named(name).ok_or_else(|| {
+            format!(
+                "unknown profile {name:?}; known: {}",
+                PROFILE_NAMES.join(", ")
+            )
+        })?;
+        for kv in &self.set {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
+            p.set(k.trim(), v.trim())?;
+        }
+        Ok(p)
+    }
+
+    fn config(&self, seed: u64, profile: &str) -> Result<SimConfig, String> {
+        let mut g = GuestConfig::new(parse_size(&self.ram)?);
+        g.dirty_bytes_per_s = parse_rate(&self.dirty)?;
+        g.pattern = self.pattern.parse::<Pattern>()?;
+        let frac = |x: f64, what: &str| -> Result<u32, String> {
+            if (0.0..=1.0).contains(&x) {
+                Ok((x * 1e6).round() as u32)
+            } else {
+                Err(format!("{what} must be within 0..=1"))
+            }
+        };
+        g.zero_ppm = frac(self.zero, "--zero")?;
+        g.zero_write_ppm = frac(self.zero_writes, "--zero-writes")?;
+        g.page_log2 = log2_of(parse_size(&self.page_size)?, "--page-size")?;
+        g.blocks = self.blocks;
+        g.device_state_bytes = u32::try_from(parse_size(&self.device_state)?)
+            .map_err(|_| "--device-state too large".to_string())?;
+        g.dst_pretouched = self.pretouched;
+        let mut c = SimConfig::new(seed, self.profile(profile)?, g);
+        let m = &mut c.migration;
+        m.chunk_log2 = log2_of(parse_size(&self.chunk)?, "--chunk")?;
+        m.pin_all = match self.mode.as_str() {
+            "dynamic" => false,
+            "pin-all" | "pinall" => true,
+            o => return Err(format!("--mode {o:?}: dynamic or pin-all")),
+        };
+        m.channels = self.channels;
+        m.writes_per_channel = self.sq_depth;
+        m.reg_batch = self.reg_batch;
+        m.max_reg_inflight = self.max_reg_inflight;
+        m.pin_budget = self.pin_budget.as_deref().map(parse_size).transpose()?;
+        m.downtime_limit_ms = self.downtime_ms;
+        m.max_rounds = self.max_rounds;
+        m.on_limit_abort = self.abort_on_limit;
+        m.idle_timeout_ms = self.idle_timeout_ms;
+        m.keepalive_ms = self.keepalive_ms;
+        m.zero_elision = !self.no_zero_elision;
+        m.verify_digests = !self.no_verify;
+        m.authenticate = !self.insecure;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// The flags that rebuild this workload, for replay commands.
+    fn args(&self) -> String {
+        let mut a = format!(
+            "--profile {} --ram {} --dirty {} --pattern {} --zero {} --zero-writes {} --page-size {} --blocks {} --device-state {} --chunk {} --mode {} --reg-batch {} --max-reg-inflight {} --downtime-ms {} --max-rounds {} --idle-timeout-ms {} --keepalive-ms {}",
+            self.profile, self.ram, self.dirty, self.pattern, self.zero, self.zero_writes,
+            self.page_size, self.blocks, self.device_state, self.chunk, self.mode,
+            self.reg_batch, self.max_reg_inflight, self.downtime_ms, self.max_rounds,
+            self.idle_timeout_ms, self.keepalive_ms
+        );
+        for s in &self.set {
+            a += &format!(" --set {s}");
+        }
+        if let Some(c) = self.channels {
+            a += &format!(" --channels {c}");
+        }
+        if let Some(d) = self.sq_depth {
+            a += &format!(" --sq-depth {d}");
+        }
+        if let Some(p) = &self.pin_budget {
+            a += &format!(" --pin-budget {p}");
+        }
+        for (on, flag) in [
+            (self.pretouched, "--pretouched"),
+            (self.abort_on_limit, "--abort-on-limit"),
+            (self.no_zero_elision, "--no-zero-elision"),
+            (self.no_verify, "--no-verify"),
+            (self.insecure, "--insecure"),
+        ] {
+            if on {
+                a += " ";
+                a += flag;
+            }
+        }
+        a
+    }
+}
+
+fn write_plots(r: &Report, dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    plot::rounds(r, &dir.join("rounds.svg"))?;
+    plot::throughput(r, &dir.join("throughput.svg"))?;
+    eprintln!(
+        "wrote {} and {}",
+        dir.join("rounds.svg").display(),
+        dir.join("throughput.svg").display()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn real_main() -> Result<ExitCode, String> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run {
+            seed,
+            w,
+            faults,
+            fault,
+            swarm: drawn,
+            json,
+            plot_dir,
+            trace_tail,
+        } => {
+            let seed = parse_seed(&seed)?;
+            let mut cfg = w.config(seed, &w.profile)?;
+            cfg.trace_tail = trace_tail;
+            if drawn {
+                cfg = SimConfig::swarm(seed, &cfg);
+            } else if let Some(k) = &fault {
+                let kind =
+                    FaultKind::parse(k).ok_or_else(|| format!("unknown fault kind {k:?}"))?;
+                cfg = cfg.with_fault(kind);
+            } else if faults {
+                cfg = cfg.with_random_faults();
+            }
+            let res = run(cfg)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&res.report).map_err(|e| e.to_string())?
+                );
+            } else {
+                print!("{}", res.report.summary());
+            }
+            if let Some(d) = plot_dir {
+                write_plots(&res.report, &d)?;
+            }
+            if let Some(f) = res.failure {
+                eprint!("{f}");
+                let extra = if drawn {
+                    " --swarm".to_string()
+                } else if let Some(k) = fault {
+                    format!(" --fault {k}")
+                } else if faults {
+                    " --faults".to_string()
+                } else {
+                    String::new()
+                };
+                eprintln!("replay: rdmig-sim run --seed {seed}{extra} {}", w.args());
+                return Ok(ExitCode::FAILURE);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Compare {
+            profiles,
+            seed,
+            w,
+            json,
+        } => {
+            let seed = parse_seed(&seed)?;
+            let mut reports = Vec::new();
+            for p in &profiles {
+                let res = run(w.config(seed, p)?)?;
+                if let Some(f) = &res.failure {
+                    eprint!("{f}");
+                    return Ok(ExitCode::FAILURE);
+                }
+                reports.push(res.report);
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&reports).map_err(|e| e.to_string())?
+                );
+            } else {
+                print!("{}", bench::compare_table(&reports));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Sweep {
+            profiles,
+            dirty_from,
+            dirty_to,
+            steps,
+            seed,
+            w,
+            out,
+            json,
+        } => {
+            let seed = parse_seed(&seed)?;
+            let (lo, hi) = (parse_rate(&dirty_from)?, parse_rate(&dirty_to)?);
+            let steps = steps.max(2);
+            let mut total = Vec::new();
+            let mut down = Vec::new();
+            let mut rows = Vec::new();
+            println!(
+                "{:<12} {:>12} {:>24} {:>11} {:>13} {:>7}",
+                "profile", "dirty", "outcome", "total s", "downtime ms", "rounds"
+            );
+            for p in &profiles {
+                let mut t = Series {
+                    label: p.clone(),
+                    points: Vec::new(),
+                };
+                let mut d = Series {
+                    label: p.clone(),
+                    points: Vec::new(),
+                };
+                for i in 0..steps {
+                    let rate = lo + (hi - lo) * i as u64 / (steps - 1) as u64;
+                    let mut cfg = w.config(seed, p)?;
+                    cfg.guest.dirty_bytes_per_s = rate;
+                    let res = run(cfg)?;
+                    if let Some(f) = &res.failure {
+                        eprint!("{f}");
+                        return Ok(ExitCode::FAILURE);
+                    }
+                    let r = res.report;
+                    let x = rate as f64 / 1e9;
+                    println!(
+                        "{:<12} {:>10.2}GB/s {:>24} {:>11.3} {:>13} {:>7}",
+                        p,
+                        x,
+                        r.outcome.class,
+                        r.total_ms / 1e3,
+                        r.downtime_ms
+                            .map(|v| format!("{v:.1}"))
+                            .unwrap_or_else(|| "-".into()),
+                        r.rounds.len()
+                    );
+                    if r.outcome.class == "completed" {
+                        t.points.push((x, r.total_ms / 1e3));
+                        if let Some(dt) = r.downtime_ms {
+                            d.points.push((x, dt));
+                        }
+                    }
+                    rows.push(r);
+                }
+                total.push(t);
+                down.push(d);
+            }
+            plot::sweep(&total, &down, &out)?;
+            eprintln!("wrote {}", out.display());
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Swarm {
+            seeds,
+            start,
+            w,
+            verbose,
+        } => {
+            let base = w.config(start, &w.profile)?;
+            // Machines' own assertions surface as PANIC failures with their seed; the default
+            // hook would print each one mid-table.
+            std::panic::set_hook(Box::new(|_| {}));
+            let s = swarm(&base, start..start + seeds, |cfg, res| {
+                if verbose || res.failure.is_some() {
+                    println!(
+                        "seed {:>8}  {:>10}  {:<40} faults [{}]{}",
+                        cfg.seed,
+                        fmt_bytes(cfg.guest.ram_bytes),
+                        res.report.outcome.class,
+                        res.report
+                            .faults_injected
+                            .keys()
+                            .copied()
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        if res.failure.is_some() {
+                            "  FAILED"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+            });
+            let _ = std::panic::take_hook();
+            println!("{} runs, {} events", s.runs, s.events);
+            println!("outcomes:");
+            for (k, n) in &s.outcomes {
+                println!("  {n:>6}  {k}");
+            }
+            println!("runs in which each fault struck:");
+            for (k, n) in &s.faults_hit {
+                println!("  {n:>6}  {k}");
+            }
+            if s.failures.is_empty() {
+                println!("no invariant violated");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!("{} FAILING SEEDS:", s.failures.len());
+                for (_, f) in &s.failures {
+                    print!("{f}");
+                    println!(
+                        "replay: rdmig-sim run --seed {} --swarm {}",
+                        f.seed,
+                        w.args()
+                    );
+                }
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        Cmd::Bench {
+            quick,
+            runs,
+            speed_only,
+        } => {
+            print!("{}", bench::run_all(quick, runs, speed_only)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Profiles => {
+            for n in PROFILE_NAMES {
+                let p = Profile::named(n).expect("listed");
+                println!("{n}:");
+                print!("{}", p.describe());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
