@@ -198,11 +198,11 @@ pub fn demo(
 fn raw_stream(src: &crate::mem::RamBlock) -> Result<f64, String> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    drop(listener);
     let mut sink = Command::new(exe())
         .args(["bench", "--sink-port", &addr.port().to_string()])
         .spawn()
         .map_err(|e| e.to_string())?;
-    drop(listener);
     let t0 = Instant::now();
     let mut s = loop {
         match TcpStream::connect(addr) {

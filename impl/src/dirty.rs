@@ -344,15 +344,6 @@ fn is_zero_bytes(b: &[u8]) -> bool {
     chunks.remainder().iter().all(|&x| x == 0)
 }
 
-/// Mask of `run` bits starting at bit `start` (`start + run <= 64`).
-fn run_mask(start: u32, run: u32) -> u64 {
-    if run == 64 {
-        !0
-    } else {
-        ((1u64 << run) - 1) << start
-    }
-}
-
 /// The subset of `dirty` whose pages read as all zeros, checked on up to `threads` threads
 /// (cut so each gets about the same number of dirty pages).
 fn zero_subset(blocks: &[Arc<RamBlock>], dirty: &[PageBitmap], threads: usize) -> Vec<PageBitmap> {
@@ -368,26 +359,19 @@ fn zero_subset(blocks: &[Arc<RamBlock>], dirty: &[PageBitmap], threads: usize) -
         &cuts,
         &mut [] as &mut [()],
         0,
-        || vec![0u8; COPY_BUF],
-        |buf, g, b, w, _| {
+        || (),
+        |_, g, b, w, _| {
+            // In place, without copying: zero detection covers all memory in the first round.
             let mut bits = words[g];
             let mut zero = 0u64;
             let base = w as u64 * 64;
+            let log2 = blocks[b].page_log2();
             while bits != 0 {
-                let start = bits.trailing_zeros();
-                let run = (bits >> start).trailing_ones();
-                for_each_page(
-                    &blocks[b],
-                    base + start as u64,
-                    run as u64,
-                    buf,
-                    |p, bytes| {
-                        if is_zero_bytes(bytes) {
-                            zero |= 1 << (p - base);
-                        }
-                    },
-                );
-                bits &= !run_mask(start, run);
+                let i = bits.trailing_zeros();
+                if blocks[b].is_zero((base + i as u64) << log2, 1 << log2) {
+                    zero |= 1 << i;
+                }
+                bits &= bits - 1;
             }
             zero
         },

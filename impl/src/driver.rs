@@ -137,7 +137,10 @@ pub fn run_source(mut link: SourceTcp, rx: Receiver<Event>, mut run: SourceRun) 
             // spec: AUTH-3, AUTH-6: data channels open only after the table is acknowledged.
             let n = src.params().channels;
             let nonce = dst_nonce.expect("HELLO_ACK precedes BLOCK_TABLE_ACK");
-            if let Err(e) = link.open_data(n, session_id, key.as_deref(), &nonce) {
+            let t = Instant::now();
+            let opened = link.open_data(n, session_id, key.as_deref(), &nonce);
+            tracing::info!("opened {n} data channels in {:?}", t.elapsed());
+            if let Err(e) = opened {
                 tracing::warn!("opening data channels: {e}");
                 pending.push_back(Input::TransportFailed);
             }
@@ -172,13 +175,18 @@ pub fn run_source(mut link: SourceTcp, rx: Receiver<Event>, mut run: SourceRun) 
                         pending.push_back(Input::TransportFailed);
                     }
                 }
-                Command::ScanDirty { all } => match (run.scan)(all) {
-                    Ok(scan) => pending.push_back(Input::Dirty(scan)),
-                    Err(e) => {
-                        tracing::error!("dirty tracking failed: {e}");
-                        pending.push_back(Input::WorkloadFailed);
+                Command::ScanDirty { all } => {
+                    let t = Instant::now();
+                    let scanned = (run.scan)(all);
+                    tracing::info!("dirty scan (all: {all}) took {:?}", t.elapsed());
+                    match scanned {
+                        Ok(scan) => pending.push_back(Input::Dirty(scan)),
+                        Err(e) => {
+                            tracing::error!("dirty tracking failed: {e}");
+                            pending.push_back(Input::WorkloadFailed);
+                        }
                     }
-                },
+                }
                 Command::PauseWorkload => match run.workload.pause() {
                     Ok(out) => {
                         paused_state = out;

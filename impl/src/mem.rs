@@ -101,7 +101,8 @@ impl RamBlock {
                 page: 1 << page_log2,
             });
         }
-        Self::map_file(name, path, file, len, page_log2, false)
+        // Populated so the copy loop does not take a page fault per page during the migration.
+        Self::map_file(name, path, file, len, page_log2, true)
     }
 
     /// Creates (or truncates to `len`) a file and maps it shared, pre-faulting every page so
@@ -261,11 +262,42 @@ impl RamBlock {
         }
     }
 
-    /// True if every byte of the range is zero.
+    /// True if every byte of the range is zero. Reads the mapping in place, 64 bytes per step
+    /// (zero detection runs over all memory in the first round, so it must not copy).
     pub fn is_zero(&self, offset: u64, len: u64) -> bool {
-        let mut zero = true;
-        self.visit(offset, len, |b| zero &= b.iter().all(|&x| x == 0));
-        zero
+        self.check(offset, len as usize);
+        let start = offset as usize;
+        let end = start + len as usize;
+        let mut i = start;
+        // SAFETY: every read below is inside [start, end), which `check` bounded by the
+        // mapping; unaligned reads are used, and values changing concurrently only change the
+        // answer, which the caller treats as a snapshot (the page is rescanned if written).
+        unsafe {
+            while i < end && !(self.ptr as usize + i).is_multiple_of(8) {
+                if std::ptr::read_volatile(self.ptr.add(i)) != 0 {
+                    return false;
+                }
+                i += 1;
+            }
+            while i + 64 <= end {
+                let p = self.ptr.add(i) as *const u64;
+                let mut acc = 0u64;
+                for k in 0..8 {
+                    acc |= std::ptr::read(p.add(k));
+                }
+                if acc != 0 {
+                    return false;
+                }
+                i += 64;
+            }
+            while i < end {
+                if std::ptr::read_volatile(self.ptr.add(i)) != 0 {
+                    return false;
+                }
+                i += 1;
+            }
+        }
+        true
     }
 
     /// xxh3-64 of the range: the protocol's chunk digest (spec: SW-4).
@@ -278,6 +310,88 @@ impl RamBlock {
         let mut st = xxhash_rust::xxh3::Xxh3::new();
         self.visit(offset, len, |b| st.update(b));
         st.digest()
+    }
+
+    /// Sends `header` followed by `[offset, offset+len)` of the block on a socket with
+    /// `writev`, straight from the mapping: no intermediate copy on the source's data path.
+    pub fn send_range(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        header: &[u8],
+        offset: u64,
+        len: u64,
+    ) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        self.check(offset, len as usize);
+        let (mut h, mut done) = (header, 0u64);
+        while !h.is_empty() || done < len {
+            let iov = [
+                libc::iovec {
+                    iov_base: h.as_ptr() as *mut libc::c_void,
+                    iov_len: h.len(),
+                },
+                libc::iovec {
+                    // SAFETY: offset + done + (len - done) is inside the mapping (checked above).
+                    iov_base: unsafe { self.ptr.add((offset + done) as usize) }
+                        as *mut libc::c_void,
+                    iov_len: (len - done) as usize,
+                },
+            ];
+            // SAFETY: both iovecs describe readable memory that outlives the call: the header
+            // slice and a checked range of the mapping, which the block keeps mapped.
+            let n = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), 2) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            let n = n as usize;
+            let from_h = n.min(h.len());
+            h = &h[from_h..];
+            done += (n - from_h) as u64;
+        }
+        Ok(())
+    }
+
+    /// Reads exactly `len` bytes from a socket into `[offset, offset+len)` of the block:
+    /// received data goes from the kernel straight into destination memory.
+    pub fn recv_range(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+        len: u64,
+    ) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        self.check(offset, len as usize);
+        let mut done = 0u64;
+        while done < len {
+            // SAFETY: the destination range is inside the mapping (checked above) and nothing
+            // else in this process holds a reference into it.
+            let n = unsafe {
+                libc::read(
+                    fd.as_raw_fd(),
+                    self.ptr.add((offset + done) as usize) as *mut libc::c_void,
+                    (len - done) as usize,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            done += n as u64;
+        }
+        Ok(())
     }
 
     /// Raw base address, for transports that register memory with a NIC.
@@ -333,6 +447,13 @@ mod tests {
         assert!(!b.is_zero(4096, 4096));
         b.zero(4096, 4096);
         assert!(a.is_zero(0, 64 << 10));
+        for at in [0u64, 7, 63, 64, 4095, 65535] {
+            a.write(at, &[1]);
+            assert!(!a.is_zero(0, 64 << 10), "byte {at} missed");
+            assert!(!a.is_zero(at, 1));
+            assert!(a.is_zero(0, at), "range before {at} holds only zeros");
+            a.write(at, &[0]);
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! number of frames applied as u64 LE. A write completes at the source only when its frames
 //! are acknowledged, so "complete" means "placed", as with RDMA (spec: RND-2).
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
@@ -34,8 +34,6 @@ pub const DATA_HEADER_LEN: usize = 24;
 pub const DATA_HELLO_LEN: usize = 56;
 const DATA_MAGIC: u32 = 0x574d_4452;
 const HELLO_MAGIC: &[u8; 8] = b"RDMGDATA";
-/// Socket buffer size requested for data connections.
-const SOCKET_BUFFER: usize = 4 << 20;
 
 /// What the transport tells the driver.
 #[derive(Debug)]
@@ -190,11 +188,10 @@ fn spawn_control_reader(mut s: TcpStream, events: Sender<Event>) -> JoinHandle<(
     })
 }
 
+/// Data connections keep the kernel's buffer autotuning (setting SO_SNDBUF/SO_RCVBUF would
+/// switch it off and cap the window); only Nagle is disabled so acknowledgements go at once.
 fn tune(s: &TcpStream) {
     let _ = s.set_nodelay(true);
-    let fd = rustix::fd::AsFd::as_fd(s);
-    let _ = rustix::net::sockopt::set_socket_send_buffer_size(fd, SOCKET_BUFFER);
-    let _ = rustix::net::sockopt::set_socket_recv_buffer_size(fd, SOCKET_BUFFER);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -342,21 +339,19 @@ fn ack_reader(mut s: TcpStream, comps: Arc<ChannelCompletions>, events: Sender<E
 }
 
 fn data_sender(
-    mut s: TcpStream,
+    s: TcpStream,
     rx: Receiver<WriteReq>,
     comps: Arc<ChannelCompletions>,
     blocks: Arc<Vec<Arc<RamBlock>>>,
     events: Sender<Event>,
     rate: u64,
 ) {
-    let mut buf = vec![0u8; MAX_DATA_FRAME.min(4 << 20) as usize];
     let start = Instant::now();
     let mut sent: u64 = 0;
     while let Ok(w) = rx.recv() {
         let mut done = 0u64;
         while done < w.len {
-            let n = (w.len - done).min(buf.len() as u64) as usize;
-            blocks[w.block as usize].read(w.offset + done, &mut buf[..n]);
+            let n = (w.len - done).min(MAX_DATA_FRAME as u64) as usize;
             let last = done + n as u64 == w.len;
             let h = DataHeader {
                 rkey: w.rkey,
@@ -364,7 +359,13 @@ fn data_sender(
                 len: n as u32,
             };
             comps.posted(last.then_some(w.wr_id));
-            if let Err(e) = write_all_vectored(&mut s, &encode_data_header(&h), &buf[..n]) {
+            let fd = std::os::fd::AsFd::as_fd(&s);
+            if let Err(e) = blocks[w.block as usize].send_range(
+                fd,
+                &encode_data_header(&h),
+                w.offset + done,
+                n as u64,
+            ) {
                 let _ = events.send(Event::DataFailed(format!("data channel write failed: {e}")));
                 return;
             }
@@ -378,20 +379,6 @@ fn data_sender(
             }
         }
     }
-}
-
-fn write_all_vectored(s: &mut TcpStream, header: &[u8], payload: &[u8]) -> io::Result<()> {
-    let (mut h, mut p) = (header, payload);
-    while !h.is_empty() || !p.is_empty() {
-        let n = s.write_vectored(&[IoSlice::new(h), IoSlice::new(p)])?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        let from_h = n.min(h.len());
-        h = &h[from_h..];
-        p = &p[n - from_h..];
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -523,44 +510,175 @@ fn acceptor(
     }
 }
 
+/// Longest a data frame's payload may take to arrive. The payload is read straight into
+/// registered memory while the registration is held, so this also bounds how long an
+/// unregister can wait for a frame in progress.
+const FRAME_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads a frame header; an idle channel (no frame for a while between rounds) is normal, so a
+/// read timeout before the first header byte just waits again. Ok(false) means end of stream.
+fn read_header(s: &mut TcpStream, hb: &mut [u8; DATA_HEADER_LEN]) -> io::Result<bool> {
+    let mut got = 0;
+    while got < hb.len() {
+        match s.read(&mut hb[got..]) {
+            Ok(0) => return Ok(false),
+            Ok(n) => got += n,
+            Err(e)
+                if got == 0
+                    && matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
 fn data_receiver(
     mut s: TcpStream,
     table: Arc<RegTable>,
     blocks: Arc<Vec<Arc<RamBlock>>>,
     events: Sender<Event>,
 ) {
-    let mut buf = vec![0u8; 1 << 20];
     let mut applied: u64 = 0;
+    let _ = s.set_read_timeout(Some(FRAME_READ_TIMEOUT));
     loop {
         let mut hb = [0u8; DATA_HEADER_LEN];
-        if s.read_exact(&mut hb).is_err() {
-            return; // the source closed the channel (normal at the end, or a failure it reports)
+        match read_header(&mut s, &mut hb) {
+            Ok(true) => {}
+            // The source closed the channel (normal at the end, or a failure it reports).
+            Ok(false) | Err(_) => return,
         }
-        let h = match parse_data_header(&hb).and_then(|h| check_data_frame(&table, &h).map(|_| h)) {
-            Ok(h) => h,
+        // Checked and received under the table's read lock: the payload goes from the socket
+        // straight into memory, and an unregister waits until it has landed (INV-REG-1).
+        let fd = std::os::fd::AsFd::as_fd(&s);
+        let r = parse_data_header(&hb).and_then(|h| {
+            table
+                .with_write(h.rkey, h.remote_offset, h.len as u64, |block, off| {
+                    blocks[block as usize].recv_range(fd, off, h.len as u64)
+                })
+                .map_err(DataFrameError::from)
+        });
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = events.send(Event::DataFailed(format!(
+                    "data channel failed mid-frame: {e}"
+                )));
+                let _ = s.shutdown(Shutdown::Both);
+                return;
+            }
             Err(e) => {
                 let _ = events.send(Event::DataViolation(e.to_string()));
                 let _ = s.shutdown(Shutdown::Both);
                 return;
             }
-        };
-        if buf.len() < h.len as usize {
-            buf.resize(h.len as usize, 0);
-        }
-        if s.read_exact(&mut buf[..h.len as usize]).is_err() {
-            let _ = events.send(Event::DataFailed("data channel closed mid-frame".into()));
-            return;
-        }
-        // Re-checked under the table lock: the key may have been unregistered meanwhile.
-        if let Err(e) = apply_data_frame(&table, &blocks, &h, &buf[..h.len as usize]) {
-            let _ = events.send(Event::DataViolation(e.to_string()));
-            let _ = s.shutdown(Shutdown::Both);
-            return;
         }
         applied += 1;
         if s.write_all(&applied.to_le_bytes()).is_err() {
             return;
         }
+    }
+}
+
+/// Fuzz target body for `tcp_data_frame`: a stream of data frames against a small registered
+/// memory. Panics if any byte outside a live registration changes (spec: INV-REG-1).
+///
+/// Input: repeated `[selector u8][24-byte header][payload]`; an odd selector replaces the
+/// header's key with one of the table's keys (registered, or registered then revoked), so the
+/// fuzzer reaches the apply path without guessing keys.
+pub fn fuzz_data_frames(mut data: &[u8]) {
+    let blocks = vec![
+        Arc::new(RamBlock::anonymous("ram0", 64 << 10, 12).expect("anonymous memory")),
+        Arc::new(RamBlock::anonymous("ram1", 16 << 10, 12).expect("anonymous memory")),
+    ];
+    let table = RegTable::new();
+    let live = [
+        (
+            table.register(
+                crate::regtable::Region {
+                    block: 0,
+                    offset: 16 << 10,
+                    len: 16 << 10,
+                },
+                0,
+            ),
+            0u16,
+            16u64 << 10,
+            16u64 << 10,
+        ),
+        (
+            table.register(
+                crate::regtable::Region {
+                    block: 1,
+                    offset: 0,
+                    len: 8 << 10,
+                },
+                0,
+            ),
+            1,
+            0,
+            8 << 10,
+        ),
+    ];
+    let revoked = table.register(
+        crate::regtable::Region {
+            block: 0,
+            offset: 0,
+            len: 64 << 10,
+        },
+        0,
+    );
+    table.unregister(revoked);
+    let keys = [live[0].0, live[1].0, revoked];
+    let mut allowed: Vec<Vec<bool>> = blocks
+        .iter()
+        .map(|b| vec![false; b.len() as usize])
+        .collect();
+    for &(_, b, off, len) in &live {
+        allowed[b as usize][off as usize..(off + len) as usize]
+            .iter_mut()
+            .for_each(|a| *a = true);
+    }
+    let snapshot = |blocks: &[Arc<RamBlock>]| -> Vec<Vec<u8>> {
+        blocks
+            .iter()
+            .map(|b| {
+                let mut v = vec![0u8; b.len() as usize];
+                b.read(0, &mut v);
+                v
+            })
+            .collect()
+    };
+    while data.len() > DATA_HEADER_LEN {
+        let sel = data[0];
+        let mut hb = [0u8; DATA_HEADER_LEN];
+        hb.copy_from_slice(&data[1..1 + DATA_HEADER_LEN]);
+        data = &data[1 + DATA_HEADER_LEN..];
+        if sel & 1 == 1 {
+            hb[4..8].copy_from_slice(&keys[(sel >> 1) as usize % keys.len()].to_le_bytes());
+        }
+        let Ok(h) = parse_data_header(&hb) else {
+            return;
+        };
+        let n = (h.len as usize).min(data.len());
+        let before = snapshot(&blocks);
+        let r = apply_data_frame(&table, &blocks, &h, &data[..n]);
+        let after = snapshot(&blocks);
+        for (b, (x, y)) in before.iter().zip(&after).enumerate() {
+            for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                assert!(
+                    p == q || allowed[b][i],
+                    "INV-REG-1: byte {i} of block {b} written outside a registration"
+                );
+            }
+        }
+        if r.is_ok() {
+            assert_eq!(n, h.len as usize);
+        }
+        data = &data[n..];
     }
 }
 
@@ -629,63 +747,5 @@ mod tests {
     fn hello_roundtrip() {
         let t = [7u8; 32];
         assert_eq!(parse_hello(&hello_bytes(42, 3, &t)), Some((42, 3, t)));
-    }
-}
-
-/// Fuzz target body for `tcp_data_frame`: a stream of data frames against a small registered
-/// memory. Panics if any byte outside a live registration changes (spec: INV-REG-1).
-///
-/// Input: repeated `[selector u8][24-byte header][payload]`; an odd selector replaces the
-/// header's key with one of the table's keys (registered, or registered then revoked), so the
-/// fuzzer reaches the apply path without guessing keys.
-pub fn fuzz_data_frames(mut data: &[u8]) {
-    let blocks = vec![
-        Arc::new(RamBlock::anonymous("ram0", 64 << 10, 12).expect("anonymous memory")),
-        Arc::new(RamBlock::anonymous("ram1", 16 << 10, 12).expect("anonymous memory")),
-    ];
-    let table = RegTable::new();
-    let live = [
-        (table.register(crate::regtable::Region { block: 0, offset: 16 << 10, len: 16 << 10 }, 0), 0u16, 16u64 << 10, 16u64 << 10),
-        (table.register(crate::regtable::Region { block: 1, offset: 0, len: 8 << 10 }, 0), 1, 0, 8 << 10),
-    ];
-    let revoked = table.register(crate::regtable::Region { block: 0, offset: 0, len: 64 << 10 }, 0);
-    table.unregister(revoked);
-    let keys = [live[0].0, live[1].0, revoked];
-    let mut allowed: Vec<Vec<bool>> = blocks.iter().map(|b| vec![false; b.len() as usize]).collect();
-    for &(_, b, off, len) in &live {
-        allowed[b as usize][off as usize..(off + len) as usize].iter_mut().for_each(|a| *a = true);
-    }
-    let snapshot = |blocks: &[Arc<RamBlock>]| -> Vec<Vec<u8>> {
-        blocks
-            .iter()
-            .map(|b| {
-                let mut v = vec![0u8; b.len() as usize];
-                b.read(0, &mut v);
-                v
-            })
-            .collect()
-    };
-    while data.len() > DATA_HEADER_LEN {
-        let sel = data[0];
-        let mut hb = [0u8; DATA_HEADER_LEN];
-        hb.copy_from_slice(&data[1..1 + DATA_HEADER_LEN]);
-        data = &data[1 + DATA_HEADER_LEN..];
-        if sel & 1 == 1 {
-            hb[4..8].copy_from_slice(&keys[(sel >> 1) as usize % keys.len()].to_le_bytes());
-        }
-        let Ok(h) = parse_data_header(&hb) else { return };
-        let n = (h.len as usize).min(data.len());
-        let before = snapshot(&blocks);
-        let r = apply_data_frame(&table, &blocks, &h, &data[..n]);
-        let after = snapshot(&blocks);
-        for (b, (x, y)) in before.iter().zip(&after).enumerate() {
-            for (i, (p, q)) in x.iter().zip(y).enumerate() {
-                assert!(p == q || allowed[b][i], "INV-REG-1: byte {i} of block {b} written outside a registration");
-            }
-        }
-        if r.is_ok() {
-            assert_eq!(n, h.len as usize);
-        }
-        data = &data[n..];
     }
 }

@@ -5,7 +5,9 @@ fn fuzz_replay_tcp_data_frame() {
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
     let mut n = 0;
     for dir in ["corpus", "artifacts"] {
-        let Ok(rd) = std::fs::read_dir(root.join(dir).join("tcp_data_frame")) else { continue };
+        let Ok(rd) = std::fs::read_dir(root.join(dir).join("tcp_data_frame")) else {
+            continue;
+        };
         for e in rd.flatten() {
             rdmig::tcp::fuzz_data_frames(&std::fs::read(e.path()).unwrap());
             n += 1;
