@@ -15,7 +15,7 @@ use rdmig_model::*;
 use crate::control::{DestWorkload, SourceWorkload, StateSink};
 use crate::mem::{chunk_digests, RamBlock};
 use crate::report::{Report, RoundReport};
-use crate::tcp::{DataAuth, DestTcp, Event, SourceTcp, WriteReq};
+use crate::transport::{DataAuth, DestLink, Event, SourceLink, WriteReq};
 
 /// Fetch-and-clear of the dirty log; `true` asks for every page.
 pub type ScanFn = Box<dyn FnMut(bool) -> Result<DirtyScan, String> + Send>;
@@ -98,8 +98,8 @@ pub struct SourceRun {
     pub progress: Option<Box<dyn Progress>>,
 }
 
-/// Runs the source to its outcome over TCP.
-pub fn run_source(mut link: SourceTcp, rx: Receiver<Event>, mut run: SourceRun) -> Report {
+/// Runs the source to its outcome over any transport.
+pub fn run_source(mut link: impl SourceLink, rx: Receiver<Event>, mut run: SourceRun) -> Report {
     let t0 = Instant::now();
     let now = || t0.elapsed().as_millis() as Millis;
     let mut nonce = [0u8; wire::NONCE_LEN];
@@ -245,7 +245,7 @@ pub fn run_source(mut link: SourceTcp, rx: Receiver<Event>, mut run: SourceRun) 
     let st = &src.stats;
     let mut r = Report {
         role: "source",
-        transport: "tcp",
+        transport: link.name(),
         channels: src.params().channels,
         memory_bytes: memory,
         total_time_ms: now(),
@@ -294,8 +294,8 @@ pub struct DestRun {
     pub threads: usize,
 }
 
-/// Runs the destination to its outcome over TCP.
-pub fn run_destination(mut link: DestTcp, rx: Receiver<Event>, mut run: DestRun) -> Report {
+/// Runs the destination to its outcome over any transport.
+pub fn run_destination(mut link: impl DestLink, rx: Receiver<Event>, mut run: DestRun) -> Report {
     let t0 = Instant::now();
     let now = || t0.elapsed().as_millis() as Millis;
     let mut nonce = [0u8; wire::NONCE_LEN];
@@ -351,10 +351,13 @@ pub fn run_destination(mut link: DestTcp, rx: Receiver<Event>, mut run: DestRun)
                     block,
                     offset,
                     len,
-                } => {
-                    let rkey = link.register(block, offset, len);
-                    pending.push_back(Input::Registered { target, rkey });
-                }
+                } => match link.register(block, offset, len) {
+                    Ok(rkey) => pending.push_back(Input::Registered { target, rkey }),
+                    Err(e) => {
+                        tracing::error!("registering {len} bytes of block {block}: {e}");
+                        pending.push_back(Input::RegisterFailed { target });
+                    }
+                },
                 Command::Unregister { rkey, .. } => {
                     link.unregister(rkey);
                 }
@@ -395,7 +398,7 @@ pub fn run_destination(mut link: DestTcp, rx: Receiver<Event>, mut run: DestRun)
     link.shutdown();
     let mut r = Report {
         role: "destination",
-        transport: "tcp",
+        transport: link.name(),
         channels: dst.params().map_or(0, |p| p.channels),
         memory_bytes: memory,
         total_time_ms: now(),

@@ -13,4 +13,5 @@ pub mod mem;
 pub mod regtable;
 pub mod report;
 pub mod tcp;
+pub mod transport;
 pub mod workload;
