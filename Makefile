@@ -9,13 +9,18 @@ FUZZ_SMOKE_SECONDS ?= 30
 TARGET ?= wire_decode
 SECONDS ?= 60
 
-.PHONY: demo test deps fuzz-deps lint unit loom fuzz fuzz-smoke fuzz-seeds bench
+.PHONY: demo test deps fuzz-deps lint unit loom fuzz fuzz-smoke fuzz-seeds bench rxe
+
+# Debian packages the build needs: a C toolchain, and for the verbs transport (ibverbs-sys
+# builds rdma-core's headers with cmake and generates bindings with libclang) the rest.
+DEB_DEPS := build-essential pkg-config cmake libclang-dev libnl-3-dev libnl-route-3-dev libibverbs-dev
 
 # Installs what a fresh Debian machine lacks (build tools for the crates in this workspace).
 deps:
 	@command -v cargo >/dev/null || { echo "cargo (rustup) is required"; exit 1; }
-	@if ! command -v cc >/dev/null || ! command -v pkg-config >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential pkg-config; \
+	@missing=""; for p in $(DEB_DEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
 fuzz-deps: deps
@@ -65,6 +70,14 @@ fuzz-smoke: fuzz-deps
 # Regenerates the seed corpora from the sample frames and a recorded migration.
 fuzz-seeds:
 	$(CARGO) run -q -p rdmig-model --features arbitrary --example fuzz_seeds
+
+# The verbs transport over soft-RoCE in a QEMU/TCG VM with a Debian kernel (tests/rxe/run.sh):
+# migrations with --transport rdma (dynamic, pin-all with 2 channels, soft-dirty), a wrong key,
+# a killed destination, and ib_write_bw vs rdmig throughput. Downloads are cached in
+# target/rxe-cache.
+rxe: deps
+	$(CARGO) build --release -q -p rdmig
+	RDMIG_BIN=$${CARGO_TARGET_DIR:-target}/release/rdmig tests/rxe/run.sh
 
 # Everything: formatting, lints, every test suite, and a short run of every fuzz target.
 test: lint unit loom fuzz-smoke

@@ -734,6 +734,8 @@ struct SoftDirtyTracker {
     /// Per block, where the target maps its file.
     ranges: Vec<Vec<FileRange>>,
     first: bool,
+    /// Stop the process around read-and-clear (off only for the fake `/proc` of unit tests).
+    freeze: bool,
 }
 
 impl SoftDirtyTracker {
@@ -779,6 +781,7 @@ impl SoftDirtyTracker {
             sys_page,
             ranges,
             first: true,
+            freeze: proc_root == Path::new("/proc"),
         })
     }
 
@@ -818,10 +821,72 @@ impl SoftDirtyTracker {
     }
 }
 
+/// Holds a process stopped for the few milliseconds between reading its soft-dirty bits and
+/// clearing them: the kernel has no atomic fetch-and-clear, and a write landing in that window
+/// would be cleared without ever being seen. A process that was already stopped (paused for
+/// switchover) is left as it is.
+struct Frozen(Option<rustix::process::Pid>);
+
+impl Frozen {
+    fn new(pid: u32) -> Result<Self, DirtyError> {
+        use rustix::process::{kill_process, Pid, Signal};
+        let stat_path = PathBuf::from(format!("/proc/{pid}/stat"));
+        let state = || -> Result<char, DirtyError> {
+            let s = std::fs::read_to_string(&stat_path).map_err(|source| DirtyError::Proc {
+                path: stat_path.clone(),
+                source,
+            })?;
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+                .ok_or_else(|| DirtyError::ProcFormat {
+                    path: stat_path.clone(),
+                    why: "no state field".into(),
+                })
+        };
+        if matches!(state()?, 'T' | 't') {
+            return Ok(Frozen(None));
+        }
+        let p = Pid::from_raw(pid as i32).ok_or_else(|| DirtyError::ProcFormat {
+            path: stat_path.clone(),
+            why: "pid 0".into(),
+        })?;
+        kill_process(p, Signal::STOP).map_err(|e| DirtyError::Proc {
+            path: stat_path.clone(),
+            source: e.into(),
+        })?;
+        let guard = Frozen(Some(p));
+        let t = std::time::Instant::now();
+        while !matches!(state()?, 'T' | 't') {
+            if t.elapsed() > std::time::Duration::from_secs(2) {
+                return Err(DirtyError::ProcFormat {
+                    path: stat_path,
+                    why: "process did not stop within 2 s".into(),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if let Some(p) = self.0 {
+            let _ = rustix::process::kill_process(p, rustix::process::Signal::CONT);
+        }
+    }
+}
+
 impl DirtyTracker for SoftDirtyTracker {
     fn scan(&mut self, all: bool) -> Result<DirtyScan, DirtyError> {
+        let frozen = if self.freeze {
+            Some(Frozen::new(self.pid)?)
+        } else {
+            None
+        };
         let read = self.read_dirty()?;
         clear_soft_dirty(&self.clear_refs)?;
+        drop(frozen);
         let dirty = if all || self.first {
             WordSpace::new(&self.blocks).full()
         } else {

@@ -14,4 +14,5 @@ pub mod regtable;
 pub mod report;
 pub mod tcp;
 pub mod transport;
+pub mod verbs;
 pub mod workload;

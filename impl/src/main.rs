@@ -45,6 +45,31 @@ enum Cmd {
     Demo(DemoArgs),
     /// Throughput and overhead benchmark on loopback (raw TCP stream vs rdmig).
     Bench(BenchArgs),
+    /// List RDMA devices, their ports, port states and GIDs.
+    Devices,
+}
+
+#[derive(clap::Args, Clone)]
+struct TransportArgs {
+    /// Transport: tcp, or rdma (verbs; control and data over RC queue pairs, bootstrapped
+    /// over a TCP connection to the same address).
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "rdma"])]
+    transport: String,
+    /// RDMA device (default: the first with an active port).
+    #[arg(long)]
+    rdma_device: Option<String>,
+    /// GID index (default: the port's IPv4-mapped RoCE v2 GID).
+    #[arg(long)]
+    gid_index: Option<u8>,
+}
+
+impl TransportArgs {
+    fn verbs(&self) -> Option<rdmig::verbs::VerbsOptions> {
+        (self.transport == "rdma").then(|| rdmig::verbs::VerbsOptions {
+            device: self.rdma_device.clone(),
+            gid_index: self.gid_index,
+        })
+    }
 }
 
 #[derive(clap::Args, Clone)]
@@ -95,6 +120,8 @@ struct RecvArgs {
     /// Write the listening address to this file once listening (for scripts).
     #[arg(long)]
     addr_file: Option<PathBuf>,
+    #[command(flatten)]
+    transport: TransportArgs,
     #[command(flatten)]
     common: Common,
 }
@@ -152,6 +179,8 @@ struct SendArgs {
     /// Disable zero-page elision.
     #[arg(long)]
     no_zero_elision: bool,
+    #[command(flatten)]
+    transport: TransportArgs,
     #[command(flatten)]
     common: Common,
 }
@@ -274,8 +303,6 @@ fn recv(a: RecvArgs) -> Result<ExitCode, String> {
             .map_err(|e| format!("writing {}: {e}", f.display()))?;
     }
     tracing::info!("listening on {local}");
-    let (link, rx) = DestTcp::accept(listener, blocks.clone(), rand_u32())
-        .map_err(|e| format!("accepting: {e}"))?;
     let mut cfg = DestConfig::with_defaults(
         blocks.iter().map(|b| b.desc()).collect(),
         key,
@@ -285,7 +312,7 @@ fn recv(a: RecvArgs) -> Result<ExitCode, String> {
     cfg.idle_timeout_ms = a.common.idle_timeout * 1000;
     let run = DestRun {
         cfg,
-        blocks,
+        blocks: blocks.clone(),
         workload: DestWorkload {
             start_cmd: a.start_cmd.clone(),
             start_pid: a.start_pid,
@@ -296,7 +323,19 @@ fn recv(a: RecvArgs) -> Result<ExitCode, String> {
         },
         threads: a.common.threads,
     };
-    let report = driver::run_destination(link, rx, run);
+    let report = match a.transport.verbs() {
+        Some(o) => {
+            let (link, rx) =
+                rdmig::verbs::DestVerbs::accept(listener, blocks, &o, run.cfg.credit_window)
+                    .map_err(|e| format!("rdma: {e}"))?;
+            driver::run_destination(link, rx, run)
+        }
+        None => {
+            let (link, rx) = DestTcp::accept(listener, blocks, rand_u32())
+                .map_err(|e| format!("accepting: {e}"))?;
+            driver::run_destination(link, rx, run)
+        }
+    };
     if report.status == "completed" {
         for r in &a.ram {
             let _ = std::fs::remove_file(incomplete_marker(&r.path));
@@ -395,13 +434,6 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
     cfg.idle_timeout_ms = a.common.idle_timeout * 1000;
     cfg.keepalive_ms = (cfg.idle_timeout_ms / 4).max(100);
     rdmig_model::Source::new(cfg.clone(), [0; 32]).map_err(|e| e.to_string())?;
-    let (link, rx) = SourceTcp::connect(
-        addr,
-        blocks.clone(),
-        a.max_bandwidth.unwrap_or(0),
-        Duration::from_secs(10),
-    )
-    .map_err(|e| format!("connecting to {addr}: {e}"))?;
     let progress: Option<Box<dyn Progress>> = if std::io::stderr().is_terminal() && !a.common.json {
         let pb = indicatif::ProgressBar::new_spinner();
         pb.enable_steady_tick(Duration::from_millis(200));
@@ -418,7 +450,32 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
         threads: a.common.threads,
         progress,
     };
-    let report = driver::run_source(link, rx, run);
+    let report = match a.transport.verbs() {
+        Some(o) => {
+            if a.max_bandwidth.is_some() {
+                return Err("--max-bandwidth is not supported with --transport rdma".into());
+            }
+            let (link, rx) = rdmig::verbs::SourceVerbs::connect(
+                addr,
+                run.blocks.clone(),
+                &o,
+                run.cfg.credit_window,
+                Duration::from_secs(10),
+            )
+            .map_err(|e| format!("rdma: {e}"))?;
+            driver::run_source(link, rx, run)
+        }
+        None => {
+            let (link, rx) = SourceTcp::connect(
+                addr,
+                run.blocks.clone(),
+                a.max_bandwidth.unwrap_or(0),
+                Duration::from_secs(10),
+            )
+            .map_err(|e| format!("connecting to {addr}: {e}"))?;
+            driver::run_source(link, rx, run)
+        }
+    };
     Ok(finish(&report, a.common.json))
 }
 
@@ -438,6 +495,15 @@ fn workload(a: WorkloadArgs) -> Result<ExitCode, String> {
     let stop = std::sync::atomic::AtomicBool::new(false);
     let stats = rdmig::workload::run(&opts, &stop).map_err(|e| e.to_string())?;
     eprintln!("workload: {stats:?}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn devices() -> Result<ExitCode, String> {
+    let devs = rdmig::verbs::list_devices().map_err(|e| e.to_string())?;
+    if devs.is_empty() {
+        return Err("no RDMA device found".into());
+    }
+    print!("{}", rdmig::verbs::describe_devices(&devs));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -468,6 +534,7 @@ fn main() -> ExitCode {
             Some(p) => rdmig::demo::raw_sink(p),
             None => rdmig::demo::bench(a.size, a.dir),
         },
+        Cmd::Devices => devices(),
     };
     match r {
         Ok(c) => c,

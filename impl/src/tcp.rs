@@ -139,7 +139,7 @@ pub fn apply_data_frame(
     Ok(())
 }
 
-fn hello_bytes(session_id: u64, channel: u8, token: &[u8; 32]) -> [u8; DATA_HELLO_LEN] {
+pub(crate) fn hello_bytes(session_id: u64, channel: u8, token: &[u8; 32]) -> [u8; DATA_HELLO_LEN] {
     let mut b = [0u8; DATA_HELLO_LEN];
     b[..8].copy_from_slice(HELLO_MAGIC);
     b[8..16].copy_from_slice(&session_id.to_le_bytes());
@@ -148,7 +148,7 @@ fn hello_bytes(session_id: u64, channel: u8, token: &[u8; 32]) -> [u8; DATA_HELL
     b
 }
 
-fn parse_hello(b: &[u8; DATA_HELLO_LEN]) -> Option<(u64, u8, [u8; 32])> {
+pub(crate) fn parse_hello(b: &[u8; DATA_HELLO_LEN]) -> Option<(u64, u8, [u8; 32])> {
     if &b[..8] != HELLO_MAGIC || b[17..24] != [0; 7] {
         return None;
     }

@@ -110,14 +110,17 @@ impl CheckConfig {
     }
 
     /// Two data channels (writes of one round race each other), reversed destination block
-    /// order, pin-all as a second initial state, zeroing guest writes, larger budgets.
+    /// order, pin-all as a second initial state, zeroing guest writes, registration bursts
+    /// longer than the credit window (so senders block on credits), one keepalive. The guest
+    /// writes one page: with 24 guest choices per step a second write multiplies the ~55
+    /// million states by about ten.
     pub fn medium() -> Self {
         CheckConfig {
             name: "medium",
             modes: vec![RegMode::Dynamic, RegMode::PinAll],
             channels: 2,
-            reg_batch: 2,
-            guest_writes: 3,
+            max_reg_inflight: 4,
+            guest_writes: 1,
             guest_zeroes: true,
             reverse_dst_blocks: true,
             keepalives: 1,
@@ -142,8 +145,8 @@ impl CheckConfig {
 #[derive(Debug, Clone)]
 pub struct ProtocolModel {
     pub cfg: CheckConfig,
-    src_cfgs: Vec<SourceConfig>,
-    dst_cfg: DestConfig,
+    /// One (source, destination) configuration pair per initial state.
+    machines: Vec<(SourceConfig, DestConfig)>,
     /// Destination (local) block index -> source block index.
     dst_order: Vec<usize>,
 }
@@ -186,15 +189,24 @@ pub enum Action {
     /// The oldest write of data channel `n` reaches the destination's NIC.
     Land(u8),
     /// A write completion reaches the source.
-    Complete { wr_id: u64, ok: bool },
+    Complete {
+        wr_id: u64,
+        ok: bool,
+    },
     SrcDriver(SrcReq),
     DstDriver(DstReq),
     /// A side notices that a connection failed or was closed by its peer.
     Notice(Side),
     /// The guest writes a page (its version goes up).
-    GuestWrite { block: u16, page: u16 },
+    GuestWrite {
+        block: u16,
+        page: u16,
+    },
     /// The guest zeroes a page.
-    GuestZero { block: u16, page: u16 },
+    GuestZero {
+        block: u16,
+        page: u16,
+    },
     Timer(Side, TimerKind),
     FailControl,
     FailData(u8),
@@ -283,6 +295,8 @@ pub struct Observed {
     pub memory_equal_at_start: Option<bool>,
     /// SW-8: a registration was still live when the destination workload started.
     pub registered_at_start: bool,
+    /// FC-3: a frame spent the sender's last credit without granting any back.
+    pub last_credit_misused: bool,
     /// INV-REG-1: the first write the NIC had to reject while it should not have happened.
     pub reg_violation: Option<&'static str>,
     /// A command the driver could not carry out (frame that does not encode, wrong-side
@@ -362,7 +376,8 @@ impl State {
                 }
             }
         };
-        let _ = writeln!(
+        let _ =
+            writeln!(
             s,
             "src {} round {} credits {} reg {}B workload {} | dst {} round {} reg {}B workload {}",
             side(
@@ -430,10 +445,37 @@ impl State {
             "  mem src {:?} dst {:?} snapshot {:?}",
             self.src_mem, self.dst_mem, self.snapshot
         );
+        let o = &self.obs;
+        let mut seen: Vec<String> = [
+            (o.commit_sent, "COMMIT sent"),
+            (o.started_received, "STARTED received"),
+            (o.evicted, "evicted"),
+            (o.registered_at_start, "REGISTERED AT START"),
+            (o.last_credit_misused, "LAST CREDIT MISUSED"),
+        ]
+        .iter()
+        .filter(|(set, _)| *set)
+        .map(|(_, name)| name.to_string())
+        .collect();
+        if let Some(eq) = o.memory_equal_at_start {
+            seen.push(format!("memory equal at start: {eq}"));
+        }
+        if let Some(c) = o.doubt_cause {
+            seen.push(format!("in doubt by {c:?}"));
+        }
+        for v in [o.reg_violation, o.driver_violation].into_iter().flatten() {
+            seen.push(format!("VIOLATION: {v}"));
+        }
+        if let Some(p) = &o.panic {
+            seen.push(format!("PANIC: {p}"));
+        }
         let _ = write!(
             s,
-            "  budgets: faults {} guest {} keepalives {} | observed {:?}",
-            self.faults_left, self.guest_left, self.keepalives_left, self.obs
+            "  budgets: faults {} guest {} keepalives {} | observed: {}",
+            self.faults_left,
+            self.guest_left,
+            self.keepalives_left,
+            seen.join(", ")
         );
         s
     }
@@ -444,7 +486,9 @@ fn frame_brief(bytes: &[u8]) -> String {
     match wire::decode(bytes) {
         Ok(f) => {
             let m = match &f.msg {
-                Message::RegRequest { req_id, chunks } => format!("REG_REQUEST#{req_id} {chunks:?}"),
+                Message::RegRequest { req_id, chunks } => {
+                    format!("REG_REQUEST#{req_id} {chunks:?}")
+                }
                 Message::RegResult { req_id, rkeys } => format!("REG_RESULT#{req_id} {rkeys:x?}"),
                 Message::UnregRequest { req_id, chunks } => {
                     format!("UNREG_REQUEST#{req_id} {chunks:?}")
@@ -497,7 +541,20 @@ impl ProtocolModel {
             .collect();
         let chunk_bytes = 1u64 << cfg.chunk_log2();
         let keepalive_ms = if cfg.keepalives > 0 { 500 } else { 0 };
-        let src_cfgs = cfg
+        let mut dst_blocks = blocks.clone();
+        if cfg.reverse_dst_blocks {
+            dst_blocks.reverse();
+        }
+        let dst_order = dst_blocks
+            .iter()
+            .map(|d| {
+                blocks
+                    .iter()
+                    .position(|b| b.name == d.name)
+                    .expect("same names")
+            })
+            .collect();
+        let machines = cfg
             .modes
             .iter()
             .map(|&mode| {
@@ -514,44 +571,36 @@ impl ProtocolModel {
                 s.on_limit = LimitPolicy::Switchover;
                 s.idle_timeout_ms = 1_000;
                 s.keepalive_ms = keepalive_ms;
-                s
+                // Pin-all needs every byte pinned (spec: REG-8); dynamic mode gets the small
+                // chunk budget so that rounds must evict.
+                let pin_budget = match mode {
+                    RegMode::PinAll => cfg.block_pages.iter().sum::<u64>() << PAGE_LOG2,
+                    RegMode::Dynamic => cfg.pin_budget_chunks * chunk_bytes,
+                };
+                let mut d =
+                    DestConfig::with_defaults(dst_blocks.clone(), Some(PSK.to_vec()), pin_budget);
+                d.credit_window = cfg.credit_window;
+                d.idle_timeout_ms = 1_000;
+                d.keepalive_ms = keepalive_ms;
+                (s, d)
             })
             .collect();
-        let mut dst_blocks = blocks.clone();
-        if cfg.reverse_dst_blocks {
-            dst_blocks.reverse();
-        }
-        let dst_order = dst_blocks
-            .iter()
-            .map(|d| blocks.iter().position(|b| b.name == d.name).expect("same names"))
-            .collect();
-        let pin_budget = if cfg.modes.contains(&RegMode::PinAll) {
-            // Pin-all needs every byte; dynamic mode still runs within the chunk budget
-            // because the source requests no more than the announced budget.
-            (cfg.block_pages.iter().sum::<u64>() << PAGE_LOG2).max(cfg.pin_budget_chunks * chunk_bytes)
-        } else {
-            cfg.pin_budget_chunks * chunk_bytes
-        };
-        let mut dst_cfg = DestConfig::with_defaults(dst_blocks, Some(PSK.to_vec()), pin_budget);
-        dst_cfg.credit_window = cfg.credit_window;
-        dst_cfg.idle_timeout_ms = 1_000;
-        dst_cfg.keepalive_ms = keepalive_ms;
         ProtocolModel {
             cfg,
-            src_cfgs,
-            dst_cfg,
+            machines,
             dst_order,
         }
     }
 
-    fn initial(&self, src_cfg: &SourceConfig) -> State {
+    fn initial(&self, src_cfg: &SourceConfig, dst_cfg: &DestConfig) -> State {
         #[allow(unused_mut)]
-        let mut src = Source::new(src_cfg.clone(), [1; wire::NONCE_LEN]).expect("valid source config");
+        let mut src =
+            Source::new(src_cfg.clone(), [1; wire::NONCE_LEN]).expect("valid source config");
         #[cfg(feature = "mutations")]
         {
             src.mutations = self.cfg.mutations;
         }
-        let dst = Destination::new(self.dst_cfg.clone(), [2; wire::NONCE_LEN])
+        let dst = Destination::new(dst_cfg.clone(), [2; wire::NONCE_LEN])
             .expect("valid destination config");
         // Every third page starts out zero, so the first round sends ZERO ranges too.
         let src_mem: Vec<Vec<u8>> = self
@@ -584,7 +633,12 @@ impl ProtocolModel {
             next_rkey: 0x100,
             src_mem,
             dst_mem,
-            dirty: self.cfg.block_pages.iter().map(|&n| PageBitmap::new(n)).collect(),
+            dirty: self
+                .cfg
+                .block_pages
+                .iter()
+                .map(|&n| PageBitmap::new(n))
+                .collect(),
             src_pending: Vec::new(),
             dst_pending: Vec::new(),
             src_notice: Notice::None,
@@ -677,6 +731,7 @@ impl ProtocolModel {
                 if let Some(b) = Self::encode(s, &f) {
                     if s.ctrl_up {
                         s.s2d.push_back(b);
+                        check_last_credit(s, Side::Src, f.credits);
                     }
                 }
             }
@@ -697,11 +752,14 @@ impl ProtocolModel {
                     return Self::driver_violation(s, "write reads outside its source block");
                 }
                 let Some(ch) = s.data.get_mut(channel as usize) else {
-                    return Self::driver_violation(s, "write posted to a channel that does not exist");
+                    return Self::driver_violation(
+                        s,
+                        "write posted to a channel that does not exist",
+                    );
                 };
                 if ch.up {
-                    let data =
-                        s.src_mem[block as usize][first as usize..(first + count) as usize].to_vec();
+                    let data = s.src_mem[block as usize][first as usize..(first + count) as usize]
+                        .to_vec();
                     ch.writes.push_back(Write {
                         wr_id,
                         rkey,
@@ -741,6 +799,7 @@ impl ProtocolModel {
                 if let Some(b) = Self::encode(s, &f) {
                     if s.ctrl_up {
                         s.d2s.push_back(b);
+                        check_last_credit(s, Side::Dst, f.credits);
                     }
                 }
             }
@@ -750,7 +809,10 @@ impl ProtocolModel {
                 offset,
                 len,
             } => {
-                let bytes = s.dst_mem.get(block as usize).map_or(0, |m| (m.len() as u64) << PAGE_LOG2);
+                let bytes = s
+                    .dst_mem
+                    .get(block as usize)
+                    .map_or(0, |m| (m.len() as u64) << PAGE_LOG2);
                 if len == 0 || offset + len > bytes {
                     return Self::driver_violation(s, "registration outside its block");
                 }
@@ -889,7 +951,9 @@ impl ProtocolModel {
                     mem[first..first + w.data.len()].copy_from_slice(&w.data);
                     true
                 } else {
-                    s.obs.reg_violation.get_or_insert("write lands beyond its block");
+                    s.obs
+                        .reg_violation
+                        .get_or_insert("write lands beyond its block");
                     false
                 }
             }
@@ -902,9 +966,9 @@ impl ProtocolModel {
             None => {
                 // Rejection is fine once the destination has ended (its keys are revoked).
                 if s.dst_live() {
-                    s.obs
-                        .reg_violation
-                        .get_or_insert("write to a key the destination has not registered (or has unregistered)");
+                    s.obs.reg_violation.get_or_insert(
+                        "write to a key the destination has not registered (or has unregistered)",
+                    );
                 }
                 false
             }
@@ -1079,7 +1143,10 @@ impl Model for ProtocolModel {
     type Action = Action;
 
     fn init_states(&self) -> Vec<State> {
-        self.src_cfgs.iter().map(|c| self.initial(c)).collect()
+        self.machines
+            .iter()
+            .map(|(s, d)| self.initial(s, d))
+            .collect()
     }
 
     fn actions(&self, s: &State, out: &mut Vec<Action>) {
@@ -1224,12 +1291,12 @@ impl Model for ProtocolModel {
 
     fn properties(&self) -> Vec<Property<Self>> {
         vec![
-            Property::always(P_MEM, |_, s: &State| s.obs.memory_equal_at_start != Some(false)),
+            Property::always(P_MEM, |_, s: &State| {
+                s.obs.memory_equal_at_start != Some(false)
+            }),
             Property::always(P_MEM_DIGEST, |_, s: &State| {
                 // The environment never corrupts data, so a digest mismatch is a lost update.
-                let mismatch = |o: Option<Outcome>| {
-                    matches!(o, Some(Outcome::Aborted(a)) if a.reason == AbortReason::DigestMismatch)
-                };
+                let mismatch = |o: Option<Outcome>| matches!(o, Some(Outcome::Aborted(a)) if a.reason == AbortReason::DigestMismatch);
                 !mismatch(s.src.outcome()) && !mismatch(s.dst.outcome())
             }),
             Property::always(P_REG, |_, s: &State| s.obs.reg_violation.is_none()),
@@ -1240,10 +1307,12 @@ impl Model for ProtocolModel {
             }),
             Property::always(P_OWN2, |_, s: &State| {
                 let src_ok = !matches!(s.src.outcome(), Some(Outcome::Aborted(_))) || s.src_running;
-                let dst_ok = !matches!(s.dst.outcome(), Some(Outcome::Aborted(_))) || !s.dst_running;
+                let dst_ok =
+                    !matches!(s.dst.outcome(), Some(Outcome::Aborted(_))) || !s.dst_running;
                 src_ok && dst_ok
             }),
             Property::always(P_FC, |_, s: &State| fc_ok(s)),
+            Property::always(P_FC3, |_, s: &State| !s.obs.last_credit_misused),
             Property::always(P_PIN, |_, s: &State| {
                 let budget = s.dst.pin_budget();
                 let nic: u64 = s.nic.values().map(|m| m.len).sum();
@@ -1257,7 +1326,11 @@ impl Model for ProtocolModel {
                         && !s.obs.started_received
                         && matches!(
                             s.obs.doubt_cause,
-                            Some(Cause::TransportFailed | Cause::WriteFailed | Cause::Timer(TimerKind::Idle))
+                            Some(
+                                Cause::TransportFailed
+                                    | Cause::WriteFailed
+                                    | Cause::Timer(TimerKind::Idle)
+                            )
                         )
                 }
                 _ => true,
@@ -1276,12 +1349,23 @@ impl Model for ProtocolModel {
             }),
             Property::eventually(P_LIVE_END, |_, s: &State| !s.src_live() && !s.dst_live()),
             Property::sometimes(P_DONE, |_, s: &State| s.completed()),
-            Property::sometimes(P_DONE_ROUNDS, |_, s: &State| s.completed() && s.src.round() >= 3),
+            Property::sometimes(P_DONE_ROUNDS, |_, s: &State| {
+                s.completed() && s.src.round() >= 3
+            }),
             Property::sometimes(P_DONE_EVICT, |_, s: &State| s.completed() && s.obs.evicted),
             Property::sometimes(P_ABORT_RESUME, |_, s: &State| {
                 matches!(s.src.outcome(), Some(Outcome::Aborted(_)))
                     && s.src_running
                     && s.snapshot.is_some()
+            }),
+            Property::sometimes(P_NOP, |_, s: &State| {
+                s.s2d
+                    .iter()
+                    .chain(s.d2s.iter())
+                    .any(|b| b.first() == Some(&wire::code::NOP))
+            }),
+            Property::sometimes(P_LATE_WRITE, |_, s: &State| {
+                s.src_live() && !s.dst_live() && s.completions.iter().any(|&(_, ok)| !ok)
             }),
             Property::sometimes(P_DOUBT_REACH, |_, s: &State| {
                 matches!(s.src.outcome(), Some(Outcome::InDoubt(_)))
@@ -1290,17 +1374,38 @@ impl Model for ProtocolModel {
     }
 }
 
-/// spec: INV-FC-1: frames a sender has outstanding (in flight, received but not yet granted
-/// back, or granted back in a frame still in flight) never exceed the receiver's window.
-fn fc_ok(s: &State) -> bool {
+/// Frames the sender on `from` has outstanding: in flight, received but not yet granted back,
+/// or granted back in a frame still in flight. Frames lost with a connection or dropped by a
+/// side that has ended are not counted, so this never exceeds what the sender accounts.
+fn outstanding(s: &State, from: Side) -> u32 {
     let grants = |q: &VecDeque<Vec<u8>>| -> u32 {
         q.iter()
             .map(|b| wire::decode_header(b).map_or(0, |h| h.credits as u32))
             .sum()
     };
-    let s2d = s.s2d.len() as u32 + s.dst.credits().ungranted as u32 + grants(&s.d2s);
-    let d2s = s.d2s.len() as u32 + s.src.credits().ungranted as u32 + grants(&s.s2d);
-    s2d <= s.dst.credits().window as u32 && d2s <= s.src.credits().window as u32
+    match from {
+        Side::Src => s.s2d.len() as u32 + s.dst.credits().ungranted as u32 + grants(&s.d2s),
+        Side::Dst => s.d2s.len() as u32 + s.src.credits().ungranted as u32 + grants(&s.s2d),
+    }
+}
+
+/// spec: INV-FC-1: outstanding frames never exceed the receiver's window.
+fn fc_ok(s: &State) -> bool {
+    outstanding(s, Side::Src) <= s.dst.credits().window as u32
+        && outstanding(s, Side::Dst) <= s.src.credits().window as u32
+}
+
+/// spec: FC-3: called after a frame from `from` was queued. If the sender now has the
+/// receiver's whole window outstanding, the frame took its last credit and must grant some,
+/// or both sides could end up out of credits with nothing left to return them.
+fn check_last_credit(s: &mut State, from: Side, grant: u16) {
+    let window = match from {
+        Side::Src => s.dst.credits().window,
+        Side::Dst => s.src.credits().window,
+    };
+    if grant == 0 && outstanding(s, from) >= window as u32 {
+        s.obs.last_credit_misused = true;
+    }
 }
 
 pub const P_MEM: &str = "INV-MEM-1 destination memory equals the source at pause when it starts";
@@ -1311,6 +1416,7 @@ pub const P_OWN1: &str = "INV-OWN-1 source and destination workloads never both 
 pub const P_SW6: &str = "SW-6 the source never resumes once in doubt";
 pub const P_OWN2: &str = "INV-OWN-2 an aborted migration leaves the source running";
 pub const P_FC: &str = "INV-FC-1 frames outstanding never exceed the receiver's window";
+pub const P_FC3: &str = "FC-3 the last credit is spent only by a frame that grants credits";
 pub const P_PIN: &str = "INV-PIN-1 registered bytes never exceed the pin budget";
 pub const P_DOUBT: &str = "INV-DOUBT-1 in doubt only after COMMIT, before STARTED, on a failure";
 pub const P_SANE: &str = "machine assertions and driver checks hold";
@@ -1320,6 +1426,9 @@ pub const P_DONE: &str = "sometimes a migration completes";
 pub const P_DONE_ROUNDS: &str = "sometimes a migration completes after 2 pre-copy rounds";
 pub const P_DONE_EVICT: &str = "sometimes a migration completes after an eviction";
 pub const P_ABORT_RESUME: &str = "sometimes an abort after pausing resumes the source";
+pub const P_NOP: &str = "FC-4 sometimes a NOP returns credits";
+pub const P_LATE_WRITE: &str =
+    "INV-REG-1 sometimes a write is rejected because the destination has ended";
 pub const P_DOUBT_REACH: &str = "INV-DOUBT-1 sometimes the source ends in doubt";
 
 // -------------------------------------------------------------------------------------------
@@ -1392,19 +1501,62 @@ impl CheckRun {
 
 /// Runs the checker to completion and collects the results.
 pub fn run(model: ProtocolModel, strategy: Strategy, threads: usize, stop: Stop) -> CheckRun {
+    run_with_progress(model, strategy, threads, stop, |_| {})
+}
+
+/// Figures of a run in progress.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub total_states: usize,
+    pub unique_states: usize,
+    pub max_depth: usize,
+    pub elapsed: Duration,
+}
+
+/// Like [`run`], calling `progress` about every ten seconds until the run ends.
+pub fn run_with_progress(
+    model: ProtocolModel,
+    strategy: Strategy,
+    threads: usize,
+    stop: Stop,
+    progress: impl FnMut(&Progress),
+) -> CheckRun {
     let config = model.cfg.name;
-    let builder = model.checker().threads(threads.max(1)).finish_when(match stop {
-        Stop::Exhaustive => HasDiscoveries::All,
-        Stop::FirstFailure => HasDiscoveries::AnyFailures,
-    });
+    let builder = model
+        .checker()
+        .threads(threads.max(1))
+        .finish_when(match stop {
+            Stop::Exhaustive => HasDiscoveries::All,
+            Stop::FirstFailure => HasDiscoveries::AnyFailures,
+        });
     let start = Instant::now();
     match strategy {
-        Strategy::Bfs => collect(config, builder.spawn_bfs().join(), start),
-        Strategy::Dfs => collect(config, builder.spawn_dfs().join(), start),
+        Strategy::Bfs => finish(config, builder.spawn_bfs(), start, progress),
+        Strategy::Dfs => finish(config, builder.spawn_dfs(), start, progress),
     }
 }
 
-fn collect(config: &'static str, c: impl Checker<ProtocolModel>, start: Instant) -> CheckRun {
+fn finish(
+    config: &'static str,
+    c: impl Checker<ProtocolModel>,
+    start: Instant,
+    mut progress: impl FnMut(&Progress),
+) -> CheckRun {
+    const EVERY: Duration = Duration::from_secs(10);
+    let mut next = start + EVERY;
+    while !c.is_done() {
+        std::thread::sleep(Duration::from_millis(20));
+        if Instant::now() >= next {
+            next += EVERY;
+            progress(&Progress {
+                total_states: c.state_count(),
+                unique_states: c.unique_state_count(),
+                max_depth: c.max_depth(),
+                elapsed: start.elapsed(),
+            });
+        }
+    }
+    let c = c.join();
     let elapsed = start.elapsed();
     let mut found = c.discoveries();
     let properties = c

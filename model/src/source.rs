@@ -390,7 +390,9 @@ impl Source {
             SrcPhase::Sending | SrcPhase::Finalizing => {
                 // Out of credits means waiting for the destination's grant, whether the frame
                 // that waits is in the outbox or still to be built from the round's bitmaps.
-                !self.reg_queue.is_empty() || !self.unreg_queue.is_empty() || !self.credits.can_send()
+                !self.reg_queue.is_empty()
+                    || !self.unreg_queue.is_empty()
+                    || !self.credits.can_send()
             }
             _ => false,
         }

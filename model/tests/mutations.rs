@@ -7,12 +7,28 @@
 use rdmig_model::check::{self, CheckConfig, ProtocolModel, Stop, Strategy};
 use rdmig_model::source::Mutations;
 
-/// Runs the small configuration with `m` until the first counterexample; returns the names of
-/// the violated properties. Breadth-first, so the counterexample is a shortest one.
-fn violations(m: Mutations) -> Vec<&'static str> {
+/// Runs the small configuration with `m` and the given budgets until the first
+/// counterexample; returns the names of the violated properties. Breadth-first, so the
+/// counterexample is a shortest one. Each test uses the smallest budgets under which its bug
+/// can show at all, so the suite stays fast in an unoptimised build; the full small
+/// configuration catches the same bugs, only later.
+fn violations(
+    m: Mutations,
+    faults: u8,
+    guest_writes: u8,
+    max_reg_inflight: u8,
+) -> Vec<&'static str> {
     let mut cfg = CheckConfig::small();
     cfg.mutations = m;
-    let run = check::run(ProtocolModel::new(cfg), Strategy::Bfs, 2, Stop::FirstFailure);
+    cfg.faults = faults;
+    cfg.guest_writes = guest_writes;
+    cfg.max_reg_inflight = max_reg_inflight;
+    let run = check::run(
+        ProtocolModel::new(cfg),
+        Strategy::Bfs,
+        2,
+        Stop::FirstFailure,
+    );
     let v = run.violations();
     for name in &v {
         let path = run
@@ -26,11 +42,18 @@ fn violations(m: Mutations) -> Vec<&'static str> {
             run.elapsed.as_secs_f64()
         );
     }
+    if let Some(first) = v.first() {
+        let path = run
+            .result(first)
+            .and_then(|r| r.discovery.as_ref())
+            .expect("checked");
+        eprintln!("{}", check::render_path(first, path));
+    }
     v
 }
 
-fn assert_caught_by(m: Mutations, expected: &[&str]) {
-    let v = violations(m);
+fn assert_caught_by(m: Mutations, budgets: (u8, u8, u8), expected: &[&str]) {
+    let v = violations(m, budgets.0, budgets.1, budgets.2);
     assert!(!v.is_empty(), "mutation {m:?} survived the model checker");
     assert!(
         v.iter().any(|n| expected.contains(n)),
@@ -38,8 +61,8 @@ fn assert_caught_by(m: Mutations, expected: &[&str]) {
     );
 }
 
-/// spec: RND-2: ending a round before its writes complete lets a write land after the
-/// destination has moved on.
+/// spec: RND-2: ending a round before its writes complete lets the destination verify (or
+/// start on) memory that a write has yet to reach. No guest write or fault is needed.
 #[test]
 fn rnd_2_skip_drain_is_caught() {
     assert_caught_by(
@@ -47,6 +70,7 @@ fn rnd_2_skip_drain_is_caught() {
             skip_drain: true,
             ..Default::default()
         },
+        (0, 0, 2),
         &[check::P_REG, check::P_MEM, check::P_MEM_DIGEST],
     );
 }
@@ -59,11 +83,13 @@ fn inv_reg_1_write_before_reg_result_is_caught() {
             write_before_reg_result: true,
             ..Default::default()
         },
+        (0, 0, 2),
         &[check::P_REG],
     );
 }
 
-/// spec: SW-6, INV-OWN-1: resuming after COMMIT can leave two workloads running.
+/// spec: SW-6, INV-OWN-1: resuming after COMMIT can leave two workloads running; it takes
+/// one failure after COMMIT.
 #[test]
 fn inv_own_1_resume_after_commit_is_caught() {
     assert_caught_by(
@@ -71,6 +97,7 @@ fn inv_own_1_resume_after_commit_is_caught() {
             resume_after_commit: true,
             ..Default::default()
         },
+        (1, 0, 2),
         &[check::P_OWN1, check::P_SW6],
     );
 }
@@ -83,11 +110,13 @@ fn reg_6_evict_inflight_is_caught() {
             evict_inflight: true,
             ..Default::default()
         },
+        (0, 0, 2),
         &[check::P_REG],
     );
 }
 
-/// spec: SW-1, INV-MEM-1: skipping the scan after pausing loses the last writes.
+/// spec: SW-1, INV-MEM-1: skipping the scan after pausing loses a write the guest made just
+/// before the pause; it takes one guest write.
 #[test]
 fn sw_1_skip_final_scan_is_caught() {
     assert_caught_by(
@@ -95,11 +124,13 @@ fn sw_1_skip_final_scan_is_caught() {
             skip_final_scan: true,
             ..Default::default()
         },
+        (0, 1, 2),
         &[check::P_MEM, check::P_MEM_DIGEST],
     );
 }
 
-/// spec: FC-3, INV-FC-1: sending without credit.
+/// spec: FC-3, INV-FC-1: sending without credit (the last credit without a grant first). It
+/// takes a burst longer than the window: four registration requests after a ZERO.
 #[test]
 fn inv_fc_1_ignore_credits_is_caught() {
     assert_caught_by(
@@ -107,6 +138,7 @@ fn inv_fc_1_ignore_credits_is_caught() {
             ignore_credits: true,
             ..Default::default()
         },
-        &[check::P_FC],
+        (0, 0, 4),
+        &[check::P_FC, check::P_FC3],
     );
 }

@@ -2,12 +2,15 @@
 //!
 //! ```text
 //! rdmig-model check [--config small|medium] [--dfs|--bfs] [--threads N]
+//!                   [--faults N] [--guest-writes N]
 //! rdmig-model explore [--config small|medium] [--addr 127.0.0.1:3000]
 //! ```
 //!
-//! `check` explores every reachable state, prints the figures and each property's result,
-//! and writes every counterexample as a readable trace to `counterexample-<property>.txt`.
-//! It exits with status 1 if any property fails. `explore` serves stateright's web Explorer.
+//! `check` explores every reachable state (depth-first unless `--bfs`), prints the figures and
+//! each property's result, and writes every counterexample as a readable trace to
+//! `counterexample-<property>.txt`. It exits with status 1 if any property fails. `explore`
+//! serves stateright's web Explorer. `--faults` and `--guest-writes` override the budgets of
+//! the chosen configuration.
 
 use std::process::ExitCode;
 
@@ -16,6 +19,7 @@ use stateright::{Expectation, Model};
 
 const USAGE: &str = "usage:
   rdmig-model check [--config small|medium] [--dfs|--bfs] [--threads N]
+                    [--faults N] [--guest-writes N]
   rdmig-model explore [--config small|medium] [--addr 127.0.0.1:3000]";
 
 struct Args {
@@ -31,10 +35,14 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut args = Args {
         command,
         config: CheckConfig::small(),
-        strategy: Strategy::Bfs,
+        // Depth-first needs a fraction of the memory (83 MB instead of 1.7 GB on the small
+        // configuration) and runs faster; `--bfs` finds shortest counterexamples.
+        strategy: Strategy::Dfs,
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         addr: "127.0.0.1:3000".to_string(),
     };
+    // Budget overrides apply to whichever configuration is chosen, in any argument order.
+    let (mut faults, mut guest) = (None, None);
     while let Some(a) = it.next() {
         let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
         match a.as_str() {
@@ -53,8 +61,25 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                     .ok_or(format!("bad thread count {v}"))?;
             }
             "--addr" => args.addr = value("--addr")?,
+            "--faults" => {
+                let v = value("--faults")?;
+                faults = Some(v.parse().map_err(|_| format!("bad fault budget {v}"))?);
+            }
+            "--guest-writes" => {
+                let v = value("--guest-writes")?;
+                guest = Some(
+                    v.parse()
+                        .map_err(|_| format!("bad guest write budget {v}"))?,
+                );
+            }
             other => return Err(format!("unknown argument {other}")),
         }
+    }
+    if let Some(f) = faults {
+        args.config.faults = f;
+    }
+    if let Some(g) = guest {
+        args.config.guest_writes = g;
     }
     Ok(args)
 }
@@ -96,7 +121,15 @@ fn check_cmd(args: Args) -> ExitCode {
         args.threads,
         model.properties().len()
     );
-    let run = check::run(model, args.strategy, args.threads, Stop::Exhaustive);
+    let run = check::run_with_progress(model, args.strategy, args.threads, Stop::Exhaustive, |p| {
+        eprintln!(
+            "  ... {} states, {} unique, depth {}, {:.0}s",
+            p.total_states,
+            p.unique_states,
+            p.max_depth,
+            p.elapsed.as_secs_f64()
+        )
+    });
     println!(
         "states explored {}  unique {}  max depth {}  time {:.1}s  ({:.0} states/s)",
         run.total_states,
@@ -105,6 +138,12 @@ fn check_cmd(args: Args) -> ExitCode {
         run.elapsed.as_secs_f64(),
         run.states_per_sec()
     );
+    let width = run
+        .properties
+        .iter()
+        .map(|p| p.name.len())
+        .max()
+        .unwrap_or(0);
     for p in &run.properties {
         let kind = match p.expectation {
             Expectation::Always => "always",
@@ -113,7 +152,10 @@ fn check_cmd(args: Args) -> ExitCode {
         };
         let verdict = match (&p.expectation, &p.discovery) {
             (Expectation::Sometimes, Some(path)) => {
-                format!("ok (example in {} steps)", path.clone().into_vec().len() - 1)
+                format!(
+                    "ok (example in {} steps)",
+                    path.clone().into_vec().len() - 1
+                )
             }
             (Expectation::Sometimes, None) => "FAILED: never reached".to_string(),
             (_, None) => "ok".to_string(),
@@ -126,10 +168,16 @@ fn check_cmd(args: Args) -> ExitCode {
                     Err(e) => eprintln!("cannot write {file}: {e}"),
                 }
                 println!("\n{trace}");
-                format!("VIOLATED: counterexample of {} steps in {file}", path.clone().into_vec().len() - 1)
+                format!(
+                    "VIOLATED: counterexample of {} steps in {file}",
+                    path.clone().into_vec().len() - 1
+                )
             }
         };
-        println!("  [{kind:>10}] {:<72} {verdict}", p.name);
+        println!("  [{kind:>10}] {:<width$} {verdict}", p.name);
+    }
+    if !run.violations().is_empty() && args.strategy == Strategy::Dfs {
+        println!("(rerun with --bfs for shortest counterexamples)");
     }
     if run.all_ok() {
         println!("all properties hold");

@@ -1,0 +1,1072 @@
+//! RDMA verbs transport (RoCE, InfiniBand, soft-RoCE) behind [`SourceLink`] and [`DestLink`].
+//!
+//! Resources per side: one protection domain; one send and one receive completion queue, each
+//! drained by its own poller thread that routes every work completion by queue pair and
+//! `wr_id` to its owner (no completion is ever dropped, and nothing assumes an order across
+//! the two queues); one RC queue pair for control and one per data channel.
+//!
+//! - Control: SEND/RECV. Each side pre-posts `credit_window` receive buffers of
+//!   `wire::MAX_FRAME_LEN` bytes (spec: FC-1; the machines enforce credits, so a buffer is
+//!   always posted when a frame arrives). A receive completion becomes `Event::Control` with
+//!   the received bytes and its buffer is re-posted at once. Sends are copied into one of a
+//!   fixed set of send buffers, each freed by its (signalled) send completion.
+//! - Data: RDMA WRITE from source memory (registered whole, local read only) into
+//!   destination registrations (local + remote write on exactly the registered range, zero-
+//!   based so remote offsets are registration-relative, spec 1.3). Writes larger than
+//!   [`MAX_PIECE`] are split; only the last piece is signalled, and on an RC queue its
+//!   completion also completes the earlier pieces, so `Event::WriteDone(wr_id)` means every
+//!   byte of the write is placed. The send queue depth is respected: posting waits for room.
+//! - Bootstrap: the source connects TCP to the destination's listen address; both exchange the
+//!   control queue pair's endpoint (QPN, PSN, LID, MTU, GID), then run the protocol over the
+//!   control queue pair. After authentication each data channel's endpoint is sent on the same
+//!   TCP connection with the channel's `auth::data_token` (the 56-byte DATA_HELLO of the TCP
+//!   transport, spec AUTH-6); the destination creates a data queue pair only for a verified
+//!   token once `allow_data` was called, and closes the connection otherwise.
+//!
+//! Bootstrap messages (all integers little-endian):
+//! - CONNECT, S->D and D->S: magic `RDMGRDMA` (8) then an endpoint (32);
+//! - JOIN, S->D: DATA_HELLO (56) then an endpoint (32); answered by CONNECT or by closing;
+//! - endpoint: qpn u32, psn u32 (24 bits), lid u16, mtu u8 (`ibv_mtu`), reserved u8 = 0,
+//!   gid (16), reserved (4) = 0.
+
+pub mod res;
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdmig_model::{auth, wire};
+
+use crate::mem::RamBlock;
+use crate::tcp::{hello_bytes, parse_hello, DataAuth, Event, WriteReq, DATA_HELLO_LEN};
+use crate::transport::{DestLink, SourceLink};
+pub use res::{list_devices, DeviceInfo, Endpoint, GidInfo, PortInfo};
+use res::{Completion, Cq, Device, DmaBuf, Mr, MrAccess, Qp, QpAccess, SendWr};
+
+/// Largest single RDMA WRITE; longer writes are split.
+pub const MAX_PIECE: u64 = 16 << 20;
+/// Work requests per data queue pair's send queue.
+pub const DATA_SQ_DEPTH: u32 = 256;
+/// Control send buffers (each `MAX_FRAME_LEN`).
+pub const CONTROL_SEND_SLOTS: usize = 32;
+pub const ENDPOINT_LEN: usize = 32;
+const CONNECT_LEN: usize = 8 + ENDPOINT_LEN;
+const JOIN_LEN: usize = DATA_HELLO_LEN + ENDPOINT_LEN;
+const BOOT_MAGIC: &[u8; 8] = b"RDMGRDMA";
+/// How long a post waits for a send buffer or send queue room before failing.
+const POST_WAIT: Duration = Duration::from_secs(10);
+const FRAME: usize = wire::MAX_FRAME_LEN;
+
+/// Which device, port and GID to use.
+#[derive(Debug, Clone, Default)]
+pub struct VerbsOptions {
+    pub device: Option<String>,
+    pub gid_index: Option<u8>,
+}
+
+/// `true` for an IPv4-mapped IPv6 address `::ffff:a.b.c.d` (RoCE v2 over IPv4).
+pub fn is_ipv4_mapped(gid: &[u8; 16]) -> bool {
+    gid[..10].iter().all(|&b| b == 0) && gid[10] == 0xff && gid[11] == 0xff
+}
+
+/// Picks the port and GID index: the first active port; the given GID index (which must
+/// exist on that port), or else the port's first IPv4-mapped RoCE v2 GID (Ethernet link
+/// layer) or GID 0 (InfiniBand).
+pub fn choose_port(info: &DeviceInfo, gid_index: Option<u8>) -> Result<(u8, u8), String> {
+    let port = info
+        .ports
+        .iter()
+        .find(|p| p.active)
+        .ok_or_else(|| "no active port".to_string())?;
+    if let Some(i) = gid_index {
+        return if port.gids.iter().any(|g| g.index == i) {
+            Ok((port.num, i))
+        } else {
+            Err(format!("port {} has no GID at index {i}", port.num))
+        };
+    }
+    if !port.ethernet {
+        return port
+            .gids
+            .first()
+            .map(|g| (port.num, g.index))
+            .ok_or_else(|| format!("port {} has no GID", port.num));
+    }
+    port.gids
+        .iter()
+        .find(|g| g.gid_type == 2 && is_ipv4_mapped(&g.gid))
+        .map(|g| (port.num, g.index))
+        .ok_or_else(|| {
+            format!(
+                "port {} has no IPv4-mapped RoCE v2 GID (give --gid-index)",
+                port.num
+            )
+        })
+}
+
+/// Opens the device for a migration.
+pub fn open_device(o: &VerbsOptions) -> io::Result<Arc<Device>> {
+    Device::open(o.device.as_deref(), |info| choose_port(info, o.gid_index))
+}
+
+pub fn encode_endpoint(e: &Endpoint) -> [u8; ENDPOINT_LEN] {
+    let mut b = [0u8; ENDPOINT_LEN];
+    b[0..4].copy_from_slice(&e.qpn.to_le_bytes());
+    b[4..8].copy_from_slice(&(e.psn & 0xff_ffff).to_le_bytes());
+    b[8..10].copy_from_slice(&e.lid.to_le_bytes());
+    b[10] = e.mtu;
+    b[12..28].copy_from_slice(&e.gid);
+    b
+}
+
+pub fn decode_endpoint(b: &[u8; ENDPOINT_LEN]) -> Option<Endpoint> {
+    let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    if b[11] != 0 || b[28..32] != [0; 4] || u32_at(4) > 0xff_ffff || !(1..=5).contains(&b[10]) {
+        return None;
+    }
+    let mut gid = [0u8; 16];
+    gid.copy_from_slice(&b[12..28]);
+    Some(Endpoint {
+        qpn: u32_at(0),
+        psn: u32_at(4),
+        lid: u16::from_le_bytes([b[8], b[9]]),
+        mtu: b[10],
+        gid,
+    })
+}
+
+fn connect_msg(e: &Endpoint) -> [u8; CONNECT_LEN] {
+    let mut b = [0u8; CONNECT_LEN];
+    b[..8].copy_from_slice(BOOT_MAGIC);
+    b[8..].copy_from_slice(&encode_endpoint(e));
+    b
+}
+
+fn read_connect(s: &mut TcpStream) -> io::Result<Endpoint> {
+    let mut b = [0u8; CONNECT_LEN];
+    s.read_exact(&mut b)?;
+    let mut e = [0u8; ENDPOINT_LEN];
+    e.copy_from_slice(&b[8..]);
+    match (&b[..8] == BOOT_MAGIC, decode_endpoint(&e)) {
+        (true, Some(e)) => Ok(e),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bad RDMA bootstrap message",
+        )),
+    }
+}
+
+fn random_psn() -> u32 {
+    let mut b = [0u8; 4];
+    getrandom::fill(&mut b).expect("OS random source");
+    u32::from_le_bytes(b) & 0xff_ffff
+}
+
+/// Splits a write into pieces of at most [`MAX_PIECE`] bytes: `(offset within the write,
+/// len)`; only the last is signalled.
+pub fn pieces(len: u64) -> Vec<(u64, u32)> {
+    let mut v = Vec::new();
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(MAX_PIECE);
+        v.push((done, n as u32));
+        done += n;
+    }
+    v
+}
+
+/// The send queue of one data queue pair: work requests posted and not yet completed, in
+/// order, grouped by write (the last of each group is the signalled one).
+#[derive(Debug, Default)]
+pub struct SendWindow {
+    used: u32,
+    inflight: VecDeque<(u64, u32)>,
+    failed: bool,
+}
+
+impl SendWindow {
+    /// Room for `n` more work requests under `depth`?
+    pub fn has_room(&self, n: u32, depth: u32) -> bool {
+        self.used + n <= depth
+    }
+
+    pub fn posted(&mut self, wr_id: u64, n: u32) {
+        self.used += n;
+        self.inflight.push_back((wr_id, n));
+    }
+
+    /// A successful signalled completion: it completes its write and, RC being ordered, the
+    /// unsignalled pieces before it. `Err` if it matches no write in flight.
+    pub fn completed(&mut self, wr_id: u64) -> Result<(), u64> {
+        match self.inflight.front() {
+            Some(&(id, n)) if id == wr_id => {
+                self.inflight.pop_front();
+                self.used -= n;
+                Ok(())
+            }
+            _ => Err(wr_id),
+        }
+    }
+
+    /// An error completion (the queue pair is broken; every work request, signalled or not,
+    /// flushes with its own completion). Returns `true` for the first one.
+    pub fn errored(&mut self) -> bool {
+        let first = !self.failed;
+        self.failed = true;
+        self.used = self.used.saturating_sub(1);
+        if self.used == 0 {
+            self.inflight.clear();
+        }
+        first
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.inflight.len()
+    }
+}
+
+struct RegBuf {
+    mr: Mr,
+    buf: DmaBuf,
+}
+
+impl RegBuf {
+    fn new(dev: &Arc<Device>, len: usize, access: MrAccess) -> io::Result<RegBuf> {
+        let buf = DmaBuf::new(len);
+        let mr = Mr::register(dev, buf.ptr(), len as u64, access, false)?;
+        Ok(RegBuf { mr, buf })
+    }
+}
+
+/// The control queue pair with its buffers.
+struct Control {
+    qp: Qp,
+    recv: RegBuf,
+    send: RegBuf,
+    free: Mutex<Vec<usize>>,
+    freed: Condvar,
+    failed: AtomicBool,
+}
+
+impl Control {
+    fn new(dev: &Arc<Device>, scq: &Arc<Cq>, rcq: &Arc<Cq>, window: u16) -> io::Result<Control> {
+        let window = window.max(1) as usize;
+        let qp = Qp::new(
+            dev,
+            scq,
+            rcq,
+            CONTROL_SEND_SLOTS as u32,
+            window as u32,
+            QpAccess::None,
+            random_psn(),
+        )?;
+        let recv = RegBuf::new(dev, window * FRAME, MrAccess::LocalWrite)?;
+        let send = RegBuf::new(dev, CONTROL_SEND_SLOTS * FRAME, MrAccess::LocalRead)?;
+        let c = Control {
+            qp,
+            recv,
+            send,
+            free: Mutex::new((0..CONTROL_SEND_SLOTS).rev().collect()),
+            freed: Condvar::new(),
+            failed: AtomicBool::new(false),
+        };
+        // Receive buffers are posted before the peer learns our endpoint.
+        for slot in 0..window {
+            c.post_recv(slot)?;
+        }
+        Ok(c)
+    }
+
+    fn post_recv(&self, slot: usize) -> io::Result<()> {
+        let addr = self.recv.buf.ptr().wrapping_add(slot * FRAME);
+        self.qp
+            .post_recv(&self.recv.mr, addr, FRAME as u32, slot as u64)
+    }
+
+    fn send(&self, frame: &[u8]) -> io::Result<()> {
+        if frame.len() > FRAME {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "control frame too long",
+            ));
+        }
+        let deadline = Instant::now() + POST_WAIT;
+        let mut free = self.free.lock().unwrap();
+        let slot = loop {
+            if self.failed.load(Ordering::SeqCst) {
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "control queue pair failed",
+                ));
+            }
+            if let Some(s) = free.pop() {
+                break s;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                self.failed.store(true, Ordering::SeqCst);
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no control send buffer freed",
+                ));
+            }
+            free = self.freed.wait_timeout(free, left).unwrap().0;
+        };
+        drop(free);
+        self.send.buf.write(slot * FRAME, frame);
+        let r = self.qp.post_send(
+            &self.send.mr,
+            &[SendWr {
+                wr_id: slot as u64,
+                addr: self.send.buf.ptr().wrapping_add(slot * FRAME),
+                len: frame.len() as u32,
+                signalled: true,
+                write: None,
+            }],
+        );
+        if r.is_err() {
+            self.release(slot);
+        }
+        r
+    }
+
+    fn release(&self, slot: usize) {
+        let mut f = self.free.lock().unwrap();
+        if slot < CONTROL_SEND_SLOTS && !f.contains(&slot) {
+            f.push(slot);
+        }
+        self.freed.notify_all();
+    }
+
+    /// Waits (bounded) until every posted send completed, so frames sent just before a
+    /// shutdown (STARTED, ABORT) leave before the queue pair is destroyed.
+    fn drain(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut f = self.free.lock().unwrap();
+        while f.len() < CONTROL_SEND_SLOTS && !self.failed.load(Ordering::SeqCst) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            f = self.freed.wait_timeout(f, left).unwrap().0;
+        }
+    }
+}
+
+/// One source data channel.
+struct DataQp {
+    qp: Qp,
+    window: Mutex<SendWindow>,
+    room: Condvar,
+}
+
+/// State shared by a side's link object and its two pollers.
+struct Shared {
+    control: Control,
+    /// Source data queue pairs by QP number.
+    data: RwLock<HashMap<u32, Arc<DataQp>>>,
+    events: Sender<Event>,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn on_send(&self, c: &Completion) {
+        let ctl = &self.control;
+        if c.qp_num == ctl.qp.num() {
+            ctl.release(c.wr_id as usize);
+            if !c.ok && !ctl.failed.swap(true, Ordering::SeqCst) {
+                ctl.freed.notify_all();
+                let _ = self.events.send(Event::ControlClosed(format!(
+                    "control send failed (work completion status {})",
+                    c.status
+                )));
+            }
+            return;
+        }
+        let Some(d) = self.data.read().unwrap().get(&c.qp_num).cloned() else {
+            tracing::warn!("completion for unknown queue pair {}", c.qp_num);
+            return;
+        };
+        let mut w = d.window.lock().unwrap();
+        if c.ok {
+            match w.completed(c.wr_id) {
+                Ok(()) => {
+                    let _ = self.events.send(Event::WriteDone(c.wr_id));
+                }
+                Err(id) => {
+                    let _ = self.events.send(Event::DataViolation(format!(
+                        "completion for write {id}, which is not the oldest in flight"
+                    )));
+                }
+            }
+        } else if w.errored() {
+            let _ = self.events.send(Event::DataFailed(format!(
+                "RDMA write failed (work completion status {}, {} writes in flight)",
+                c.status,
+                w.outstanding()
+            )));
+        }
+        d.room.notify_all();
+    }
+
+    fn on_recv(&self, c: &Completion) {
+        let ctl = &self.control;
+        if c.qp_num != ctl.qp.num() {
+            tracing::warn!("receive completion for unknown queue pair {}", c.qp_num);
+            return;
+        }
+        if !c.ok {
+            if !ctl.failed.swap(true, Ordering::SeqCst) {
+                ctl.freed.notify_all();
+                let _ = self.events.send(Event::ControlClosed(format!(
+                    "control receive failed (work completion status {})",
+                    c.status
+                )));
+            }
+            return;
+        }
+        let slot = c.wr_id as usize;
+        let bytes = ctl
+            .recv
+            .buf
+            .read(slot * FRAME, (c.byte_len as usize).min(FRAME));
+        let _ = self.events.send(Event::Control(bytes));
+        if let Err(e) = ctl.post_recv(slot) {
+            if !ctl.failed.swap(true, Ordering::SeqCst) {
+                let _ = self
+                    .events
+                    .send(Event::ControlClosed(format!("re-posting a receive: {e}")));
+            }
+        }
+    }
+}
+
+fn spawn_poller(
+    cq: Arc<Cq>,
+    shared: Arc<Shared>,
+    handle: fn(&Shared, &Completion),
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut wcs = Vec::with_capacity(64);
+        loop {
+            // Drain fully before sleeping: the CQ is armed, so a completion that arrives after
+            // the last poll wakes the wait.
+            loop {
+                wcs.clear();
+                if let Err(e) = cq.poll(&mut wcs, 64) {
+                    let _ = shared
+                        .events
+                        .send(Event::ControlClosed(format!("polling completions: {e}")));
+                    return;
+                }
+                for c in &wcs {
+                    handle(&shared, c);
+                }
+                if wcs.len() < 64 {
+                    break;
+                }
+            }
+            if shared.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            if let Err(e) = cq.wait(Duration::from_millis(100)) {
+                let _ = shared.events.send(Event::ControlClosed(format!(
+                    "waiting for completions: {e}"
+                )));
+                return;
+            }
+        }
+    })
+}
+
+/// Device, queues, control queue pair and pollers of one side.
+struct Base {
+    dev: Arc<Device>,
+    scq: Arc<Cq>,
+    shared: Arc<Shared>,
+    pollers: Vec<JoinHandle<()>>,
+}
+
+impl Base {
+    fn new(
+        dev: Arc<Device>,
+        window: u16,
+        channels_max: u32,
+    ) -> io::Result<(Base, Receiver<Event>)> {
+        let scq = Cq::new(
+            &dev,
+            (CONTROL_SEND_SLOTS as u32 + channels_max * DATA_SQ_DEPTH) as i32,
+        )?;
+        let rcq = Cq::new(&dev, window.max(1) as i32)?;
+        let control = Control::new(&dev, &scq, &rcq, window)?;
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            control,
+            data: RwLock::new(HashMap::new()),
+            events: tx,
+            stop: AtomicBool::new(false),
+        });
+        let pollers = vec![
+            spawn_poller(scq.clone(), shared.clone(), Shared::on_send),
+            spawn_poller(rcq, shared.clone(), Shared::on_recv),
+        ];
+        Ok((
+            Base {
+                dev,
+                scq,
+                shared,
+                pollers,
+            },
+            rx,
+        ))
+    }
+
+    fn stop(&mut self) {
+        self.shared.control.drain(Duration::from_secs(2));
+        self.shared.stop.store(true, Ordering::SeqCst);
+        for p in self.pollers.drain(..) {
+            let _ = p.join();
+        }
+        self.shared.control.qp.set_error();
+        for d in self.shared.data.read().unwrap().values() {
+            d.qp.set_error();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Source side
+
+/// The source's end: control queue pair, data queue pairs opened after authentication, and
+/// its memory registered whole for local read.
+pub struct SourceVerbs {
+    base: Base,
+    boot: TcpStream,
+    blocks: Arc<Vec<Arc<RamBlock>>>,
+    mrs: Vec<Mr>,
+    channels: Vec<Arc<DataQp>>,
+}
+
+impl SourceVerbs {
+    /// Connects the bootstrap TCP connection to `addr` and the control queue pair over it.
+    pub fn connect(
+        addr: SocketAddr,
+        blocks: Arc<Vec<Arc<RamBlock>>>,
+        opts: &VerbsOptions,
+        credit_window: u16,
+        timeout: Duration,
+    ) -> io::Result<(Self, Receiver<Event>)> {
+        let dev = open_device(opts)?;
+        tracing::info!(
+            "RDMA device {} port {} GID index {}",
+            dev.name,
+            dev.port,
+            dev.gid_index
+        );
+        let mut mrs = Vec::new();
+        for b in blocks.iter() {
+            // Least privilege: the NIC only reads source memory (spec 5.3).
+            mrs.push(Mr::register(
+                &dev,
+                b.as_ptr(),
+                b.len(),
+                MrAccess::LocalRead,
+                false,
+            )?);
+        }
+        let (base, rx) = Base::new(dev, credit_window, wire::MAX_CHANNELS as u32)?;
+        let mut boot = TcpStream::connect_timeout(&addr, timeout)?;
+        let _ = boot.set_nodelay(true);
+        boot.set_read_timeout(Some(Duration::from_secs(30)))?;
+        boot.write_all(&connect_msg(&base.shared.control.qp.endpoint()))?;
+        let remote = read_connect(&mut boot)?;
+        base.shared.control.qp.connect(&remote)?;
+        Ok((
+            SourceVerbs {
+                base,
+                boot,
+                blocks,
+                mrs,
+                channels: Vec::new(),
+            },
+            rx,
+        ))
+    }
+}
+
+impl SourceLink for SourceVerbs {
+    fn send_control(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.base.shared.control.send(frame)
+    }
+
+    fn open_data(
+        &mut self,
+        n: u8,
+        session_id: u64,
+        key: Option<&[u8]>,
+        dst_nonce: &[u8; 32],
+    ) -> io::Result<()> {
+        for ch in 0..n {
+            let qp = Qp::new(
+                &self.base.dev,
+                &self.base.scq,
+                &self.base.scq,
+                DATA_SQ_DEPTH,
+                1,
+                QpAccess::None,
+                random_psn(),
+            )?;
+            let token = auth::data_token(key, session_id, ch, dst_nonce);
+            let mut join = [0u8; JOIN_LEN];
+            join[..DATA_HELLO_LEN].copy_from_slice(&hello_bytes(session_id, ch, &token));
+            join[DATA_HELLO_LEN..].copy_from_slice(&encode_endpoint(&qp.endpoint()));
+            self.boot.write_all(&join)?;
+            let remote = read_connect(&mut self.boot).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    format!("destination refused data channel {ch}: {e}"),
+                )
+            })?;
+            qp.connect(&remote)?;
+            let d = Arc::new(DataQp {
+                qp,
+                window: Mutex::new(SendWindow::default()),
+                room: Condvar::new(),
+            });
+            self.base
+                .shared
+                .data
+                .write()
+                .unwrap()
+                .insert(d.qp.num(), d.clone());
+            self.channels.push(d);
+        }
+        Ok(())
+    }
+
+    fn post_write(&mut self, channel: u8, w: WriteReq) -> io::Result<()> {
+        let d = self
+            .channels
+            .get(channel as usize)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "data channel not open"))?;
+        let block = self
+            .blocks
+            .get(w.block as usize)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no such block"))?;
+        if w.offset.checked_add(w.len).is_none_or(|e| e > block.len()) || w.len == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "write outside the block",
+            ));
+        }
+        let parts = pieces(w.len);
+        let n = parts.len() as u32;
+        if n > DATA_SQ_DEPTH {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "write larger than a send queue",
+            ));
+        }
+        let base = block.as_ptr().wrapping_add(w.offset as usize);
+        let wrs: Vec<SendWr> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, &(off, len))| SendWr {
+                wr_id: w.wr_id,
+                addr: base.wrapping_add(off as usize),
+                len,
+                signalled: i + 1 == parts.len(),
+                write: Some((w.remote_offset + off, w.rkey)),
+            })
+            .collect();
+        let deadline = Instant::now() + POST_WAIT;
+        let mut win = d.window.lock().unwrap();
+        if win.failed {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "data channel failed",
+            ));
+        }
+        while !win.has_room(n, DATA_SQ_DEPTH) {
+            if win.failed {
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "data channel failed",
+                ));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                // No completion for that long: the channel is dead; later posts fail at once
+                // instead of each waiting again.
+                win.failed = true;
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "data send queue stayed full",
+                ));
+            }
+            win = d.room.wait_timeout(win, left).unwrap().0;
+        }
+        // Accounted before posting, under the lock, so the completion always finds it.
+        win.posted(w.wr_id, n);
+        let r = d.qp.post_send(&self.mrs[w.block as usize], &wrs);
+        if r.is_err() {
+            win.inflight.pop_back();
+            win.used -= n;
+        }
+        r
+    }
+
+    fn channels_open(&self) -> usize {
+        self.channels.len()
+    }
+
+    fn shutdown(&mut self) {
+        self.base.stop();
+        let _ = self.boot.shutdown(Shutdown::Both);
+    }
+
+    fn name(&self) -> &'static str {
+        "rdma"
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Destination side
+
+/// The destination's end: control queue pair, a bootstrap thread that admits data queue pairs
+/// once the session is authenticated, and memory registrations per key.
+pub struct DestVerbs {
+    base: Base,
+    boot: TcpStream,
+    blocks: Arc<Vec<Arc<RamBlock>>>,
+    data_auth: Arc<Mutex<Option<DataAuth>>>,
+    data_qps: Arc<Mutex<Vec<Qp>>>,
+    regs: HashMap<u32, Mr>,
+}
+
+impl DestVerbs {
+    /// Opens the device (before accepting, so a missing device fails at once), then waits for
+    /// the source's bootstrap connection on `listener` and connects the control queue pair.
+    pub fn accept(
+        listener: TcpListener,
+        blocks: Arc<Vec<Arc<RamBlock>>>,
+        opts: &VerbsOptions,
+        credit_window: u16,
+    ) -> io::Result<(Self, Receiver<Event>)> {
+        let dev = open_device(opts)?;
+        tracing::info!(
+            "RDMA device {} port {} GID index {}",
+            dev.name,
+            dev.port,
+            dev.gid_index
+        );
+        let (base, rx) = Base::new(dev, credit_window, 0)?;
+        let (mut boot, _) = listener.accept()?;
+        let _ = boot.set_nodelay(true);
+        boot.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let remote = read_connect(&mut boot)?;
+        base.shared.control.qp.connect(&remote)?;
+        // Ready to receive before the source learns our endpoint.
+        boot.write_all(&connect_msg(&base.shared.control.qp.endpoint()))?;
+        boot.set_read_timeout(None)?;
+        let data_auth: Arc<Mutex<Option<DataAuth>>> = Arc::new(Mutex::new(None));
+        let data_qps = Arc::new(Mutex::new(Vec::new()));
+        {
+            let (s, a, q) = (boot.try_clone()?, data_auth.clone(), data_qps.clone());
+            let (dev, scq) = (base.dev.clone(), base.scq.clone());
+            std::thread::spawn(move || admit_data(s, a, q, dev, scq));
+        }
+        Ok((
+            DestVerbs {
+                base,
+                boot,
+                blocks,
+                data_auth,
+                data_qps,
+                regs: HashMap::new(),
+            },
+            rx,
+        ))
+    }
+
+    pub fn registered(&self) -> usize {
+        self.regs.len()
+    }
+}
+
+/// Admits data channels on the bootstrap connection (spec: AUTH-6): only after `allow_data`,
+/// only for the session, a channel below the count and not yet joined, with a token that
+/// verifies; anything else closes the connection without reading further.
+fn admit_data(
+    mut s: TcpStream,
+    data_auth: Arc<Mutex<Option<DataAuth>>>,
+    qps: Arc<Mutex<Vec<Qp>>>,
+    dev: Arc<Device>,
+    scq: Arc<Cq>,
+) {
+    let mut joined = std::collections::BTreeSet::new();
+    loop {
+        let mut m = [0u8; JOIN_LEN];
+        if s.read_exact(&mut m).is_err() {
+            return;
+        }
+        let mut hello = [0u8; DATA_HELLO_LEN];
+        hello.copy_from_slice(&m[..DATA_HELLO_LEN]);
+        let mut ep = [0u8; ENDPOINT_LEN];
+        ep.copy_from_slice(&m[DATA_HELLO_LEN..]);
+        let auth = data_auth.lock().unwrap().clone();
+        let ok = match (parse_hello(&hello), &auth, decode_endpoint(&ep)) {
+            (Some((sid, ch, token)), Some(a), Some(_)) => {
+                sid == a.session_id
+                    && ch < a.channels
+                    && !joined.contains(&ch)
+                    && auth::verify_data_token(a.key.as_deref(), sid, ch, &a.nonce, &token)
+                    && joined.insert(ch)
+            }
+            _ => false,
+        };
+        if !ok {
+            tracing::warn!("refused a data channel that did not prove the session key");
+            let _ = s.shutdown(Shutdown::Both);
+            return;
+        }
+        let remote = decode_endpoint(&ep).expect("checked above");
+        let r =
+            Qp::new(&dev, &scq, &scq, 1, 1, QpAccess::RemoteWrite, random_psn()).and_then(|qp| {
+                qp.connect(&remote)?;
+                s.write_all(&connect_msg(&qp.endpoint()))?;
+                Ok(qp)
+            });
+        match r {
+            Ok(qp) => qps.lock().unwrap().push(qp),
+            Err(e) => {
+                tracing::warn!("creating a data queue pair: {e}");
+                let _ = s.shutdown(Shutdown::Both);
+                return;
+            }
+        }
+    }
+}
+
+impl DestLink for DestVerbs {
+    fn send_control(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.base.shared.control.send(frame)
+    }
+
+    fn allow_data(&mut self, auth: DataAuth) {
+        *self.data_auth.lock().unwrap() = Some(auth);
+    }
+
+    fn register(&mut self, block: u16, offset: u64, len: u64) -> io::Result<u32> {
+        let b = self
+            .blocks
+            .get(block as usize)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no such block"))?;
+        if len == 0 || offset.checked_add(len).is_none_or(|e| e > b.len()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "registration outside the block",
+            ));
+        }
+        let mr = Mr::register(
+            &self.base.dev,
+            b.as_ptr().wrapping_add(offset as usize),
+            len,
+            MrAccess::RemoteWrite,
+            true,
+        )?;
+        let key = mr.rkey();
+        if self.regs.contains_key(&key) {
+            return Err(io::Error::other(
+                "device returned a remote key already in use",
+            ));
+        }
+        self.regs.insert(key, mr);
+        Ok(key)
+    }
+
+    fn unregister(&mut self, key: u32) -> bool {
+        // Dropping deregisters: no write under the key lands after this returns.
+        self.regs.remove(&key).is_some()
+    }
+
+    fn shutdown(&mut self) {
+        self.regs.clear();
+        self.base.stop();
+        for qp in self.data_qps.lock().unwrap().iter() {
+            qp.set_error();
+        }
+        let _ = self.boot.shutdown(Shutdown::Both);
+    }
+
+    fn name(&self) -> &'static str {
+        "rdma"
+    }
+}
+
+/// Text for `rdmig devices`.
+pub fn describe_devices(devs: &[DeviceInfo]) -> String {
+    let mut s = String::new();
+    for d in devs {
+        for p in &d.ports {
+            s.push_str(&format!(
+                "{} port {}: {} ({}, lid {}, mtu {})\n",
+                d.name,
+                p.num,
+                p.state,
+                if p.ethernet { "Ethernet" } else { "InfiniBand" },
+                p.lid,
+                128u32 << p.active_mtu.clamp(1, 5),
+            ));
+            for g in &p.gids {
+                let kind = match g.gid_type {
+                    0 => "IB",
+                    1 => "RoCE v1",
+                    2 => "RoCE v2",
+                    _ => "?",
+                };
+                let addr = std::net::Ipv6Addr::from(g.gid);
+                let v4 = if is_ipv4_mapped(&g.gid) {
+                    format!(" ({})", addr.to_ipv4_mapped().expect("mapped"))
+                } else {
+                    String::new()
+                };
+                s.push_str(&format!("  gid {:>3} {kind:<7} {addr}{v4}\n", g.index));
+            }
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gid(v4: Option<[u8; 4]>) -> [u8; 16] {
+        let mut g = [0u8; 16];
+        match v4 {
+            Some(a) => {
+                g[10] = 0xff;
+                g[11] = 0xff;
+                g[12..].copy_from_slice(&a);
+            }
+            None => {
+                g[0] = 0xfe;
+                g[1] = 0x80;
+                g[15] = 1;
+            }
+        }
+        g
+    }
+
+    fn dev(active: bool, ethernet: bool) -> DeviceInfo {
+        let g = |index, gid_type, v4| GidInfo {
+            port: 1,
+            index,
+            gid: gid(v4),
+            gid_type,
+        };
+        DeviceInfo {
+            name: "rxe0".into(),
+            ports: vec![PortInfo {
+                num: 1,
+                active,
+                state: if active { "active" } else { "down" }.into(),
+                ethernet,
+                lid: 0,
+                active_mtu: 3,
+                gids: vec![
+                    g(0, 1, None),
+                    g(1, 2, None),
+                    g(2, 1, Some([10, 0, 2, 15])),
+                    g(3, 2, Some([10, 0, 2, 15])),
+                ],
+            }],
+        }
+    }
+
+    #[test]
+    fn default_gid_is_the_ipv4_mapped_roce_v2_entry() {
+        assert_eq!(choose_port(&dev(true, true), None), Ok((1, 3)));
+        assert_eq!(choose_port(&dev(true, true), Some(1)), Ok((1, 1)));
+        assert!(choose_port(&dev(true, true), Some(9)).is_err());
+        assert!(choose_port(&dev(false, true), None).is_err());
+        assert_eq!(choose_port(&dev(true, false), None), Ok((1, 0)));
+        let mut d = dev(true, true);
+        d.ports[0].gids.retain(|g| g.gid_type != 2);
+        assert!(choose_port(&d, None).unwrap_err().contains("--gid-index"));
+    }
+
+    #[test]
+    fn endpoint_roundtrip_and_checks() {
+        let e = Endpoint {
+            qpn: 0x11,
+            psn: 0xabcdef,
+            lid: 7,
+            mtu: 3,
+            gid: gid(Some([10, 0, 2, 15])),
+        };
+        assert_eq!(decode_endpoint(&encode_endpoint(&e)), Some(e));
+        let mut b = encode_endpoint(&e);
+        b[11] = 1;
+        assert_eq!(decode_endpoint(&b), None);
+        let mut b = encode_endpoint(&e);
+        b[10] = 9;
+        assert_eq!(decode_endpoint(&b), None);
+        let mut b = encode_endpoint(&e);
+        b[7] = 1;
+        assert_eq!(decode_endpoint(&b), None, "PSN is 24 bits");
+    }
+
+    #[test]
+    fn writes_split_with_only_the_last_piece_signalled() {
+        assert_eq!(pieces(4096), vec![(0, 4096)]);
+        let p = pieces(MAX_PIECE * 2 + 1);
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[2], (MAX_PIECE * 2, 1));
+        assert_eq!(p.iter().map(|x| x.1 as u64).sum::<u64>(), MAX_PIECE * 2 + 1);
+    }
+
+    #[test]
+    fn send_window_completes_in_order_and_respects_depth() {
+        let mut w = SendWindow::default();
+        assert!(w.has_room(4, 4));
+        w.posted(10, 3);
+        w.posted(11, 1);
+        assert!(!w.has_room(1, 4));
+        assert_eq!(w.completed(11), Err(11), "not the oldest");
+        assert_eq!(w.completed(10), Ok(()));
+        assert!(w.has_room(3, 4));
+        assert_eq!(w.completed(11), Ok(()));
+        assert_eq!(w.outstanding(), 0);
+        w.posted(12, 2);
+        assert!(w.errored());
+        assert!(!w.errored(), "reported once");
+        assert_eq!(w.outstanding(), 0);
+    }
+
+    #[test]
+    fn ipv4_mapped() {
+        assert!(is_ipv4_mapped(&gid(Some([1, 2, 3, 4]))));
+        assert!(!is_ipv4_mapped(&gid(None)));
+    }
+
+    /// On a machine without RDMA (this one: the kernel has none) opening fails with the
+    /// message users see, never a panic.
+    #[test]
+    fn no_device_is_a_clean_error() {
+        if std::path::Path::new("/sys/class/infiniband").exists() {
+            return;
+        }
+        let e = open_device(&VerbsOptions::default())
+            .err()
+            .expect("no device here");
+        assert!(e.to_string().contains("no RDMA device found"), "{e}");
+        assert!(list_devices().map_or(true, |d| d.is_empty()));
+    }
+}

@@ -1,0 +1,227 @@
+//! The stateright model of a migration (`rdmig_model::check`): every invariant holds on the
+//! small configuration, every "sometimes" property is reached, liveness is checked soundly,
+//! counterexample traces are readable, and the Explorer serves the model.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use rdmig_model::check::{self, CheckConfig, ProtocolModel, Stop, Strategy};
+use rdmig_model::Outcome;
+use stateright::{Expectation, Model};
+
+/// spec: INV-MEM-1, INV-REG-1, INV-OWN-1, INV-OWN-2, INV-FC-1, INV-PIN-1, INV-DOUBT-1: the
+/// whole small configuration, exhaustively: every always-property holds, the liveness
+/// properties hold, and every sometimes-property has an example (so none holds vacuously).
+#[test]
+fn inv_all_hold_exhaustively_on_small_config() {
+    let run = check::run(
+        ProtocolModel::new(CheckConfig::small()),
+        Strategy::Dfs,
+        2,
+        Stop::Exhaustive,
+    );
+    eprintln!(
+        "small: {} states, {} unique, depth {}, {:.1}s, {:.0} states/s",
+        run.total_states,
+        run.unique_states,
+        run.max_depth,
+        run.elapsed.as_secs_f64(),
+        run.states_per_sec()
+    );
+    for p in &run.properties {
+        if let Some(path) = p.discovery.as_ref().filter(|_| !p.ok()) {
+            panic!(
+                "{}",
+                check::render_path(&format!("counterexample for \"{}\"", p.name), path)
+            );
+        }
+        assert!(p.ok(), "\"{}\" never reached", p.name);
+    }
+    let sometimes = run
+        .properties
+        .iter()
+        .filter(|p| p.expectation == Expectation::Sometimes)
+        .count();
+    assert!(sometimes >= 5);
+    // Two guest writes, a fault and evictions make for a large space; a model that stopped
+    // early (a machine stuck in its first phase) would be far smaller.
+    assert!(
+        run.unique_states > 1_000_000,
+        "{} states",
+        run.unique_states
+    );
+}
+
+/// The liveness property uses stateright's `eventually`, which is sound only on an acyclic
+/// state graph. This checks the graph has no cycle (every budget only decreases, and every
+/// free action consumes something), on configurations small enough for a plain DFS.
+#[test]
+fn live_eventually_is_sound_because_the_state_graph_is_acyclic() {
+    for (faults, guest) in [(0, 1), (1, 0)] {
+        let mut cfg = CheckConfig::small();
+        cfg.faults = faults;
+        cfg.guest_writes = guest;
+        let (states, cycle) = find_cycle(&ProtocolModel::new(cfg));
+        assert!(
+            cycle.is_none(),
+            "cycle in the state graph (faults {faults}, guest {guest}): {cycle:?}"
+        );
+        assert!(states > 10_000, "only {states} states");
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Color {
+    OnStack,
+    Done,
+}
+
+fn fingerprint<T: Hash>(t: &T) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    t.hash(&mut h);
+    h.finish()
+}
+
+/// A DFS stack entry: a state's fingerprint, its successors still to visit, and the action
+/// that led to it.
+type Frame = (
+    u64,
+    Vec<(check::Action, check::State)>,
+    Option<check::Action>,
+);
+
+/// Iterative DFS with the classic white/grey/black colouring; returns the number of states
+/// and the actions of a back edge's source path if a cycle exists.
+fn find_cycle(m: &ProtocolModel) -> (usize, Option<Vec<check::Action>>) {
+    let mut color: HashMap<u64, Color> = HashMap::new();
+    for init in m.init_states() {
+        let mut stack: Vec<Frame> = Vec::new();
+        let fp = fingerprint(&init);
+        if color.contains_key(&fp) {
+            continue;
+        }
+        color.insert(fp, Color::OnStack);
+        stack.push((fp, m.next_steps(&init), None));
+        while let Some((fp, succ, _)) = stack.last_mut() {
+            let fp = *fp;
+            match succ.pop() {
+                Some((a, next)) => {
+                    let nfp = fingerprint(&next);
+                    match color.get(&nfp) {
+                        Some(Color::OnStack) => {
+                            let mut path: Vec<_> =
+                                stack.iter().filter_map(|(_, _, a)| a.clone()).collect();
+                            path.push(a);
+                            return (color.len(), Some(path));
+                        }
+                        Some(Color::Done) => {}
+                        None => {
+                            color.insert(nfp, Color::OnStack);
+                            let steps = m.next_steps(&next);
+                            stack.push((nfp, steps, Some(a)));
+                        }
+                    }
+                }
+                None => {
+                    color.insert(fp, Color::Done);
+                    stack.pop();
+                }
+            }
+        }
+    }
+    (color.len(), None)
+}
+
+/// Without guest writes or faults the space is tiny; its example of a completed migration
+/// renders as a trace naming every message of the switchover in order.
+#[test]
+fn sw_7_trace_of_a_completed_migration_is_readable() {
+    let mut cfg = CheckConfig::small();
+    cfg.faults = 0;
+    cfg.guest_writes = 0;
+    let run = check::run(ProtocolModel::new(cfg), Strategy::Bfs, 1, Stop::Exhaustive);
+    assert!(run.violations().is_empty(), "{:?}", run.violations());
+    let path = run
+        .result(check::P_DONE)
+        .and_then(|r| r.discovery.clone())
+        .expect("a migration completes");
+    let last = path.last_state();
+    assert_eq!(last.src.outcome(), Some(Outcome::Completed));
+    assert_eq!(last.dst.outcome(), Some(Outcome::Completed));
+    let trace = check::render_path("completed migration", &path);
+    let mut at = 0;
+    for needle in [
+        "step 0: initial state",
+        "source -> destination: HELLO ",
+        "destination -> source: HELLO_ACK",
+        "source -> destination: BLOCK_TABLE ",
+        "source -> destination: REG_REQUEST#1",
+        "ROUND_END r1 last=false",
+        "ROUND_END r2 last=true",
+        "source -> destination: PREPARE",
+        "destination -> source: PREPARED",
+        "source -> destination: COMMIT",
+        "DstDriver(Start)",
+        "destination -> source: STARTED",
+    ] {
+        match trace[at..].find(needle) {
+            Some(i) => at += i + needle.len(),
+            None => panic!("trace lacks {needle:?} after byte {at}:\n{trace}"),
+        }
+    }
+    assert!(trace.contains("workload RUNNING"));
+    assert_eq!(
+        check::trace_file_name(check::P_OWN1),
+        "counterexample-inv-own-1-source-and-destination-workloads-never-both-run.txt"
+    );
+}
+
+/// The Explorer serves the model over HTTP: its status page and the initial state.
+#[test]
+fn explorer_serves_status_and_states() {
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        l.local_addr().unwrap().port()
+    };
+    std::thread::spawn(move || {
+        ProtocolModel::new(CheckConfig::small())
+            .checker()
+            .serve(("127.0.0.1", port));
+    });
+    let status = http_get(port, "/.status");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert!(status.contains("\"unique_state_count\""), "{status}");
+    assert!(status.contains("ProtocolModel"), "{status}");
+    assert!(status.contains(check::P_OWN1), "{status}");
+    let states = http_get(port, "/.states");
+    assert!(states.starts_with("HTTP/1.1 200"), "{states}");
+    assert!(states.contains("AwaitHelloAck"), "{states}");
+}
+
+/// A plain HTTP/1.1 GET, retried until the server is listening.
+fn http_get(port: u16, path: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(mut s) => {
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                write!(
+                    s,
+                    "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+                )
+                .unwrap();
+                let mut out = String::new();
+                s.read_to_string(&mut out).expect("read the response");
+                return out;
+            }
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("explorer not reachable on port {port}: {e}"),
+        }
+    }
+}
