@@ -79,5 +79,6 @@ rxe: deps
 	$(CARGO) build --release -q -p rdmig
 	RDMIG_BIN=$${CARGO_TARGET_DIR:-target}/release/rdmig tests/rxe/run.sh
 
-# Everything: formatting, lints, every test suite, and a short run of every fuzz target.
-test: lint unit loom fuzz-smoke
+# Everything: formatting, lints, every test suite, loom, a short run of every fuzz target, and
+# the real-verbs migrations over soft-RoCE in a VM.
+test: lint unit loom fuzz-smoke rxe
