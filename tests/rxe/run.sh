@@ -1,6 +1,6 @@
 #!/bin/bash
 # Soft-RoCE (rdma_rxe) end-to-end test of `rdmig --transport rdma` inside a QEMU/TCG VM
-# running a stock Debian kernel (recipe: shared/notes/soft-roce-vm.md).
+# running a stock Debian kernel.
 #
 # Host side: installs the Debian packages it needs, downloads and unpacks the kernel package
 # (cached under target/rxe-cache), builds an initramfs with busybox, the rxe modules, libibverbs
@@ -31,7 +31,12 @@ if [ -z "${RDMIG_BIN:-}" ]; then
 fi
 
 # Kernel: the package linux-image-amd64 depends on, unpacked, with modules.dep.
-KPKG=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ && !k {k = $2} END {print k}')
+kpkg() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ && !k {k = $2} END {print k}'; }
+KPKG=$(kpkg)
+if [ -z "$KPKG" ]; then
+	apt-get update -qq && KPKG=$(kpkg)
+fi
+[ -n "$KPKG" ] || { echo "rxe: cannot find the Debian kernel package" >&2; exit 1; }
 KVER=${KPKG#linux-image-}
 KROOT=$CACHE/$KPKG
 if [ ! -f "$KROOT/.done" ]; then
