@@ -840,7 +840,7 @@ impl Frozen {
                 .and_then(|(_, rest)| rest.trim_start().chars().next())
                 .ok_or_else(|| DirtyError::ProcFormat {
                     path: stat_path.clone(),
-                    why: "no state field".into(),
+                    why: "no state field",
                 })
         };
         if matches!(state()?, 'T' | 't') {
@@ -848,7 +848,7 @@ impl Frozen {
         }
         let p = Pid::from_raw(pid as i32).ok_or_else(|| DirtyError::ProcFormat {
             path: stat_path.clone(),
-            why: "pid 0".into(),
+            why: "pid 0",
         })?;
         kill_process(p, Signal::STOP).map_err(|e| DirtyError::Proc {
             path: stat_path.clone(),
@@ -860,7 +860,7 @@ impl Frozen {
             if t.elapsed() > std::time::Duration::from_secs(2) {
                 return Err(DirtyError::ProcFormat {
                     path: stat_path,
-                    why: "process did not stop within 2 s".into(),
+                    why: "process did not stop within 2 s",
                 });
             }
             std::thread::sleep(std::time::Duration::from_micros(100));
