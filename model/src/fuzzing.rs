@@ -134,6 +134,29 @@ pub fn wire_roundtrip(f: &Frame) {
     }
 }
 
+/// Decodes received bytes as a driver would: a frame, or the decode error (`true` = rejected).
+fn decode_input(bytes: &[u8]) -> (Input, bool) {
+    match wire::decode(bytes) {
+        Ok(f) => (Input::Frame(f), false),
+        Err(e) => (Input::Malformed(e), true),
+    }
+}
+
+/// The next frame of a recorded stream, optionally with one byte replaced.
+fn recorded(
+    stream: &[Vec<u8>],
+    cursor: &mut usize,
+    mutate: Option<(u16, u8)>,
+) -> Option<(Input, bool)> {
+    let mut bytes = stream.get(*cursor)?.clone();
+    *cursor += 1;
+    if let Some((at, value)) = mutate {
+        let i = at as usize % bytes.len();
+        bytes[i] = value;
+    }
+    Some(decode_input(&bytes))
+}
+
 /// One thing that happens to a destination driven by a malicious source.
 #[derive(Debug, Arbitrary)]
 pub enum DstEvent {
@@ -259,30 +282,21 @@ pub fn destination_session(data: &[u8]) {
         let mut rejected = false;
         let input = match ev {
             DstEvent::Frame(f) => Input::Frame(f),
-            DstEvent::Raw(bytes) => match wire::decode(&bytes) {
-                Ok(f) => Input::Frame(f),
-                Err(e) => {
-                    rejected = true;
-                    Input::Malformed(e)
-                }
-            },
+            DstEvent::Raw(bytes) => {
+                let (i, r) = decode_input(&bytes);
+                rejected = r;
+                i
+            }
             DstEvent::Recorded | DstEvent::Mutated { .. } => {
-                let Some(bytes) = rec.source_stream.get(cursor) else {
+                let mutate = match ev {
+                    DstEvent::Mutated { at, value } => Some((at, value)),
+                    _ => None,
+                };
+                let Some((i, r)) = recorded(&rec.source_stream, &mut cursor, mutate) else {
                     continue;
                 };
-                cursor += 1;
-                let mut bytes = bytes.clone();
-                if let DstEvent::Mutated { at, value } = ev {
-                    let i = at as usize % bytes.len();
-                    bytes[i] = value;
-                }
-                match wire::decode(&bytes) {
-                    Ok(f) => Input::Frame(f),
-                    Err(e) => {
-                        rejected = true;
-                        Input::Malformed(e)
-                    }
-                }
+                rejected = r;
+                i
             }
             DstEvent::Registered { which } => {
                 if oracle.pending.is_empty() {
@@ -401,30 +415,21 @@ pub fn source_session(data: &[u8]) {
         let mut peer_abort = false;
         let input = match ev {
             SrcEvent::Frame(f) => Input::Frame(f),
-            SrcEvent::Raw(bytes) => match wire::decode(&bytes) {
-                Ok(f) => Input::Frame(f),
-                Err(e) => {
-                    rejected = true;
-                    Input::Malformed(e)
-                }
-            },
+            SrcEvent::Raw(bytes) => {
+                let (i, r) = decode_input(&bytes);
+                rejected = r;
+                i
+            }
             SrcEvent::Recorded | SrcEvent::Mutated { .. } => {
-                let Some(bytes) = rec.dest_stream.get(cursor) else {
+                let mutate = match ev {
+                    SrcEvent::Mutated { at, value } => Some((at, value)),
+                    _ => None,
+                };
+                let Some((i, r)) = recorded(&rec.dest_stream, &mut cursor, mutate) else {
                     continue;
                 };
-                cursor += 1;
-                let mut bytes = bytes.clone();
-                if let SrcEvent::Mutated { at, value } = ev {
-                    let i = at as usize % bytes.len();
-                    bytes[i] = value;
-                }
-                match wire::decode(&bytes) {
-                    Ok(f) => Input::Frame(f),
-                    Err(e) => {
-                        rejected = true;
-                        Input::Malformed(e)
-                    }
-                }
+                rejected = r;
+                i
             }
             SrcEvent::WriteDone { which } => {
                 if inflight.is_empty() {
