@@ -59,6 +59,21 @@ fn wait_for(rx: &Receiver<Event>, timers: Timers, now: Millis) -> Result<Event, 
     }
 }
 
+/// The next input: one the driver queued itself (results of its own commands) first, else the
+/// next transport event, else a timer that has expired. `None` when woken with nothing to do.
+fn next_input(
+    pending: &mut VecDeque<Input>,
+    rx: &Receiver<Event>,
+    timers: Timers,
+    now: impl Fn() -> Millis,
+) -> Option<Input> {
+    if let Some(i) = pending.pop_front() {
+        return Some(i);
+    }
+    let ev = wait_for(rx, timers, now());
+    to_input(ev, timers, now())
+}
+
 fn rounds(stats: &[source::RoundStats]) -> Vec<RoundReport> {
     stats
         .iter()
@@ -115,15 +130,8 @@ pub fn run_source(mut link: impl SourceLink, rx: Receiver<Event>, mut run: Sourc
     let mut control_bytes = 0u64;
     let mut last_round = 0;
     loop {
-        let input = match pending.pop_front() {
-            Some(i) => i,
-            None => {
-                let ev = wait_for(&rx, src.timers(), now());
-                match to_input(ev, src.timers(), now()) {
-                    Some(i) => i,
-                    None => continue,
-                }
-            }
+        let Some(input) = next_input(&mut pending, &rx, src.timers(), now) else {
+            continue;
         };
         if let Input::Frame(Frame {
             msg: Message::HelloAck(a),
@@ -309,15 +317,8 @@ pub fn run_destination(mut link: impl DestLink, rx: Receiver<Event>, mut run: De
     let mut data_allowed = false;
     let mut setup_ms = 0;
     loop {
-        let input = match pending.pop_front() {
-            Some(i) => i,
-            None => {
-                let ev = wait_for(&rx, dst.timers(), now());
-                match to_input(ev, dst.timers(), now()) {
-                    Some(i) => i,
-                    None => continue,
-                }
-            }
+        let Some(input) = next_input(&mut pending, &rx, dst.timers(), now) else {
+            continue;
         };
         if let Input::Frame(Frame {
             msg: Message::Hello(h),

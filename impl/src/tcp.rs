@@ -393,6 +393,24 @@ pub struct DataAuth {
     pub channels: u8,
 }
 
+impl DataAuth {
+    /// Admits a data channel that presented `hello`: the current session, a channel index
+    /// below the negotiated count and not joined yet, and a token that verifies (spec: AUTH-6).
+    /// Returns the channel index and records it as joined.
+    pub(crate) fn admit(
+        &self,
+        hello: &[u8; DATA_HELLO_LEN],
+        joined: &mut std::collections::BTreeSet<u8>,
+    ) -> Option<u8> {
+        let (sid, ch, token) = parse_hello(hello)?;
+        let ok = sid == self.session_id
+            && ch < self.channels
+            && !joined.contains(&ch)
+            && auth::verify_data_token(self.key.as_deref(), sid, ch, &self.nonce, &token);
+        (ok && joined.insert(ch)).then_some(ch)
+    }
+}
+
 /// The destination's end: the accepted control connection, a registration table that data
 /// threads enforce, and an acceptor for data connections.
 pub struct DestTcp {
@@ -488,16 +506,7 @@ fn acceptor(
             continue;
         }
         let auth = data_auth.lock().unwrap().clone();
-        let ok = match (parse_hello(&hello), &auth) {
-            (Some((sid, ch, token)), Some(a)) => {
-                sid == a.session_id
-                    && ch < a.channels
-                    && !joined.contains(&ch)
-                    && auth::verify_data_token(a.key.as_deref(), sid, ch, &a.nonce, &token)
-                    && joined.insert(ch)
-            }
-            _ => false,
-        };
+        let ok = auth.is_some_and(|a| a.admit(&hello, &mut joined).is_some());
         if !ok {
             tracing::warn!("refused a data connection that did not prove the session key");
             let _ = s.shutdown(Shutdown::Both);

@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 use rdmig_model::{auth, wire};
 
 use crate::mem::RamBlock;
-use crate::tcp::{hello_bytes, parse_hello, DataAuth, Event, WriteReq, DATA_HELLO_LEN};
+use crate::tcp::{hello_bytes, DataAuth, Event, WriteReq, DATA_HELLO_LEN};
 use crate::transport::{DestLink, SourceLink};
 pub use res::{list_devices, DeviceInfo, Endpoint, GidInfo, PortInfo};
 use res::{Completion, Cq, Device, DmaBuf, Mr, MrAccess, Qp, QpAccess, SendWr};
@@ -820,16 +820,8 @@ fn admit_data(
         let mut ep = [0u8; ENDPOINT_LEN];
         ep.copy_from_slice(&m[DATA_HELLO_LEN..]);
         let auth = data_auth.lock().unwrap().clone();
-        let ok = match (parse_hello(&hello), &auth, decode_endpoint(&ep)) {
-            (Some((sid, ch, token)), Some(a), Some(_)) => {
-                sid == a.session_id
-                    && ch < a.channels
-                    && !joined.contains(&ch)
-                    && auth::verify_data_token(a.key.as_deref(), sid, ch, &a.nonce, &token)
-                    && joined.insert(ch)
-            }
-            _ => false,
-        };
+        let ok = decode_endpoint(&ep).is_some()
+            && auth.is_some_and(|a| a.admit(&hello, &mut joined).is_some());
         if !ok {
             tracing::warn!("refused a data channel that did not prove the session key");
             let _ = s.shutdown(Shutdown::Both);
