@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustix::process::{kill_process, Pid, Signal};
@@ -21,6 +22,8 @@ pub enum SourceWorkload {
         pause: String,
         resume: Option<String>,
     },
+    /// A QEMU guest over QMP: `stop` and save its device state; `cont` on abort.
+    Qemu(Arc<crate::qemu::QemuSource>),
 }
 
 /// Why a workload operation failed.
@@ -34,6 +37,8 @@ pub enum ControlError {
     NotStopped(i32),
     #[error("hook `{cmd}` failed: {why}")]
     Hook { cmd: String, why: String },
+    #[error(transparent)]
+    Qemu(#[from] crate::qemu::QemuError),
 }
 
 fn run_hook(cmd: &str) -> Result<Vec<u8>, ControlError> {
@@ -88,6 +93,7 @@ impl SourceWorkload {
                 }
             }
             SourceWorkload::Hooks { pause, .. } => run_hook(pause),
+            SourceWorkload::Qemu(q) => Ok(q.stop_and_save()?),
         }
     }
 
@@ -99,6 +105,7 @@ impl SourceWorkload {
             SourceWorkload::Hooks { resume, .. } => resume
                 .as_deref()
                 .map_or(Ok(()), |c| run_hook(c).map(|_| ())),
+            SourceWorkload::Qemu(q) => Ok(q.resume()?),
         }
     }
 }
@@ -109,10 +116,16 @@ pub struct DestWorkload {
     pub start_cmd: Option<String>,
     /// SIGCONT to a process waiting stopped on the destination.
     pub start_pid: Option<i32>,
+    /// A QEMU waiting for the device state.
+    pub qemu: Option<Arc<crate::qemu::QemuDest>>,
 }
 
 impl DestWorkload {
-    pub fn start(&self) -> Result<(), ControlError> {
+    /// Starts the workload with the device state received.
+    pub fn start(&self, state: &[u8]) -> Result<(), ControlError> {
+        if let Some(q) = &self.qemu {
+            q.load_and_run(state)?;
+        }
         if let Some(pid) = self.start_pid {
             signal(pid, Signal::CONT)?;
         }

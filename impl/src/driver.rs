@@ -379,7 +379,11 @@ pub fn run_destination(mut link: impl DestLink, rx: Receiver<Event>, mut run: De
                         .state
                         .persist()
                         .map_err(|e| e.to_string())
-                        .and_then(|_| run.workload.start().map_err(|e| e.to_string()));
+                        .and_then(|_| {
+                            run.workload
+                                .start(&run.state.data)
+                                .map_err(|e| e.to_string())
+                        });
                     match started {
                         Ok(()) => pending.push_back(Input::WorkloadStarted),
                         Err(e) => {

@@ -10,6 +10,8 @@ pub mod dirty;
 pub mod driver;
 pub mod mapped_bitmap;
 pub mod mem;
+pub mod qemu;
+pub mod qmp;
 pub mod regtable;
 pub mod report;
 pub mod tcp;

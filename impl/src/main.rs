@@ -117,6 +117,16 @@ struct RecvArgs {
     /// Where to write the received device state.
     #[arg(long)]
     state_out: Option<PathBuf>,
+    /// QMP socket of the destination QEMU, waiting with `-incoming defer` on the --ram files
+    /// (memory-backend-file, share=on). After commit rdmig loads the received device state
+    /// into it (x-ignore-shared) and runs the guest.
+    #[arg(long)]
+    qemu_qmp: Option<PathBuf>,
+    /// Command that starts the destination QEMU (with `-incoming defer` and `-qmp
+    /// unix:SOCK,server=on,wait=off` for the --qemu-qmp socket); run before the migration
+    /// starts, stopped again if the migration aborts.
+    #[arg(long, requires = "qemu_qmp")]
+    qemu_start: Option<String>,
     /// Write the listening address to this file once listening (for scripts).
     #[arg(long)]
     addr_file: Option<PathBuf>,
@@ -161,9 +171,11 @@ struct SendArgs {
     /// Verify every chunk with a digest before commit.
     #[arg(long)]
     verify: bool,
-    /// Dirty tracking: none, bitmap:PATH, soft-dirty:PID, scan.
-    #[arg(long, default_value = "none")]
-    dirty_log: String,
+    /// Dirty tracking: none, bitmap:PATH, soft-dirty:PID, scan, or auto (soft-dirty on the
+    /// --pid or QEMU process where the kernel supports it, else scan). Default: auto with
+    /// --qemu-qmp or --pid, none otherwise.
+    #[arg(long)]
+    dirty_log: Option<String>,
     /// Pause/resume the workload with SIGSTOP/SIGCONT to this process.
     #[arg(long)]
     pid: Option<i32>,
@@ -176,6 +188,14 @@ struct SendArgs {
     /// Device state file sent at switchover.
     #[arg(long)]
     state_in: Option<PathBuf>,
+    /// QMP socket of the source QEMU, whose guest RAM is the --ram files
+    /// (memory-backend-file, share=on): rdmig stops the guest at switchover, sends its device
+    /// state (x-ignore-shared) and continues it if the migration aborts.
+    #[arg(long, conflicts_with_all = ["pid", "pause_cmd", "resume_cmd", "state_in"])]
+    qemu_qmp: Option<PathBuf>,
+    /// Quit the source QEMU after commit (default: leave it stopped).
+    #[arg(long, requires = "qemu_qmp")]
+    qemu_quit: bool,
     /// Disable zero-page elision.
     #[arg(long)]
     no_zero_elision: bool,
@@ -296,6 +316,23 @@ fn recv(a: RecvArgs) -> Result<ExitCode, String> {
     }
     let blocks = Arc::new(blocks);
     let total: u64 = blocks.iter().map(|b| b.len()).sum();
+    let qemu = match &a.qemu_qmp {
+        Some(sock) => {
+            let files: Vec<_> = a
+                .ram
+                .iter()
+                .map(|r| rdmig::qemu::RamFile {
+                    path: r.path.clone(),
+                    size: r.size.unwrap_or(0),
+                })
+                .collect();
+            let q = rdmig::qemu::QemuDest::attach(sock, &files, a.qemu_start.as_deref())
+                .map_err(|e| format!("destination QEMU: {e}"))?;
+            tracing::info!("destination QEMU {} waiting for the guest", q.version());
+            Some(Arc::new(q))
+        }
+        None => None,
+    };
     let listener = TcpListener::bind(listen).map_err(|e| format!("listening on {listen}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     if let Some(f) = &a.addr_file {
@@ -316,6 +353,7 @@ fn recv(a: RecvArgs) -> Result<ExitCode, String> {
         workload: DestWorkload {
             start_cmd: a.start_cmd.clone(),
             start_pid: a.start_pid,
+            qemu: qemu.clone(),
         },
         state: StateSink {
             path: a.state_out.clone(),
@@ -323,7 +361,7 @@ fn recv(a: RecvArgs) -> Result<ExitCode, String> {
         },
         threads: a.common.threads,
     };
-    let report = match a.transport.verbs() {
+    let mut report = match a.transport.verbs() {
         Some(o) => {
             let (link, rx) =
                 rdmig::verbs::DestVerbs::accept(listener, blocks, &o, run.cfg.credit_window)
@@ -340,8 +378,17 @@ fn recv(a: RecvArgs) -> Result<ExitCode, String> {
         for r in &a.ram {
             let _ = std::fs::remove_file(incomplete_marker(&r.path));
         }
-    } else if let Some(p) = &a.state_out {
-        let _ = std::fs::remove_file(p);
+        if qemu.is_some() {
+            report.guest = Some("running".into());
+        }
+    } else {
+        if let Some(p) = &a.state_out {
+            let _ = std::fs::remove_file(p);
+        }
+        if let Some(q) = &qemu {
+            q.discard();
+            report.guest = Some("not started".into());
+        }
     }
     Ok(finish(&report, a.common.json))
 }
@@ -382,20 +429,41 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
         ));
     }
     let blocks = Arc::new(blocks);
-    let spec: rdmig::dirty::DirtyLogSpec = a
-        .dirty_log
-        .parse()
-        .map_err(|e| format!("--dirty-log: {e}"))?;
-    let mut tracker = rdmig::dirty::open_tracker(&spec, blocks.to_vec(), a.common.threads)
-        .map_err(|e| format!("--dirty-log: {e}"))?;
-    let workload = match (a.pid, &a.pause_cmd) {
-        (Some(_), Some(_)) => return Err("--pid and --pause-cmd exclude each other".into()),
-        (Some(pid), None) => SourceWorkload::Pid(pid),
-        (None, Some(p)) => SourceWorkload::Hooks {
+    let qemu = match &a.qemu_qmp {
+        Some(sock) => {
+            let files: Vec<_> = blocks
+                .iter()
+                .zip(&a.ram)
+                .map(|(b, r)| rdmig::qemu::RamFile {
+                    path: r.path.clone(),
+                    size: b.len(),
+                })
+                .collect();
+            let q = rdmig::qemu::QemuSource::attach(sock, &files)
+                .map_err(|e| format!("source QEMU: {e}"))?;
+            tracing::info!("source QEMU {} (pid {:?}) ready", q.version(), q.pid());
+            Some(Arc::new(q))
+        }
+        None => None,
+    };
+    let writer_pid = a.pid.or_else(|| qemu.as_ref().and_then(|q| q.pid()));
+    let dirty_log = a.dirty_log.clone().unwrap_or_else(|| {
+        if writer_pid.is_some() {
+            "auto".into()
+        } else {
+            "none".into()
+        }
+    });
+    let mut tracker = open_dirty_log(&dirty_log, writer_pid, &blocks, a.common.threads)?;
+    let workload = match (a.pid, &a.pause_cmd, &qemu) {
+        (Some(_), Some(_), _) => return Err("--pid and --pause-cmd exclude each other".into()),
+        (_, _, Some(q)) => SourceWorkload::Qemu(q.clone()),
+        (Some(pid), None, None) => SourceWorkload::Pid(pid),
+        (None, Some(p), None) => SourceWorkload::Hooks {
             pause: p.clone(),
             resume: a.resume_cmd.clone(),
         },
-        (None, None) => SourceWorkload::None,
+        (None, None, None) => SourceWorkload::None,
     };
     let mut session = [0u8; 8];
     getrandom::fill(&mut session).expect("OS random source");
@@ -450,7 +518,7 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
         threads: a.common.threads,
         progress,
     };
-    let report = match a.transport.verbs() {
+    let mut report = match a.transport.verbs() {
         Some(o) => {
             if a.max_bandwidth.is_some() {
                 return Err("--max-bandwidth is not supported with --transport rdma".into());
@@ -476,7 +544,46 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
             driver::run_source(link, rx, run)
         }
     };
+    if let Some(q) = &qemu {
+        report.guest = Some(match report.status {
+            "completed" if a.qemu_quit => match q.quit() {
+                Ok(()) => "quit".into(),
+                Err(e) => format!("stopped (quit failed: {e})"),
+            },
+            "completed" => "stopped".into(),
+            "in-doubt" => "stopped (in doubt: check the destination before continuing it)".into(),
+            _ => "resumed".into(),
+        });
+    }
     Ok(finish(&report, a.common.json))
+}
+
+/// Opens the dirty log `spec` names; `auto` picks soft-dirty on the writer's process where
+/// the kernel supports it, else scanning.
+fn open_dirty_log(
+    spec: &str,
+    writer_pid: Option<i32>,
+    blocks: &Arc<Vec<Arc<RamBlock>>>,
+    threads: usize,
+) -> Result<Box<dyn rdmig::dirty::DirtyTracker>, String> {
+    use rdmig::dirty::{open_tracker, DirtyError, DirtyLogSpec};
+    let parsed: DirtyLogSpec = match spec {
+        "auto" => match writer_pid {
+            Some(pid) => DirtyLogSpec::SoftDirty(pid as u32),
+            None => return Err("--dirty-log auto needs --pid or --qemu-qmp".into()),
+        },
+        s => s.parse().map_err(|e| format!("--dirty-log: {e}"))?,
+    };
+    let t = match open_tracker(&parsed, blocks.to_vec(), threads) {
+        Err(DirtyError::SoftDirtyUnsupported) if spec == "auto" => {
+            tracing::info!("soft-dirty unsupported by this kernel: scanning for changes");
+            open_tracker(&DirtyLogSpec::Scan, blocks.to_vec(), threads)
+        }
+        t => t,
+    }
+    .map_err(|e| format!("--dirty-log: {e}"))?;
+    tracing::info!("dirty tracking: {}", t.describe());
+    Ok(t)
 }
 
 fn workload(a: WorkloadArgs) -> Result<ExitCode, String> {

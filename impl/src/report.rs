@@ -50,6 +50,9 @@ pub struct Report {
     pub rss_anon_bytes: u64,
     pub channels: u8,
     pub transport: &'static str,
+    /// What became of a QEMU guest (`--qemu-qmp`): e.g. `running`, `resumed`, `stopped`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest: Option<String>,
 }
 
 impl Report {
@@ -99,6 +102,9 @@ impl Report {
         }
         if let Some(d) = &self.detail {
             s += &format!(" ({d})");
+        }
+        if let Some(g) = &self.guest {
+            s += &format!(", guest {g}");
         }
         if !self.rounds.is_empty() {
             s += &format!(

@@ -1,0 +1,775 @@
+//! Migrating a QEMU guest whose RAM lives in shared files.
+//!
+//! rdmig moves the RAM files live; QEMU moves only its device state, with the migration
+//! capability `x-ignore-shared` on both sides, through a pipe whose end is passed over QMP
+//! (`getfd`, then `migrate fd:` / `migrate-incoming fd:`). The state bytes travel inside the
+//! rdmig session as its device-state blob (spec: SW-3), so the guest switches over inside the
+//! same two-phase commit as its memory.
+
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::qmp::{Qmp, QmpError};
+
+/// Name under which the state pipe is registered with QEMU.
+const STATE_FD: &str = "rdmig-state";
+/// How long a single QMP reply may take.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long saving or loading the device state may take.
+const STATE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest device state accepted from QEMU (the wire bound, spec: SW-3).
+const MAX_STATE: usize = rdmig_model::wire::MAX_DEVICE_STATE as usize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error("QEMU {0} has no x-ignore-shared migration capability: it cannot leave RAM out of its migration stream")]
+    NoIgnoreShared(String),
+    #[error("the guest has no memory backend objects: start QEMU with -object memory-backend-file,id=ID,size=SIZE,mem-path=FILE,share=on -machine memory-backend=ID")]
+    NoBackend,
+    #[error("guest RAM backend {id:?} is a {kind}, not a shared file: start QEMU with -object memory-backend-file,id={id},size=SIZE,mem-path=FILE,share=on -machine memory-backend={id}")]
+    NotFile { id: String, kind: String },
+    #[error("guest RAM backend {id:?} ({path}) is not shared: add share=on, or writes stay private to QEMU and never reach the file")]
+    NotShared { id: String, path: String },
+    #[error("guest RAM backend {id:?} maps {path}, which is not given with --ram")]
+    BackendNotGiven { id: String, path: String },
+    #[error("--ram {0} is not a RAM backend of this guest")]
+    RamNotBackend(String),
+    #[error("guest RAM backend {id:?} holds {backend} bytes but {path} has {file}")]
+    SizeMismatch {
+        id: String,
+        path: String,
+        backend: u64,
+        file: u64,
+    },
+    #[error("{who} QEMU is {status:?}; {need}")]
+    BadStatus {
+        who: &'static str,
+        status: String,
+        need: &'static str,
+    },
+    #[error("QEMU migration of the device state failed: {0}")]
+    MigrateFailed(String),
+    #[error("QEMU's device state exceeds {MAX_STATE} bytes")]
+    StateTooLarge,
+    #[error("destination QEMU exited while {0}")]
+    Exited(String),
+    #[error("{0} took longer than {STATE_TIMEOUT:?}")]
+    Timeout(&'static str),
+    #[error("{what}: {err}")]
+    Io {
+        what: &'static str,
+        err: std::io::Error,
+    },
+}
+
+/// A memory backend object of the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub id: String,
+    pub kind: String,
+    pub mem_path: Option<String>,
+    pub share: bool,
+    pub size: u64,
+}
+
+/// Lists the guest's memory backends (`/objects/*` of type `memory-backend-*`).
+pub fn backends(q: &mut Qmp) -> Result<Vec<Backend>, QemuError> {
+    let list = q.execute("qom-list", Some(json!({"path": "/objects"})))?;
+    let mut out = Vec::new();
+    for o in list.as_array().into_iter().flatten() {
+        let (Some(name), Some(ty)) = (o["name"].as_str(), o["type"].as_str()) else {
+            continue;
+        };
+        let Some(kind) = ty
+            .strip_prefix("child<")
+            .and_then(|t| t.strip_suffix('>'))
+            .filter(|t| t.starts_with("memory-backend"))
+        else {
+            continue;
+        };
+        let path = format!("/objects/{name}");
+        let mut get =
+            |prop: &str| q.execute("qom-get", Some(json!({"path": path, "property": prop})));
+        let size = get("size")?.as_u64().unwrap_or(0);
+        let share = get("share")?.as_bool().unwrap_or(false);
+        let mem_path = if kind == "memory-backend-file" {
+            get("mem-path")?.as_str().map(str::to_string)
+        } else {
+            None
+        };
+        out.push(Backend {
+            id: name.to_string(),
+            kind: kind.to_string(),
+            mem_path,
+            share,
+            size,
+        });
+    }
+    Ok(out)
+}
+
+/// A RAM file given on the command line, with the size it must have.
+#[derive(Debug, Clone)]
+pub struct RamFile {
+    pub path: PathBuf,
+    pub size: u64,
+}
+
+fn canonical(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Checks that the guest's RAM is exactly the given shared files, each of the given size.
+pub fn check_backends(found: &[Backend], ram: &[RamFile]) -> Result<(), QemuError> {
+    if found.is_empty() {
+        return Err(QemuError::NoBackend);
+    }
+    let mut used = vec![false; ram.len()];
+    for b in found {
+        let Some(path) = &b.mem_path else {
+            return Err(QemuError::NotFile {
+                id: b.id.clone(),
+                kind: b.kind.clone(),
+            });
+        };
+        if !b.share {
+            return Err(QemuError::NotShared {
+                id: b.id.clone(),
+                path: path.clone(),
+            });
+        }
+        let c = canonical(Path::new(path));
+        let Some(i) = ram.iter().position(|r| canonical(&r.path) == c) else {
+            return Err(QemuError::BackendNotGiven {
+                id: b.id.clone(),
+                path: path.clone(),
+            });
+        };
+        if ram[i].size != b.size {
+            return Err(QemuError::SizeMismatch {
+                id: b.id.clone(),
+                path: path.clone(),
+                backend: b.size,
+                file: ram[i].size,
+            });
+        }
+        used[i] = true;
+    }
+    match used.iter().position(|u| !u) {
+        Some(i) => Err(QemuError::RamNotBackend(ram[i].path.display().to_string())),
+        None => Ok(()),
+    }
+}
+
+fn status(q: &mut Qmp) -> Result<String, QemuError> {
+    let s = q.execute("query-status", None)?;
+    Ok(s["status"].as_str().unwrap_or("unknown").to_string())
+}
+
+/// Turns on x-ignore-shared (and off what cannot go through one fd), after checking QEMU has it.
+fn enable_ignore_shared(q: &mut Qmp) -> Result<(), QemuError> {
+    let caps = q.execute("query-migrate-capabilities", None)?;
+    let caps = caps.as_array().cloned().unwrap_or_default();
+    let has = |name: &str| caps.iter().any(|c| c["capability"] == name);
+    let on = |name: &str| {
+        caps.iter()
+            .any(|c| c["capability"] == name && c["state"] == true)
+    };
+    if !has("x-ignore-shared") {
+        let (a, b, c) = q.version;
+        return Err(QemuError::NoIgnoreShared(format!("{a}.{b}.{c}")));
+    }
+    let mut set = vec![json!({"capability": "x-ignore-shared", "state": true})];
+    // The device state goes through one pipe: no multifd channels, no post-copy.
+    for off in ["multifd", "postcopy-ram", "mapped-ram"] {
+        if on(off) {
+            set.push(json!({"capability": off, "state": false}));
+        }
+    }
+    q.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": set })),
+    )?;
+    Ok(())
+}
+
+/// Polls `query-migrate` until the migration completes or fails.
+fn wait_migration(q: &mut Qmp, what: &'static str) -> Result<(), QemuError> {
+    let t = Instant::now();
+    loop {
+        let m = q.execute("query-migrate", None)?;
+        match m["status"].as_str().unwrap_or("") {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                let why = m["error-desc"].as_str().unwrap_or("no reason given");
+                return Err(QemuError::MigrateFailed(why.to_string()));
+            }
+            _ if t.elapsed() > STATE_TIMEOUT => return Err(QemuError::Timeout(what)),
+            _ => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+}
+
+/// The source guest, driven over its QMP socket.
+pub struct QemuSource {
+    qmp: Mutex<Qmp>,
+    pid: Option<i32>,
+    version: String,
+}
+
+impl std::fmt::Debug for QemuSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QemuSource(QEMU {}, pid {:?})", self.version, self.pid)
+    }
+}
+
+impl QemuSource {
+    /// Connects and checks everything that can be checked before any byte moves: the guest
+    /// runs (or is paused), its RAM is exactly the given shared files, and QEMU can leave them
+    /// out of its own stream. Then turns x-ignore-shared on.
+    pub fn attach(sock: &Path, ram: &[RamFile]) -> Result<QemuSource, QemuError> {
+        let mut q = Qmp::connect(sock, REPLY_TIMEOUT)?;
+        let st = status(&mut q)?;
+        if st != "running" && st != "paused" {
+            return Err(QemuError::BadStatus {
+                who: "the source",
+                status: st,
+                need: "it must be running or paused",
+            });
+        }
+        let m = q.execute("query-migrate", None)?;
+        if let Some(s @ ("setup" | "active" | "device" | "pre-switchover" | "cancelling")) =
+            m["status"].as_str()
+        {
+            return Err(QemuError::BadStatus {
+                who: "a migration of the source",
+                status: s.into(),
+                need: "finish or cancel it first",
+            });
+        }
+        check_backends(&backends(&mut q)?, ram)?;
+        enable_ignore_shared(&mut q)?;
+        let (a, b, c) = q.version;
+        Ok(QemuSource {
+            pid: q.peer_pid(),
+            version: format!("{a}.{b}.{c}"),
+            qmp: Mutex::new(q),
+        })
+    }
+
+    /// QEMU's process ID (for soft-dirty tracking of its mappings).
+    pub fn pid(&self) -> Option<i32> {
+        self.pid
+    }
+
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Stops the guest and saves its device state (everything but the shared RAM).
+    pub fn stop_and_save(&self) -> Result<Vec<u8>, QemuError> {
+        let mut q = self.qmp.lock().expect("not poisoned");
+        q.execute("stop", None)?;
+        let (mut rd, wr) = std::io::pipe().map_err(|err| QemuError::Io {
+            what: "creating the state pipe",
+            err,
+        })?;
+        q.execute_with_fd("getfd", Some(json!({ "fdname": STATE_FD })), wr.as_fd())?;
+        drop(wr);
+        let reader = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let r = (&mut rd).take(MAX_STATE as u64 + 1).read_to_end(&mut buf);
+            (r, buf)
+        });
+        q.execute("migrate", Some(json!({ "uri": format!("fd:{STATE_FD}") })))?;
+        let waited = wait_migration(&mut q, "saving the device state");
+        if waited.is_err() {
+            let _ = q.execute("migrate_cancel", None);
+        }
+        waited?;
+        let (r, buf) = reader.join().expect("the reader does not panic");
+        r.map_err(|err| QemuError::Io {
+            what: "reading the device state",
+            err,
+        })?;
+        if buf.len() > MAX_STATE {
+            return Err(QemuError::StateTooLarge);
+        }
+        tracing::info!("saved {} bytes of QEMU device state", buf.len());
+        Ok(buf)
+    }
+
+    /// Lets the guest run again after an abort (spec: INV-OWN-2).
+    pub fn resume(&self) -> Result<(), QemuError> {
+        let mut q = self.qmp.lock().expect("not poisoned");
+        q.execute("cont", None)?;
+        Ok(())
+    }
+
+    /// Quits the source QEMU (after commit, when asked to).
+    pub fn quit(&self) -> Result<(), QemuError> {
+        let mut q = self.qmp.lock().expect("not poisoned");
+        match q.execute("quit", None) {
+            Ok(_) | Err(QmpError::Closed) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// The destination guest: a QEMU waiting with `-incoming defer`, started by rdmig or not.
+pub struct QemuDest {
+    qmp: Mutex<Qmp>,
+    child: Mutex<Option<Child>>,
+    version: String,
+}
+
+impl std::fmt::Debug for QemuDest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QemuDest(QEMU {})", self.version)
+    }
+}
+
+impl QemuDest {
+    /// Starts `start_cmd` (if given) and connects to its QMP socket, then checks that QEMU
+    /// waits for an incoming migration on exactly the given RAM files.
+    pub fn attach(
+        sock: &Path,
+        ram: &[RamFile],
+        start_cmd: Option<&str>,
+    ) -> Result<QemuDest, QemuError> {
+        let mut child = match start_cmd {
+            Some(cmd) => Some(
+                Command::new("sh")
+                    .arg("-c")
+                    .arg(cmd)
+                    .stdin(Stdio::null())
+                    .spawn()
+                    .map_err(|err| QemuError::Io {
+                        what: "starting the destination QEMU",
+                        err,
+                    })?,
+            ),
+            None => None,
+        };
+        let connected = match child.as_mut() {
+            None => Qmp::connect(sock, REPLY_TIMEOUT),
+            Some(c) => {
+                let t = Instant::now();
+                loop {
+                    if let Ok(Some(st)) = c.try_wait() {
+                        return Err(QemuError::Exited(format!("starting ({st})")));
+                    }
+                    match Qmp::connect_retry(sock, REPLY_TIMEOUT, Duration::from_millis(200)) {
+                        Err(QmpError::Connect { .. }) if t.elapsed() < REPLY_TIMEOUT => continue,
+                        r => break r,
+                    }
+                }
+            }
+        };
+        let qmp = match connected {
+            Ok(q) => q,
+            Err(e) => {
+                if let Some(mut c) = child {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                return Err(e.into());
+            }
+        };
+        let d = QemuDest {
+            child: Mutex::new(child),
+            version: String::new(),
+            qmp: Mutex::new(qmp),
+        };
+        match d.check(ram) {
+            Ok(version) => Ok(QemuDest { version, ..d }),
+            Err(e) => {
+                d.discard();
+                Err(e)
+            }
+        }
+    }
+
+    fn check(&self, ram: &[RamFile]) -> Result<String, QemuError> {
+        let mut q = self.qmp.lock().expect("not poisoned");
+        let st = status(&mut q)?;
+        if st != "inmigrate" {
+            return Err(QemuError::BadStatus {
+                who: "the destination",
+                status: st,
+                need: "start it with -incoming defer",
+            });
+        }
+        check_backends(&backends(&mut q)?, ram)?;
+        enable_ignore_shared(&mut q)?;
+        let (a, b, c) = q.version;
+        Ok(format!("{a}.{b}.{c}"))
+    }
+
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    fn exited(&self, what: &str) -> QemuError {
+        let mut c = self.child.lock().expect("not poisoned");
+        let st = c
+            .as_mut()
+            .and_then(|c| c.wait().ok())
+            .map(|s| format!(" ({s})"))
+            .unwrap_or_default();
+        QemuError::Exited(format!("{what}{st}"))
+    }
+
+    /// Loads the device state into the waiting QEMU and runs the guest; returns once QEMU
+    /// reports it running.
+    pub fn load_and_run(&self, state: &[u8]) -> Result<(), QemuError> {
+        let mut q = self.qmp.lock().expect("not poisoned");
+        let closed = |e: QmpError, what| match e {
+            QmpError::Closed | QmpError::Io(_) => self.exited(what),
+            e => e.into(),
+        };
+        let (rd, mut wr) = std::io::pipe().map_err(|err| QemuError::Io {
+            what: "creating the state pipe",
+            err,
+        })?;
+        q.execute_with_fd("getfd", Some(json!({ "fdname": STATE_FD })), rd.as_fd())
+            .map_err(|e| closed(e, "receiving the state pipe"))?;
+        drop(rd);
+        q.execute(
+            "migrate-incoming",
+            Some(json!({ "uri": format!("fd:{STATE_FD}") })),
+        )
+        .map_err(|e| closed(e, "starting to load the device state"))?;
+        let state = state.to_vec();
+        let writer = std::thread::spawn(move || wr.write_all(&state));
+        match wait_migration(&mut q, "loading the device state") {
+            Ok(()) => {}
+            Err(QemuError::Qmp(e)) => return Err(closed(e, "loading the device state")),
+            Err(e) => return Err(e),
+        }
+        if let Ok(Err(e)) = writer.join() {
+            tracing::warn!("writing the device state to QEMU: {e}");
+        }
+        // QEMU leaves `inmigrate` once loading is done: running if it autostarts, else paused.
+        let t = Instant::now();
+        loop {
+            let st = status(&mut q).map_err(|e| match e {
+                QemuError::Qmp(e) => closed(e, "starting the guest"),
+                e => e,
+            })?;
+            match st.as_str() {
+                "running" => break,
+                "inmigrate" if t.elapsed() < STATE_TIMEOUT => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                "paused" | "prelaunch" => {
+                    q.execute("cont", None)
+                        .map_err(|e| closed(e, "starting the guest"))?;
+                }
+                other => {
+                    return Err(QemuError::BadStatus {
+                        who: "the destination",
+                        status: other.into(),
+                        need: "it should run after loading the device state",
+                    })
+                }
+            }
+        }
+        tracing::info!("destination guest running (QEMU {})", self.version);
+        Ok(())
+    }
+
+    /// After an abort: a QEMU that rdmig started is stopped; one it was given stays waiting.
+    pub fn discard(&self) {
+        let mut c = self.child.lock().expect("not poisoned");
+        if let Some(child) = c.as_mut() {
+            let _ = self
+                .qmp
+                .lock()
+                .map(|mut q| q.execute("quit", None).map(|_| ()));
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(2) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qmp::fake::{ret, serve, Handler, Log};
+    use serde_json::Value;
+    use std::collections::HashMap;
+
+    fn file_backend(id: &str, path: &str, size: u64, share: bool) -> Backend {
+        Backend {
+            id: id.into(),
+            kind: "memory-backend-file".into(),
+            mem_path: Some(path.into()),
+            share,
+            size,
+        }
+    }
+
+    fn ram(path: &str, size: u64) -> RamFile {
+        RamFile {
+            path: path.into(),
+            size,
+        }
+    }
+
+    #[test]
+    fn guest_ram_must_be_exactly_the_given_shared_files() {
+        let ok = [file_backend("mem", "/dev/shm/g.ram", 1 << 20, true)];
+        check_backends(&ok, &[ram("/dev/shm/g.ram", 1 << 20)]).unwrap();
+        let e = check_backends(&[], &[ram("/a", 1)]).unwrap_err();
+        assert!(matches!(e, QemuError::NoBackend), "{e}");
+        let anon = Backend {
+            id: "pc.ram".into(),
+            kind: "memory-backend-ram".into(),
+            mem_path: None,
+            share: false,
+            size: 1 << 20,
+        };
+        let e = check_backends(&[anon], &[ram("/dev/shm/g.ram", 1 << 20)]).unwrap_err();
+        assert!(matches!(e, QemuError::NotFile { .. }), "{e}");
+        assert!(
+            e.to_string().contains("share=on"),
+            "the message says what to do: {e}"
+        );
+        let private = [file_backend("mem", "/dev/shm/g.ram", 1 << 20, false)];
+        let e = check_backends(&private, &[ram("/dev/shm/g.ram", 1 << 20)]).unwrap_err();
+        assert!(matches!(e, QemuError::NotShared { .. }), "{e}");
+        let e = check_backends(&ok, &[ram("/dev/shm/g.ram", 2 << 20)]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                QemuError::SizeMismatch {
+                    backend: 1048576,
+                    file: 2097152,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = check_backends(&ok, &[ram("/dev/shm/other.ram", 1 << 20)]).unwrap_err();
+        assert!(matches!(e, QemuError::BackendNotGiven { .. }), "{e}");
+        let e = check_backends(
+            &ok,
+            &[ram("/dev/shm/g.ram", 1 << 20), ram("/dev/shm/x.ram", 1)],
+        )
+        .unwrap_err();
+        assert!(matches!(e, QemuError::RamNotBackend(_)), "{e}");
+    }
+
+    /// A QEMU with one shared file backend at `path`, in `status`, with or without
+    /// x-ignore-shared; `migrate_status` answers query-migrate.
+    fn guest(
+        path: &str,
+        status: &'static str,
+        ignore_shared: bool,
+        migrate_status: &'static str,
+    ) -> HashMap<&'static str, Handler> {
+        let mut h: HashMap<&'static str, Handler> = HashMap::new();
+        h.insert(
+            "query-status",
+            ret(json!({"status": status, "running": status == "running"})),
+        );
+        h.insert(
+            "qom-list",
+            ret(
+                json!([{"name": "mem", "type": "child<memory-backend-file>"},
+                       {"name": "rng0", "type": "child<rng-random>"}]),
+            ),
+        );
+        let path = path.to_string();
+        h.insert(
+            "qom-get",
+            Box::new(move |a: &Value, _| {
+                let v = match a["property"].as_str().unwrap() {
+                    "size" => json!(1 << 20),
+                    "share" => json!(true),
+                    "mem-path" => json!(path.clone()),
+                    _ => unreachable!(),
+                };
+                json!({ "return": v })
+            }),
+        );
+        let mut caps = vec![json!({"capability": "multifd", "state": true})];
+        if ignore_shared {
+            caps.push(json!({"capability": "x-ignore-shared", "state": false}));
+        }
+        h.insert("query-migrate-capabilities", ret(json!(caps)));
+        h.insert("migrate-set-capabilities", ret(json!({})));
+        h.insert(
+            "query-migrate",
+            ret(json!({"status": migrate_status, "error-desc": "state save failed"})),
+        );
+        for c in [
+            "stop",
+            "cont",
+            "getfd",
+            "migrate",
+            "migrate_cancel",
+            "migrate-incoming",
+        ] {
+            h.insert(c, ret(json!({})));
+        }
+        h
+    }
+
+    fn commands(log: &Log) -> Vec<String> {
+        log.lock().unwrap().iter().map(|(c, _)| c.clone()).collect()
+    }
+
+    fn setup() -> (tempfile::TempDir, String, Vec<RamFile>) {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("g.ram");
+        std::fs::write(&f, vec![0u8; 1 << 20]).unwrap();
+        let p = f.display().to_string();
+        let r = vec![ram(&p, 1 << 20)];
+        (dir, p, r)
+    }
+
+    #[test]
+    fn source_attach_enables_ignore_shared_and_turns_multifd_off() {
+        let (dir, p, r) = setup();
+        let (sock, log) = serve(dir.path(), guest(&p, "running", true, "none"));
+        let q = QemuSource::attach(&sock, &r).unwrap();
+        assert_eq!(q.version(), "10.0.2");
+        let l = log.lock().unwrap();
+        let (_, set) = l
+            .iter()
+            .find(|(c, _)| c == "migrate-set-capabilities")
+            .expect("capabilities set");
+        assert_eq!(
+            set["capabilities"],
+            json!([{"capability": "x-ignore-shared", "state": true},
+                   {"capability": "multifd", "state": false}])
+        );
+    }
+
+    #[test]
+    fn source_without_ignore_shared_capability_is_refused_before_anything_changes() {
+        let (dir, p, r) = setup();
+        let (sock, log) = serve(dir.path(), guest(&p, "running", false, "none"));
+        let e = QemuSource::attach(&sock, &r).unwrap_err();
+        assert!(
+            matches!(e, QemuError::NoIgnoreShared(ref v) if v == "10.0.2"),
+            "{e}"
+        );
+        let c = commands(&log);
+        assert!(
+            !c.iter()
+                .any(|c| c == "stop" || c == "migrate-set-capabilities"),
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn source_in_wrong_state_or_mid_migration_is_refused() {
+        let (dir, p, r) = setup();
+        let (sock, _) = serve(dir.path(), guest(&p, "inmigrate", true, "none"));
+        let e = QemuSource::attach(&sock, &r).unwrap_err();
+        assert!(matches!(e, QemuError::BadStatus { .. }), "{e}");
+        let (sock, _) = serve(dir.path(), guest(&p, "running", true, "active"));
+        let e = QemuSource::attach(&sock, &r).unwrap_err();
+        assert!(e.to_string().contains("\"active\""), "{e}");
+    }
+
+    #[test]
+    fn failed_state_save_is_an_error_and_resume_continues_the_guest() {
+        let (dir, p, r) = setup();
+        let mut g = guest(&p, "running", true, "none");
+        // none while attaching, failed once saving.
+        g.insert(
+            "query-migrate",
+            Box::new(|_, n| {
+                let s = if n == 0 { "none" } else { "failed" };
+                json!({"return": {"status": s, "error-desc": "disk full"}})
+            }),
+        );
+        let (sock, log) = serve(dir.path(), g);
+        let q = QemuSource::attach(&sock, &r).unwrap();
+        let e = q.stop_and_save().unwrap_err();
+        assert!(
+            matches!(e, QemuError::MigrateFailed(ref d) if d == "disk full"),
+            "{e}"
+        );
+        q.resume().unwrap();
+        let c = commands(&log);
+        let tail: Vec<_> = c.iter().rev().take(6).rev().cloned().collect();
+        assert_eq!(
+            tail,
+            [
+                "stop",
+                "getfd",
+                "migrate",
+                "query-migrate",
+                "migrate_cancel",
+                "cont"
+            ]
+        );
+    }
+
+    #[test]
+    fn destination_must_wait_with_incoming_defer() {
+        let (dir, p, r) = setup();
+        let (sock, _) = serve(dir.path(), guest(&p, "running", true, "none"));
+        let e = QemuDest::attach(&sock, &r, None).unwrap_err();
+        assert!(e.to_string().contains("-incoming defer"), "{e}");
+    }
+
+    #[test]
+    fn destination_size_mismatch_is_refused_before_the_migration() {
+        let (dir, p, _) = setup();
+        let (sock, _) = serve(dir.path(), guest(&p, "inmigrate", true, "none"));
+        let e = QemuDest::attach(&sock, &[ram(&p, 2 << 20)], None).unwrap_err();
+        assert!(matches!(e, QemuError::SizeMismatch { .. }), "{e}");
+    }
+
+    #[test]
+    fn destination_qemu_exiting_while_loading_is_a_clear_error() {
+        let (dir, p, r) = setup();
+        let mut g = guest(&p, "inmigrate", true, "none");
+        g.insert(
+            "query-migrate",
+            Box::new(|_, n| {
+                if n == 0 {
+                    json!({"return": {"status": "active"}})
+                } else {
+                    json!({"close": true})
+                }
+            }),
+        );
+        let (sock, _) = serve(dir.path(), g);
+        let q = QemuDest::attach(&sock, &r, None).unwrap();
+        let e = q.load_and_run(b"device state").unwrap_err();
+        assert!(
+            matches!(e, QemuError::Exited(ref w) if w.contains("loading")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn destination_started_by_rdmig_that_dies_is_reported_with_its_status() {
+        let (dir, _, r) = setup();
+        let sock = dir.path().join("never.sock");
+        let e = QemuDest::attach(&sock, &r, Some("exit 7")).unwrap_err();
+        assert!(e.to_string().contains("exit status: 7"), "{e}");
+    }
+}
