@@ -127,6 +127,10 @@ struct RecvArgs {
     /// starts, stopped again if the migration aborts.
     #[arg(long, requires = "qemu_qmp")]
     qemu_start: Option<String>,
+    /// Where the QEMU started by --qemu-start writes its output (default: the QMP socket's
+    /// path with `.log` appended).
+    #[arg(long, requires = "qemu_start")]
+    qemu_log: Option<PathBuf>,
     /// Write the listening address to this file once listening (for scripts).
     #[arg(long)]
     addr_file: Option<PathBuf>,
@@ -326,7 +330,12 @@ fn recv(a: RecvArgs) -> Result<ExitCode, String> {
                     size: r.size.unwrap_or(0),
                 })
                 .collect();
-            let q = rdmig::qemu::QemuDest::attach(sock, &files, a.qemu_start.as_deref())
+            let log = a.qemu_log.clone().unwrap_or_else(|| {
+                let mut l = sock.as_os_str().to_owned();
+                l.push(".log");
+                PathBuf::from(l)
+            });
+            let q = rdmig::qemu::QemuDest::attach(sock, &files, a.qemu_start.as_deref(), &log)
                 .map_err(|e| format!("destination QEMU: {e}"))?;
             tracing::info!("destination QEMU {} waiting for the guest", q.version());
             Some(Arc::new(q))

@@ -324,10 +324,27 @@ impl QemuSource {
     }
 }
 
+/// The last lines of a QEMU log, for error messages.
+fn log_tail(p: &Path) -> String {
+    let text = std::fs::read(p).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text[text.len().saturating_sub(2048)..]).into_owned();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    match lines.len() {
+        0 => String::new(),
+        n => format!(
+            "; QEMU said: {} (log: {})",
+            lines[n.saturating_sub(4)..].join(" | "),
+            p.display()
+        ),
+    }
+}
+
 /// The destination guest: a QEMU waiting with `-incoming defer`, started by rdmig or not.
 pub struct QemuDest {
     qmp: Mutex<Qmp>,
     child: Mutex<Option<Child>>,
+    /// Where a QEMU that rdmig started writes its output.
+    log: Option<PathBuf>,
     version: String,
 }
 
@@ -338,34 +355,47 @@ impl std::fmt::Debug for QemuDest {
 }
 
 impl QemuDest {
-    /// Starts `start_cmd` (if given) and connects to its QMP socket, then checks that QEMU
-    /// waits for an incoming migration on exactly the given RAM files.
+    /// Starts `start_cmd` (if given, its output appended to `log`) and connects to its QMP
+    /// socket, then checks that QEMU waits for an incoming migration on exactly the given RAM
+    /// files. The started QEMU outlives rdmig when the migration completes, so it must not
+    /// hold rdmig's own output open.
     pub fn attach(
         sock: &Path,
         ram: &[RamFile],
         start_cmd: Option<&str>,
+        log: &Path,
     ) -> Result<QemuDest, QemuError> {
+        let io = |what, err| QemuError::Io { what, err };
         let mut child = match start_cmd {
-            Some(cmd) => Some(
-                Command::new("sh")
-                    .arg("-c")
-                    .arg(cmd)
-                    .stdin(Stdio::null())
-                    .spawn()
-                    .map_err(|err| QemuError::Io {
-                        what: "starting the destination QEMU",
-                        err,
-                    })?,
-            ),
+            Some(cmd) => {
+                let out = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .map_err(|e| io("opening the QEMU log", e))?;
+                let err = out.try_clone().map_err(|e| io("opening the QEMU log", e))?;
+                Some(
+                    Command::new("sh")
+                        .arg("-c")
+                        .arg(cmd)
+                        .stdin(Stdio::null())
+                        .stdout(out)
+                        .stderr(err)
+                        .spawn()
+                        .map_err(|e| io("starting the destination QEMU", e))?,
+                )
+            }
             None => None,
         };
+        let log = start_cmd.map(|_| log.to_path_buf());
         let connected = match child.as_mut() {
             None => Qmp::connect(sock, REPLY_TIMEOUT),
             Some(c) => {
                 let t = Instant::now();
                 loop {
                     if let Ok(Some(st)) = c.try_wait() {
-                        return Err(QemuError::Exited(format!("starting ({st})")));
+                        let tail = log.as_deref().map(log_tail).unwrap_or_default();
+                        return Err(QemuError::Exited(format!("starting ({st}){tail}")));
                     }
                     match Qmp::connect_retry(sock, REPLY_TIMEOUT, Duration::from_millis(200)) {
                         Err(QmpError::Connect { .. }) if t.elapsed() < REPLY_TIMEOUT => continue,
@@ -386,6 +416,7 @@ impl QemuDest {
         };
         let d = QemuDest {
             child: Mutex::new(child),
+            log,
             version: String::new(),
             qmp: Mutex::new(qmp),
         };
@@ -425,7 +456,8 @@ impl QemuDest {
             .and_then(|c| c.wait().ok())
             .map(|s| format!(" ({s})"))
             .unwrap_or_default();
-        QemuError::Exited(format!("{what}{st}"))
+        let tail = self.log.as_deref().map(log_tail).unwrap_or_default();
+        QemuError::Exited(format!("{what}{st}{tail}"))
     }
 
     /// Loads the device state into the waiting QEMU and runs the guest; returns once QEMU
@@ -730,7 +762,7 @@ mod tests {
     fn destination_must_wait_with_incoming_defer() {
         let (dir, p, r) = setup();
         let (sock, _) = serve(dir.path(), guest(&p, "running", true, "none"));
-        let e = QemuDest::attach(&sock, &r, None).unwrap_err();
+        let e = QemuDest::attach(&sock, &r, None, &dir.path().join("log")).unwrap_err();
         assert!(e.to_string().contains("-incoming defer"), "{e}");
     }
 
@@ -738,7 +770,8 @@ mod tests {
     fn destination_size_mismatch_is_refused_before_the_migration() {
         let (dir, p, _) = setup();
         let (sock, _) = serve(dir.path(), guest(&p, "inmigrate", true, "none"));
-        let e = QemuDest::attach(&sock, &[ram(&p, 2 << 20)], None).unwrap_err();
+        let e = QemuDest::attach(&sock, &[ram(&p, 2 << 20)], None, &dir.path().join("log"))
+            .unwrap_err();
         assert!(matches!(e, QemuError::SizeMismatch { .. }), "{e}");
     }
 
@@ -757,7 +790,7 @@ mod tests {
             }),
         );
         let (sock, _) = serve(dir.path(), g);
-        let q = QemuDest::attach(&sock, &r, None).unwrap();
+        let q = QemuDest::attach(&sock, &r, None, &dir.path().join("log")).unwrap();
         let e = q.load_and_run(b"device state").unwrap_err();
         assert!(
             matches!(e, QemuError::Exited(ref w) if w.contains("loading")),
@@ -769,7 +802,11 @@ mod tests {
     fn destination_started_by_rdmig_that_dies_is_reported_with_its_status() {
         let (dir, _, r) = setup();
         let sock = dir.path().join("never.sock");
-        let e = QemuDest::attach(&sock, &r, Some("exit 7")).unwrap_err();
-        assert!(e.to_string().contains("exit status: 7"), "{e}");
+        let log = dir.path().join("qemu.log");
+        let cmd = "echo 'qemu: could not load kernel' >&2; exit 7";
+        let e = QemuDest::attach(&sock, &r, Some(cmd), &log).unwrap_err();
+        let m = e.to_string();
+        assert!(m.contains("exit status: 7"), "{m}");
+        assert!(m.contains("QEMU said: qemu: could not load kernel"), "{m}");
     }
 }

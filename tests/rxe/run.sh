@@ -30,27 +30,10 @@ if [ -z "${RDMIG_BIN:-}" ]; then
 	RDMIG_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/rdmig
 fi
 
-# Kernel: the package linux-image-amd64 depends on, unpacked, with modules.dep.
-kpkg() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ && !k {k = $2} END {print k}'; }
-KPKG=$(kpkg)
-if [ -z "$KPKG" ]; then
-	apt-get update -qq && KPKG=$(kpkg)
-fi
-[ -n "$KPKG" ] || { echo "rxe: cannot find the Debian kernel package" >&2; exit 1; }
-KVER=${KPKG#linux-image-}
-KROOT=$CACHE/$KPKG
-if [ ! -f "$KROOT/.done" ]; then
-	rm -rf "$KROOT" && mkdir -p "$KROOT"
-	(cd "$CACHE" && ls "$KPKG"_*.deb >/dev/null 2>&1 || apt-get download "$KPKG" >/dev/null)
-	dpkg-deb -x "$(ls "$CACHE/$KPKG"_*.deb | sed -n 1p)" "$KROOT"
-	depmod -b "$KROOT" "$KVER"
-	# The uncompressed ELF boots through PVH, faster under TCG than the xz bzImage.
-	python3 -c 'import sys; d = open(sys.argv[1], "rb").read(); open(sys.argv[2], "wb").write(d[d.find(b"\xfd7zXZ\x00"):])' \
-		"$KROOT/boot/vmlinuz-$KVER" "$KROOT/vmlinux.xz"
-	xz -dc --single-stream "$KROOT/vmlinux.xz" >"$KROOT/vmlinux"
-	rm "$KROOT/vmlinux.xz"
-	touch "$KROOT/.done"
-fi
+# Kernel: the package linux-image-amd64 depends on, unpacked, with modules.dep (sets KPKG,
+# KVER, KROOT).
+. "$ROOT/tests/common/kernel.sh"
+debian_kernel "$CACHE" rxe
 
 # Initramfs.
 IR=$CACHE/initrd-root

@@ -1,0 +1,848 @@
+//! Live migration of a real QEMU guest (TCG) whose RAM is a shared file, by `rdmig send
+//! --qemu-qmp` / `rdmig recv --qemu-qmp`, beside QEMU's own `migrate tcp:` of the same guest.
+//!
+//! The guest (tests/qemu/guest) runs `memcheck`, which keeps dirtying its memory at a set rate
+//! and verifies all of it continuously, printing `MEMCHECK tick=N ... VERIFY OK` once a second
+//! on the serial console. A migration is correct when the destination console continues the
+//! source's counter with verification still OK.
+//!
+//! These tests need QEMU 10, a kernel and the guest initramfs: `tests/qemu/run.sh` (`make
+//! qemu`) prepares them and runs this file with `--ignored`, one test at a time.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdmig::qmp::Qmp;
+use serde_json::{json, Value};
+
+/// Guest RAM in MiB, and how much of it memcheck fills and checks.
+const RAM_MB: u64 = 512;
+const FILL_MB: u64 = 256;
+/// The dirty rates of the issue, in MB/s.
+const RATES: [u64; 3] = [0, 50, 200];
+
+struct Assets {
+    qemu: String,
+    data: String,
+    kernel: String,
+    initrd: String,
+}
+
+fn assets() -> Assets {
+    let p = std::env::var("RDMIG_QEMU_ENV")
+        .expect("RDMIG_QEMU_ENV names the env file tests/qemu/prepare.sh writes; run `make qemu`");
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("{p} has no {k}"))
+            .to_string()
+    };
+    Assets {
+        qemu: get("QEMU_BIN"),
+        data: get("QEMU_DATA"),
+        kernel: get("KERNEL"),
+        initrd: get("INITRD"),
+    }
+}
+
+/// Where a test keeps its sockets, consoles and RAM files (RAM in /dev/shm when present).
+struct Scratch {
+    dir: tempfile::TempDir,
+    shm: PathBuf,
+}
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("rdmig-qemu-{tag}-"))
+            .tempdir()
+            .unwrap();
+        let shm = if Path::new("/dev/shm").is_dir() {
+            PathBuf::from(format!("/dev/shm/rdmig-qemu-{tag}-{}", std::process::id()))
+        } else {
+            dir.path().join("shm")
+        };
+        std::fs::create_dir_all(&shm).unwrap();
+        Scratch { dir, shm }
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    fn ram(&self, name: &str) -> PathBuf {
+        self.shm.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.shm);
+    }
+}
+
+#[derive(Clone)]
+struct GuestSpec {
+    name: &'static str,
+    rate: u64,
+    /// RAM in this shared file (None: QEMU's default, private RAM).
+    ram: Option<PathBuf>,
+    incoming: bool,
+    extra: Vec<String>,
+}
+
+fn qemu_args(a: &Assets, s: &Scratch, g: &GuestSpec) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "-L".into(),
+        a.data.clone(),
+        "-accel".into(),
+        "tcg".into(),
+        "-m".into(),
+        format!("{RAM_MB}M"),
+        "-smp".into(),
+        "1".into(),
+        "-no-reboot".into(),
+        "-nic".into(),
+        "none".into(),
+        "-vga".into(),
+        "none".into(),
+        "-display".into(),
+        "none".into(),
+        "-monitor".into(),
+        "none".into(),
+        "-kernel".into(),
+        a.kernel.clone(),
+        "-initrd".into(),
+        a.initrd.clone(),
+        "-append".into(),
+        format!(
+            "console=ttyS0 panic=-1 quiet memcheck.size={FILL_MB} memcheck.rate={}",
+            g.rate
+        ),
+        "-serial".into(),
+        format!("file:{}", s.path(&format!("{}.console", g.name)).display()),
+        "-qmp".into(),
+        format!(
+            "unix:{},server=on,wait=off",
+            s.path(&format!("{}.qmp", g.name)).display()
+        ),
+        "-pidfile".into(),
+        s.path(&format!("{}.pid", g.name)).display().to_string(),
+    ];
+    match &g.ram {
+        Some(ram) => v.extend([
+            "-object".into(),
+            format!(
+                "memory-backend-file,id=mem,size={RAM_MB}M,mem-path={},share=on",
+                ram.display()
+            ),
+            "-machine".into(),
+            "q35,memory-backend=mem".into(),
+        ]),
+        None => v.extend(["-machine".into(), "q35".into()]),
+    }
+    if g.incoming {
+        v.extend(["-incoming".into(), "defer".into()]);
+    }
+    v.extend(g.extra.iter().cloned());
+    v
+}
+
+fn shell_line(bin: &str, args: &[String]) -> String {
+    std::iter::once(bin)
+        .chain(args.iter().map(String::as_str))
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// One QEMU process (started here, or by `rdmig recv --qemu-start`), killed on drop.
+struct Guest {
+    name: &'static str,
+    child: Option<Child>,
+    pidfile: PathBuf,
+    console: PathBuf,
+    qmp: PathBuf,
+}
+
+impl Guest {
+    fn start(a: &Assets, s: &Scratch, g: &GuestSpec) -> Guest {
+        let child = Command::new(&a.qemu)
+            .args(qemu_args(a, s, g))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(s.path(&format!("{}.stderr", g.name))).unwrap())
+            .spawn()
+            .expect("starting QEMU");
+        Guest::adopt(s, g, Some(child))
+    }
+
+    /// A guest whose QEMU someone else starts with `qemu_args`.
+    fn adopt(s: &Scratch, g: &GuestSpec, child: Option<Child>) -> Guest {
+        Guest {
+            name: g.name,
+            child,
+            pidfile: s.path(&format!("{}.pid", g.name)),
+            console: s.path(&format!("{}.console", g.name)),
+            qmp: s.path(&format!("{}.qmp", g.name)),
+        }
+    }
+
+    fn qmp(&self) -> Qmp {
+        Qmp::connect_retry(&self.qmp, Duration::from_secs(30), Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{}: QMP: {e}", self.name))
+    }
+
+    fn console(&self) -> String {
+        std::fs::read(&self.console)
+            .map(|b| String::from_utf8_lossy(&b).replace('\r', ""))
+            .unwrap_or_default()
+    }
+
+    fn ticks(&self) -> Vec<Tick> {
+        ticks(&self.console())
+    }
+
+    /// Waits until the guest has printed `n` more tick lines than `after`.
+    fn wait_ticks(&self, after: usize, n: usize, timeout: Duration) -> Vec<Tick> {
+        let t = Instant::now();
+        loop {
+            let k = self.ticks();
+            if k.len() >= after + n {
+                return k;
+            }
+            assert!(
+                t.elapsed() < timeout,
+                "{}: {} tick lines after {:?}; console:\n{}",
+                self.name,
+                k.len(),
+                timeout,
+                tail(&self.console())
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Boots until memcheck has filled its memory and printed two ticks.
+    fn wait_ready(&self) -> Duration {
+        let t = Instant::now();
+        self.wait_ticks(0, 2, Duration::from_secs(240));
+        t.elapsed()
+    }
+
+    fn status(&self) -> String {
+        let mut q = self.qmp();
+        q.execute("query-status", None).unwrap()["status"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        } else if let Ok(p) = std::fs::read_to_string(&self.pidfile) {
+            if let Ok(pid) = p.trim().parse::<i32>() {
+                let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Tick {
+    n: u64,
+    ok: bool,
+    dirtied_mb: u64,
+}
+
+fn ticks(console: &str) -> Vec<Tick> {
+    console
+        .lines()
+        .filter_map(|l| {
+            let rest = l.trim().strip_prefix("MEMCHECK tick=")?;
+            let n = rest.split_whitespace().next()?.parse().ok()?;
+            let dirtied_mb = rest
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("dirtied_mb="))
+                .and_then(|d| d.parse().ok())
+                .unwrap_or(0);
+            Some(Tick {
+                n,
+                ok: l.trim_end().ends_with("VERIFY OK"),
+                dirtied_mb,
+            })
+        })
+        .collect()
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<_> = s.lines().collect();
+    lines[lines.len().saturating_sub(25)..].join("\n")
+}
+
+/// The destination continues the source's counter with memory verification still OK: its
+/// first complete tick follows the source's last one (a line cut by the switchover may be
+/// lost), later ticks count up by one, and nothing reports a bad page or a crash.
+fn check_continues(src: &Guest, dst: &Guest) -> Result<(u64, u64), String> {
+    let s = src.ticks();
+    let last = s.last().ok_or("the source printed no tick")?.n;
+    if let Some(b) = s.iter().find(|t| !t.ok) {
+        return Err(format!("source tick {} reported VERIFY BAD", b.n));
+    }
+    let t = Instant::now();
+    let d = loop {
+        let d = dst.ticks();
+        if d.len() >= 4 {
+            break d;
+        }
+        let c = dst.console();
+        if c.contains("VERIFY BAD") || c.contains("Kernel panic") || c.contains("MEMCHECK EXITED") {
+            return Err(format!("destination failed:\n{}", tail(&c)));
+        }
+        if t.elapsed() > Duration::from_secs(90) {
+            return Err(format!(
+                "destination printed {} ticks in 90 s:\n{}",
+                d.len(),
+                tail(&c)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let first = d[0].n;
+    if !(last + 1..=last + 2).contains(&first) {
+        return Err(format!(
+            "destination counter starts at {first}, source ended at {last}"
+        ));
+    }
+    if d.windows(2).any(|w| w[1].n != w[0].n + 1) {
+        return Err(format!("destination counter skips: {d:?}"));
+    }
+    let c = dst.console();
+    if let Some(b) = d.iter().find(|t| !t.ok) {
+        return Err(format!(
+            "destination tick {} VERIFY BAD:\n{}",
+            b.n,
+            tail(&c)
+        ));
+    }
+    if c.contains("VERIFY BAD") || c.contains("Kernel panic") {
+        return Err(format!("destination failed:\n{}", tail(&c)));
+    }
+    Ok((last, first))
+}
+
+/// A process with its output collected, killed on drop.
+struct Proc {
+    child: Option<Child>,
+    name: &'static str,
+}
+
+struct Exit {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, args: &[String]) -> Proc {
+        let child = Command::new(env!("CARGO_BIN_EXE_rdmig"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting rdmig");
+        Proc {
+            child: Some(child),
+            name,
+        }
+    }
+
+    fn wait(mut self, timeout: Duration) -> Exit {
+        let mut c = self.child.take().unwrap();
+        let mut out = c.stdout.take().unwrap();
+        let mut err = c.stderr.take().unwrap();
+        let o = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = out.read_to_string(&mut s);
+            s
+        });
+        let e = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        let t = Instant::now();
+        let status = loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                break st;
+            }
+            if t.elapsed() > timeout {
+                let _ = c.kill();
+                let st = c.wait().unwrap();
+                panic!(
+                    "{} did not finish in {timeout:?} ({st}); stderr:\n{}",
+                    self.name,
+                    e.join().unwrap()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Exit {
+            code: status.code(),
+            stdout: o.join().unwrap(),
+            stderr: e.join().unwrap(),
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn report(e: &Exit, who: &str) -> Value {
+    serde_json::from_str(&e.stdout).unwrap_or_else(|err| {
+        panic!(
+            "{who}: no JSON report ({err}); exit {:?}; stderr:\n{}",
+            e.code, e.stderr
+        )
+    })
+}
+
+fn wait_file(p: &Path, timeout: Duration) -> String {
+    let t = Instant::now();
+    loop {
+        if let Ok(s) = std::fs::read_to_string(p) {
+            if !s.is_empty() {
+                return s;
+            }
+        }
+        assert!(t.elapsed() < timeout, "{} not written", p.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One line of the comparison table.
+#[derive(Debug)]
+struct Row {
+    tool: &'static str,
+    rate: u64,
+    total_ms: u64,
+    downtime_ms: u64,
+    transferred_mb: f64,
+    dirtied_mb_s: u64,
+    survived: Result<(u64, u64), String>,
+}
+
+fn record(r: &Row) {
+    let line = json!({
+        "tool": r.tool,
+        "rate_mb_s": r.rate,
+        "measured_dirty_mb_s": r.dirtied_mb_s,
+        "total_ms": r.total_ms,
+        "downtime_ms": r.downtime_ms,
+        "transferred_mb": (r.transferred_mb * 10.0).round() / 10.0,
+        "survived": r.survived.is_ok(),
+        "detail": match &r.survived { Ok((a, b)) => format!("source tick {a}, destination {b}"), Err(e) => e.lines().next().unwrap_or("").to_string() },
+    });
+    eprintln!("ROW {line}");
+    if let Ok(p) = std::env::var("RDMIG_QEMU_RESULTS") {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .unwrap();
+        writeln!(f, "{line}").unwrap();
+    }
+}
+
+/// Mean MB dirtied per second over the source's last ticks before the switchover.
+fn dirtied(src: &Guest) -> u64 {
+    let t = src.ticks();
+    let last: Vec<_> = t.iter().rev().take(3).collect();
+    last.iter().map(|t| t.dirtied_mb).sum::<u64>() / last.len().max(1) as u64
+}
+
+struct RdmigRun {
+    send: Exit,
+    recv: Exit,
+    src: Guest,
+    dst: Guest,
+}
+
+/// Boots a guest, migrates it with rdmig to a destination QEMU (started by `rdmig recv
+/// --qemu-start` when `start_by_recv`), and returns both processes' results.
+fn rdmig_migrate(
+    a: &Assets,
+    s: &Scratch,
+    rate: u64,
+    start_by_recv: bool,
+    src_extra: Vec<String>,
+    send_extra: &[&str],
+) -> RdmigRun {
+    let srcg = GuestSpec {
+        name: "src",
+        rate,
+        ram: Some(s.ram("src.ram")),
+        incoming: false,
+        extra: src_extra,
+    };
+    let src = Guest::start(a, s, &srcg);
+    let boot = src.wait_ready();
+    eprintln!("source guest ready in {boot:?}");
+    let dstg = GuestSpec {
+        name: "dst",
+        ram: Some(s.ram("dst.ram")),
+        incoming: true,
+        extra: vec![],
+        ..srcg.clone()
+    };
+    let mut recv_args: Vec<String> = ["recv", "--listen", "127.0.0.1:0", "--json", "--qemu-qmp"]
+        .map(String::from)
+        .to_vec();
+    recv_args.push(s.path("dst.qmp").display().to_string());
+    recv_args.push("--addr-file".into());
+    recv_args.push(s.path("addr").display().to_string());
+    recv_args.push("--ram".into());
+    recv_args.push(format!("pc.ram={}:{RAM_MB}MiB", s.ram("dst.ram").display()));
+    let dst = if start_by_recv {
+        recv_args.push("--qemu-start".into());
+        recv_args.push(shell_line(&a.qemu, &qemu_args(a, s, &dstg)));
+        Guest::adopt(s, &dstg, None)
+    } else {
+        let g = Guest::start(a, s, &dstg);
+        assert_eq!(g.status(), "inmigrate");
+        g
+    };
+    let recv = Proc::spawn("rdmig recv", &recv_args);
+    let addr = wait_file(&s.path("addr"), Duration::from_secs(60));
+    let mut send_args: Vec<String> = vec![
+        "send".into(),
+        "--connect".into(),
+        addr,
+        "--json".into(),
+        "--dirty-log".into(),
+        "scan".into(),
+        "--ram".into(),
+        format!("pc.ram={}", s.ram("src.ram").display()),
+        "--qemu-qmp".into(),
+        s.path("src.qmp").display().to_string(),
+    ];
+    send_args.extend(send_extra.iter().map(|x| x.to_string()));
+    let send = Proc::spawn("rdmig send", &send_args);
+    let send = send.wait(Duration::from_secs(300));
+    let recv = recv.wait(Duration::from_secs(120));
+    RdmigRun {
+        send,
+        recv,
+        src,
+        dst,
+    }
+}
+
+#[test]
+#[ignore = "needs QEMU 10 and the test guest: run `make qemu`"]
+fn rdmig_live_migrates_qemu_guest_at_0_50_200_mb_s_and_memory_stays_intact() {
+    let a = assets();
+    for rate in RATES {
+        let s = Scratch::new(&format!("rdmig-{rate}"));
+        // The first run also covers `rdmig recv --qemu-start` and end-to-end digests.
+        let first = rate == RATES[0];
+        let extra: &[&str] = if first { &["--verify"] } else { &[] };
+        let r = rdmig_migrate(&a, &s, rate, first, vec![], extra);
+        let sr = report(&r.send, "send");
+        let rr = report(&r.recv, "recv");
+        assert_eq!(
+            (r.send.code, r.recv.code),
+            (Some(0), Some(0)),
+            "rate {rate}: send {sr}\nrecv stderr:\n{}",
+            r.recv.stderr
+        );
+        assert_eq!(sr["status"], "completed");
+        assert_eq!(sr["guest"], "stopped");
+        assert_eq!(rr["guest"], "running");
+        assert_eq!(
+            r.src.status(),
+            "postmigrate",
+            "the source guest stays stopped"
+        );
+        assert_eq!(r.dst.status(), "running");
+        let survived = check_continues(&r.src, &r.dst);
+        let row = Row {
+            tool: "rdmig",
+            rate,
+            total_ms: sr["total_time_ms"].as_u64().unwrap(),
+            downtime_ms: sr["downtime_ms"].as_u64().unwrap(),
+            transferred_mb: sr["bytes"]["data"].as_u64().unwrap() as f64 / 1e6,
+            dirtied_mb_s: dirtied(&r.src),
+            survived,
+        };
+        record(&row);
+        if let Err(e) = &row.survived {
+            panic!("rate {rate}: guest did not survive: {e}");
+        }
+    }
+}
+
+/// QEMU's own live migration of the same guest over TCP on loopback: precopy, and multifd
+/// with 2 channels; max-bandwidth raised, downtime-limit 300 ms.
+fn qemu_migrate(a: &Assets, rate: u64, multifd: bool) -> Row {
+    let s = Scratch::new(&format!("qemu-{rate}-{multifd}"));
+    let srcg = GuestSpec {
+        name: "src",
+        rate,
+        ram: Some(s.ram("src.ram")),
+        incoming: false,
+        extra: vec![],
+    };
+    let src = Guest::start(a, &s, &srcg);
+    src.wait_ready();
+    let dst = Guest::start(
+        a,
+        &s,
+        &GuestSpec {
+            name: "dst",
+            ram: Some(s.ram("dst.ram")),
+            incoming: true,
+            ..srcg.clone()
+        },
+    );
+    let mut qs = src.qmp();
+    let mut qd = dst.qmp();
+    let caps = json!({"capabilities": [{"capability": "multifd", "state": multifd}]});
+    qs.execute("migrate-set-capabilities", Some(caps.clone()))
+        .unwrap();
+    qd.execute("migrate-set-capabilities", Some(caps)).unwrap();
+    let params =
+        json!({"max-bandwidth": 10u64 << 30, "downtime-limit": 300, "multifd-channels": 2});
+    qs.execute("migrate-set-parameters", Some(params.clone()))
+        .unwrap();
+    qd.execute(
+        "migrate-set-parameters",
+        Some(json!({"multifd-channels": 2})),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    qd.execute("migrate-incoming", Some(json!({ "uri": uri })))
+        .unwrap();
+    qs.execute("migrate", Some(json!({ "uri": uri }))).unwrap();
+    let t = Instant::now();
+    let m = loop {
+        let m = qs.execute("query-migrate", None).unwrap();
+        match m["status"].as_str().unwrap_or("") {
+            "completed" | "failed" | "cancelled" => break m,
+            _ if t.elapsed() > Duration::from_secs(300) => panic!("QEMU migration hangs: {m}"),
+            _ => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    let tool = if multifd {
+        "qemu multifd 2ch"
+    } else {
+        "qemu precopy"
+    };
+    let survived = if m["status"] == "completed" {
+        check_continues(&src, &dst)
+    } else {
+        Err(format!("QEMU migration {m}"))
+    };
+    Row {
+        tool,
+        rate,
+        total_ms: m["total-time"].as_u64().unwrap_or(0),
+        downtime_ms: m["downtime"].as_u64().unwrap_or(0),
+        transferred_mb: m["ram"]["transferred"].as_u64().unwrap_or(0) as f64 / 1e6,
+        dirtied_mb_s: dirtied(&src),
+        survived,
+    }
+}
+
+#[test]
+#[ignore = "needs QEMU 10 and the test guest: run `make qemu`"]
+fn reference_qemu_own_migration_of_the_same_guest_completes() {
+    let a = assets();
+    for rate in RATES {
+        for multifd in [false, true] {
+            let row = qemu_migrate(&a, rate, multifd);
+            record(&row);
+            assert!(
+                row.total_ms > 0,
+                "QEMU reported no total time: the comparison would be empty: {row:?}"
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs QEMU 10 and the test guest: run `make qemu`"]
+fn source_guest_keeps_running_when_the_destination_is_killed_mid_migration() {
+    let a = assets();
+    let s = Scratch::new("abort");
+    let srcg = GuestSpec {
+        name: "src",
+        rate: 50,
+        ram: Some(s.ram("src.ram")),
+        incoming: false,
+        extra: vec![],
+    };
+    let src = Guest::start(&a, &s, &srcg);
+    src.wait_ready();
+    let dst = Guest::start(
+        &a,
+        &s,
+        &GuestSpec {
+            name: "dst",
+            ram: Some(s.ram("dst.ram")),
+            incoming: true,
+            ..srcg.clone()
+        },
+    );
+    assert_eq!(dst.status(), "inmigrate");
+    let mut recv = Proc::spawn(
+        "rdmig recv",
+        &[
+            "recv".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--addr-file".into(),
+            s.path("addr").display().to_string(),
+            "--qemu-qmp".into(),
+            s.path("dst.qmp").display().to_string(),
+            "--ram".into(),
+            format!("pc.ram={}:{RAM_MB}MiB", s.ram("dst.ram").display()),
+        ],
+    );
+    let addr = wait_file(&s.path("addr"), Duration::from_secs(60));
+    // Slow enough that the kill lands in the middle of pre-copy.
+    let send = Proc::spawn(
+        "rdmig send",
+        &[
+            "send".into(),
+            "--connect".into(),
+            addr,
+            "--json".into(),
+            "--dirty-log".into(),
+            "scan".into(),
+            "--max-bandwidth".into(),
+            "20MB/s".into(),
+            "--ram".into(),
+            format!("pc.ram={}", s.ram("src.ram").display()),
+            "--qemu-qmp".into(),
+            s.path("src.qmp").display().to_string(),
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    recv.kill();
+    let before = src.ticks().len();
+    let e = send.wait(Duration::from_secs(60));
+    let r = report(&e, "send");
+    assert_eq!(e.code, Some(2), "aborted, source resumed: {r}");
+    assert_eq!(r["status"], "aborted");
+    assert_eq!(r["guest"], "resumed");
+    assert_eq!(src.status(), "running");
+    let t = src.wait_ticks(before, 3, Duration::from_secs(60));
+    assert!(
+        t.iter().all(|t| t.ok),
+        "source memory verification after the abort:\n{}",
+        tail(&src.console())
+    );
+    assert!(t.windows(2).all(|w| w[1].n == w[0].n + 1), "{t:?}");
+}
+
+#[test]
+#[ignore = "needs QEMU 10 and the test guest: run `make qemu`"]
+fn destination_qemu_that_fails_to_load_the_state_aborts_and_source_guest_resumes() {
+    let a = assets();
+    let s = Scratch::new("loadfail");
+    // The source has a device the destination lacks: its state section cannot be loaded.
+    let r = rdmig_migrate(
+        &a,
+        &s,
+        50,
+        false,
+        vec!["-device".into(), "virtio-rng-pci".into()],
+        &[],
+    );
+    let sr = report(&r.send, "send");
+    assert_eq!(r.send.code, Some(2), "{sr}");
+    assert_eq!(sr["status"], "aborted");
+    assert_eq!(sr["guest"], "resumed");
+    assert_ne!(r.recv.code, Some(0));
+    assert!(
+        r.recv
+            .stderr
+            .contains("destination QEMU exited while loading the device state"),
+        "recv stderr:\n{}",
+        r.recv.stderr
+    );
+    assert_eq!(r.src.status(), "running");
+    let before = r.src.ticks().len();
+    let t = r.src.wait_ticks(before, 3, Duration::from_secs(60));
+    assert!(
+        t.iter().all(|t| t.ok),
+        "source memory after the failed switchover:\n{}",
+        tail(&r.src.console())
+    );
+}
+
+#[test]
+#[ignore = "needs QEMU 10 and the test guest: run `make qemu`"]
+fn guest_without_shared_file_ram_is_refused_and_keeps_running() {
+    let a = assets();
+    let s = Scratch::new("private");
+    let src = Guest::start(
+        &a,
+        &s,
+        &GuestSpec {
+            name: "src",
+            rate: 0,
+            ram: None,
+            incoming: false,
+            extra: vec![],
+        },
+    );
+    assert_eq!(src.status(), "running");
+    let ram = s.ram("src.ram");
+    std::fs::write(&ram, vec![0u8; (RAM_MB << 20) as usize]).unwrap();
+    let e = Proc::spawn(
+        "rdmig send",
+        &[
+            "send".into(),
+            "--connect".into(),
+            "127.0.0.1:9".into(),
+            "--ram".into(),
+            format!("pc.ram={}", ram.display()),
+            "--qemu-qmp".into(),
+            s.path("src.qmp").display().to_string(),
+        ],
+    )
+    .wait(Duration::from_secs(60));
+    assert_eq!(e.code, Some(1), "{}", e.stderr);
+    assert!(
+        e.stderr
+            .contains("is a memory-backend-ram, not a shared file"),
+        "{}",
+        e.stderr
+    );
+    assert_eq!(src.status(), "running");
+}
