@@ -455,6 +455,7 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
         }
         None => None,
     };
+    let mut restore = RestoreCaps(qemu.clone());
     let writer_pid = a.pid.or_else(|| qemu.as_ref().and_then(|q| q.pid()));
     let dirty_log = a.dirty_log.clone().unwrap_or_else(|| {
         if writer_pid.is_some() {
@@ -553,6 +554,9 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
             driver::run_source(link, rx, run)
         }
     };
+    if report.status == "completed" {
+        restore.0 = None;
+    }
     if let Some(q) = &qemu {
         report.guest = Some(match report.status {
             "completed" if a.qemu_quit => match q.quit() {
@@ -565,6 +569,18 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
         });
     }
     Ok(finish(&report, a.common.json))
+}
+
+/// Unless the migration completed, puts the source QEMU's migration capabilities back as they
+/// were (whatever path `send` leaves by).
+struct RestoreCaps(Option<Arc<rdmig::qemu::QemuSource>>);
+
+impl Drop for RestoreCaps {
+    fn drop(&mut self) {
+        if let Some(q) = &self.0 {
+            q.restore();
+        }
+    }
 }
 
 /// Opens the dirty log `spec` names; `auto` picks soft-dirty on the writer's process where

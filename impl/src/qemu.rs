@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::qmp::{Qmp, QmpError};
 
@@ -175,7 +175,9 @@ fn status(q: &mut Qmp) -> Result<String, QemuError> {
 }
 
 /// Turns on x-ignore-shared (and off what cannot go through one fd), after checking QEMU has it.
-fn enable_ignore_shared(q: &mut Qmp) -> Result<(), QemuError> {
+/// Returns the capabilities as they were, for [`restore_capabilities`]: a QEMU left with
+/// x-ignore-shared on would leave its RAM out of any later migration of its own.
+fn enable_ignore_shared(q: &mut Qmp) -> Result<Value, QemuError> {
     let caps = q.execute("query-migrate-capabilities", None)?;
     let caps = caps.as_array().cloned().unwrap_or_default();
     let has = |name: &str| caps.iter().any(|c| c["capability"] == name);
@@ -188,17 +190,27 @@ fn enable_ignore_shared(q: &mut Qmp) -> Result<(), QemuError> {
         return Err(QemuError::NoIgnoreShared(format!("{a}.{b}.{c}")));
     }
     let mut set = vec![json!({"capability": "x-ignore-shared", "state": true})];
+    let mut before = vec![json!({"capability": "x-ignore-shared", "state": on("x-ignore-shared")})];
     // The device state goes through one pipe: no multifd channels, no post-copy.
     for off in ["multifd", "postcopy-ram", "mapped-ram"] {
         if on(off) {
             set.push(json!({"capability": off, "state": false}));
+            before.push(json!({"capability": off, "state": true}));
         }
     }
     q.execute(
         "migrate-set-capabilities",
         Some(json!({ "capabilities": set })),
     )?;
-    Ok(())
+    Ok(json!({ "capabilities": before }))
+}
+
+/// Puts back the capabilities [`enable_ignore_shared`] changed.
+fn restore_capabilities(q: &Mutex<Qmp>, before: &Value) {
+    let mut q = q.lock().expect("not poisoned");
+    if let Err(e) = q.execute("migrate-set-capabilities", Some(before.clone())) {
+        tracing::warn!("restoring QEMU's migration capabilities: {e}");
+    }
 }
 
 /// Polls `query-migrate` until the migration completes or fails.
@@ -223,6 +235,7 @@ pub struct QemuSource {
     qmp: Mutex<Qmp>,
     pid: Option<i32>,
     version: String,
+    caps_before: Value,
 }
 
 impl std::fmt::Debug for QemuSource {
@@ -256,9 +269,10 @@ impl QemuSource {
             });
         }
         check_backends(&backends(&mut q)?, ram)?;
-        enable_ignore_shared(&mut q)?;
+        let caps_before = enable_ignore_shared(&mut q)?;
         let (a, b, c) = q.version;
         Ok(QemuSource {
+            caps_before,
             pid: q.peer_pid(),
             version: format!("{a}.{b}.{c}"),
             qmp: Mutex::new(q),
@@ -314,6 +328,11 @@ impl QemuSource {
         Ok(())
     }
 
+    /// After an abort: QEMU's migration capabilities as they were before rdmig.
+    pub fn restore(&self) {
+        restore_capabilities(&self.qmp, &self.caps_before);
+    }
+
     /// Quits the source QEMU (after commit, when asked to).
     pub fn quit(&self) -> Result<(), QemuError> {
         let mut q = self.qmp.lock().expect("not poisoned");
@@ -346,6 +365,7 @@ pub struct QemuDest {
     /// Where a QEMU that rdmig started writes its output.
     log: Option<PathBuf>,
     version: String,
+    caps_before: Value,
 }
 
 impl std::fmt::Debug for QemuDest {
@@ -418,10 +438,15 @@ impl QemuDest {
             child: Mutex::new(child),
             log,
             version: String::new(),
+            caps_before: Value::Null,
             qmp: Mutex::new(qmp),
         };
         match d.check(ram) {
-            Ok(version) => Ok(QemuDest { version, ..d }),
+            Ok((version, caps_before)) => Ok(QemuDest {
+                version,
+                caps_before,
+                ..d
+            }),
             Err(e) => {
                 d.discard();
                 Err(e)
@@ -429,7 +454,7 @@ impl QemuDest {
         }
     }
 
-    fn check(&self, ram: &[RamFile]) -> Result<String, QemuError> {
+    fn check(&self, ram: &[RamFile]) -> Result<(String, Value), QemuError> {
         let mut q = self.qmp.lock().expect("not poisoned");
         let st = status(&mut q)?;
         if st != "inmigrate" {
@@ -440,9 +465,9 @@ impl QemuDest {
             });
         }
         check_backends(&backends(&mut q)?, ram)?;
-        enable_ignore_shared(&mut q)?;
+        let before = enable_ignore_shared(&mut q)?;
         let (a, b, c) = q.version;
-        Ok(format!("{a}.{b}.{c}"))
+        Ok((format!("{a}.{b}.{c}"), before))
     }
 
     pub fn version(&self) -> &str {
@@ -519,9 +544,13 @@ impl QemuDest {
         Ok(())
     }
 
-    /// After an abort: a QEMU that rdmig started is stopped; one it was given stays waiting.
+    /// After an abort: a QEMU that rdmig started is stopped; one it was given stays waiting,
+    /// with its migration capabilities as they were.
     pub fn discard(&self) {
         let mut c = self.child.lock().expect("not poisoned");
+        if c.is_none() && !self.caps_before.is_null() {
+            restore_capabilities(&self.qmp, &self.caps_before);
+        }
         if let Some(child) = c.as_mut() {
             let _ = self
                 .qmp

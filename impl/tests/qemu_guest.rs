@@ -231,6 +231,15 @@ impl Guest {
         t.elapsed()
     }
 
+    fn capability(&self, name: &str) -> bool {
+        let mut q = self.qmp();
+        let caps = q.execute("query-migrate-capabilities", None).unwrap();
+        caps.as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["capability"] == name && c["state"] == true)
+    }
+
     fn status(&self) -> String {
         let mut q = self.qmp();
         q.execute("query-status", None).unwrap()["status"]
@@ -760,6 +769,10 @@ fn source_guest_keeps_running_when_the_destination_is_killed_mid_migration() {
     assert_eq!(r["status"], "aborted");
     assert_eq!(r["guest"], "resumed");
     assert_eq!(src.status(), "running");
+    assert!(
+        !src.capability("x-ignore-shared"),
+        "the source QEMU's capabilities are put back after the abort"
+    );
     let t = src.wait_ticks(before, 3, Duration::from_secs(60));
     assert!(
         t.iter().all(|t| t.ok),
@@ -796,6 +809,7 @@ fn destination_qemu_that_fails_to_load_the_state_aborts_and_source_guest_resumes
         r.recv.stderr
     );
     assert_eq!(r.src.status(), "running");
+    assert!(!r.src.capability("x-ignore-shared"));
     let before = r.src.ticks().len();
     let t = r.src.wait_ticks(before, 3, Duration::from_secs(60));
     assert!(

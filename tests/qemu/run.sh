@@ -16,8 +16,8 @@ rm -f "$RDMIG_QEMU_RESULTS"
 cd "$ROOT"
 cargo test --release -q -p rdmig --test qemu_guest -- --ignored --test-threads=1 ${QEMU_TESTS:-}
 python3 - "$RDMIG_QEMU_RESULTS" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])] if len(sys.argv) > 1 else []
+import json, os, sys
+rows = [json.loads(l) for l in open(sys.argv[1])] if os.path.exists(sys.argv[1]) else []
 if rows:
     print("| dirty rate (set / measured MB/s) | migration | total time (ms) | downtime (ms) | transferred (MB) | guest survived |")
     print("|---|---|---|---|---|---|")
