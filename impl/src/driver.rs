@@ -278,15 +278,18 @@ pub fn run_source(mut link: impl SourceLink, rx: Receiver<Event>, mut run: Sourc
     r.bytes.control_bytes = control_bytes;
     let active = r.total_time_ms.saturating_sub(r.setup_time_ms).max(1);
     r.throughput_mb_s = st.data_bytes as f64 / active as f64 / 1e3;
-    let later: Vec<_> = st
+    // Pages found dirty at the start of round k were written since the start of round k-1.
+    let windows: Vec<_> = st
         .rounds
-        .iter()
-        .skip(1)
-        .filter(|r| r.duration_ms > 0)
+        .windows(2)
+        .filter(|w| w[1].started_ms > w[0].started_ms)
         .collect();
-    if !later.is_empty() {
-        let pages: u64 = later.iter().map(|r| r.dirty_pages).sum();
-        let ms: u64 = later.iter().map(|r| r.duration_ms).sum();
+    if !windows.is_empty() {
+        let pages: u64 = windows.iter().map(|w| w[1].dirty_pages).sum();
+        let ms: u64 = windows
+            .iter()
+            .map(|w| w[1].started_ms - w[0].started_ms)
+            .sum();
         let page = run.blocks.first().map_or(4096, |b| 1u64 << b.page_log2());
         r.dirty_rate_mb_s = (pages * page) as f64 / ms as f64 / 1e3;
     }

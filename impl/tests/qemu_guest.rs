@@ -569,14 +569,23 @@ fn rdmig_migrate(
 #[ignore = "needs QEMU 10 and the test guest: run `make qemu`"]
 fn rdmig_live_migrates_qemu_guest_at_0_50_200_mb_s_and_memory_stays_intact() {
     let a = assets();
-    for rate in RATES {
-        let s = Scratch::new(&format!("rdmig-{rate}"));
-        // The first run also covers `rdmig recv --qemu-start` and end-to-end digests.
-        let first = rate == RATES[0];
-        let extra: &[&str] = if first { &["--verify"] } else { &[] };
-        let r = rdmig_migrate(&a, &s, rate, first, vec![], extra);
+    // (rate, channels, verify); the first run also covers `rdmig recv --qemu-start`.
+    let mut runs: Vec<(u64, u8, bool)> = RATES
+        .iter()
+        .flat_map(|&r| [(r, 1, false), (r, 2, false)])
+        .collect();
+    runs.push((50, 1, true));
+    for (i, (rate, channels, verify)) in runs.into_iter().enumerate() {
+        let s = Scratch::new(&format!("rdmig-{rate}-{channels}-{verify}"));
+        let ch = channels.to_string();
+        let mut extra = vec!["--channels", ch.as_str()];
+        if verify {
+            extra.push("--verify");
+        }
+        let r = rdmig_migrate(&a, &s, rate, i == 0, vec![], &extra);
         let sr = report(&r.send, "send");
         let rr = report(&r.recv, "recv");
+        eprintln!("rate {rate}, {channels} channels: source report {sr}");
         assert_eq!(
             (r.send.code, r.recv.code),
             (Some(0), Some(0)),
@@ -584,6 +593,7 @@ fn rdmig_live_migrates_qemu_guest_at_0_50_200_mb_s_and_memory_stays_intact() {
             r.recv.stderr
         );
         assert_eq!(sr["status"], "completed");
+        assert_eq!(sr["verified"], verify);
         assert_eq!(sr["guest"], "stopped");
         assert_eq!(rr["guest"], "running");
         assert_eq!(
@@ -593,8 +603,13 @@ fn rdmig_live_migrates_qemu_guest_at_0_50_200_mb_s_and_memory_stays_intact() {
         );
         assert_eq!(r.dst.status(), "running");
         let survived = check_continues(&r.src, &r.dst);
+        let tool = match (channels, verify) {
+            (1, false) => "rdmig 1ch",
+            (2, false) => "rdmig 2ch",
+            _ => "rdmig 1ch --verify",
+        };
         let row = Row {
-            tool: "rdmig",
+            tool,
             rate,
             total_ms: sr["total_time_ms"].as_u64().unwrap(),
             downtime_ms: sr["downtime_ms"].as_u64().unwrap(),
