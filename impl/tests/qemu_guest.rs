@@ -361,7 +361,7 @@ impl Proc {
     fn spawn(name: &'static str, args: &[String]) -> Proc {
         let child = Command::new(env!("CARGO_BIN_EXE_rdmig"))
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RDMIG_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -586,6 +586,14 @@ fn rdmig_live_migrates_qemu_guest_at_0_50_200_mb_s_and_memory_stays_intact() {
         let sr = report(&r.send, "send");
         let rr = report(&r.recv, "recv");
         eprintln!("rate {rate}, {channels} channels: source report {sr}");
+        for l in r
+            .send
+            .stderr
+            .lines()
+            .filter(|l| l.contains(" took ") || l.contains(" in "))
+        {
+            eprintln!("  send: {l}");
+        }
         assert_eq!(
             (r.send.code, r.recv.code),
             (Some(0), Some(0)),
