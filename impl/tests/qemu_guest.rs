@@ -580,9 +580,10 @@ fn rdmig_live_migrates_qemu_guest_at_0_50_200_mb_s_and_memory_stays_intact() {
         let ch = channels.to_string();
         let mut extra = vec!["--channels", ch.as_str()];
         if verify {
-            extra.push("--verify");
+            // This run also quits the source QEMU after commit.
+            extra.extend(["--verify", "--qemu-quit"]);
         }
-        let r = rdmig_migrate(&a, &s, rate, i == 0, vec![], &extra);
+        let mut r = rdmig_migrate(&a, &s, rate, i == 0, vec![], &extra);
         let sr = report(&r.send, "send");
         let rr = report(&r.recv, "recv");
         eprintln!("rate {rate}, {channels} channels: source report {sr}");
@@ -602,13 +603,26 @@ fn rdmig_live_migrates_qemu_guest_at_0_50_200_mb_s_and_memory_stays_intact() {
         );
         assert_eq!(sr["status"], "completed");
         assert_eq!(sr["verified"], verify);
-        assert_eq!(sr["guest"], "stopped");
         assert_eq!(rr["guest"], "running");
-        assert_eq!(
-            r.src.status(),
-            "postmigrate",
-            "the source guest stays stopped"
-        );
+        if verify {
+            assert_eq!(sr["guest"], "quit");
+            let c = r.src.child.as_mut().unwrap();
+            let t = Instant::now();
+            while c.try_wait().unwrap().is_none() {
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "source QEMU still runs"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        } else {
+            assert_eq!(sr["guest"], "stopped");
+            assert_eq!(
+                r.src.status(),
+                "postmigrate",
+                "the source guest stays stopped"
+            );
+        }
         assert_eq!(r.dst.status(), "running");
         let survived = check_continues(&r.src, &r.dst);
         let tool = match (channels, verify) {
