@@ -102,6 +102,15 @@ pub trait Progress {
     fn finish(&mut self);
 }
 
+/// A send or post failed: the transport is gone. The machine hears it once, and nothing more is
+/// handed to the transport, so a batch of frames never waits out one post timeout each.
+fn link_failed(down: &mut bool, pending: &mut VecDeque<Input>) {
+    if !*down {
+        *down = true;
+        pending.push_back(Input::TransportFailed);
+    }
+}
+
 /// Everything the source driver needs besides the transport.
 pub struct SourceRun {
     pub cfg: SourceConfig,
@@ -127,6 +136,7 @@ pub fn run_source(mut link: impl SourceLink, rx: Receiver<Event>, mut run: Sourc
     let mut out = Vec::new();
     let mut dst_nonce = None;
     let mut paused_state: Vec<u8> = Vec::new();
+    let mut link_down = false;
     let mut control_bytes = 0u64;
     let mut last_round = 0;
     loop {
@@ -158,8 +168,8 @@ pub fn run_source(mut link: impl SourceLink, rx: Receiver<Event>, mut run: Sourc
                 Command::Send(f) => {
                     let bytes = wire::encode_to_vec(&f).expect("machines send valid frames");
                     control_bytes += bytes.len() as u64;
-                    if link.send_control(&bytes).is_err() {
-                        pending.push_back(Input::TransportFailed);
+                    if link_down || link.send_control(&bytes).is_err() {
+                        link_failed(&mut link_down, &mut pending);
                     }
                 }
                 Command::PostWrite {
@@ -179,8 +189,8 @@ pub fn run_source(mut link: impl SourceLink, rx: Receiver<Event>, mut run: Sourc
                         rkey,
                         remote_offset,
                     };
-                    if link.post_write(channel, w).is_err() {
-                        pending.push_back(Input::TransportFailed);
+                    if link_down || link.post_write(channel, w).is_err() {
+                        link_failed(&mut link_down, &mut pending);
                     }
                 }
                 Command::ScanDirty { all } => {
@@ -318,6 +328,7 @@ pub fn run_destination(mut link: impl DestLink, rx: Receiver<Event>, mut run: De
     let mut out = Vec::new();
     let mut session_id = None;
     let mut data_allowed = false;
+    let mut link_down = false;
     let mut setup_ms = 0;
     loop {
         let Some(input) = next_input(&mut pending, &rx, dst.timers(), now) else {
@@ -346,8 +357,8 @@ pub fn run_destination(mut link: impl DestLink, rx: Receiver<Event>, mut run: De
             match c {
                 Command::Send(f) => {
                     let bytes = wire::encode_to_vec(&f).expect("machines send valid frames");
-                    if link.send_control(&bytes).is_err() {
-                        pending.push_back(Input::TransportFailed);
+                    if link_down || link.send_control(&bytes).is_err() {
+                        link_failed(&mut link_down, &mut pending);
                     }
                 }
                 Command::Register {

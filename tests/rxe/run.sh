@@ -11,7 +11,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 CACHE=${RXE_CACHE:-$ROOT/target/rxe-cache}
-TIMEOUT=${RXE_TIMEOUT:-280}
+TIMEOUT=${RXE_TIMEOUT:-420}
 CASES="dynamic-1ch pinall-2ch wrong-key killed-destination soft-dirty throughput"
 start=$(date +%s)
 mkdir -p "$CACHE"
