@@ -599,6 +599,36 @@ impl SourceVerbs {
     }
 }
 
+/// How long a closed bootstrap connection waits before it counts as a failure: a destination
+/// that ends normally drains its control sends first (STARTED is then already in our receive
+/// queue), so the frame is delivered before the closure is reported.
+const BOOTSTRAP_GRACE: Duration = Duration::from_millis(500);
+
+impl SourceVerbs {
+    /// After the data channels joined, the destination sends nothing more on the bootstrap
+    /// connection; its end closes when its process or host goes. Reporting that at once
+    /// detects a dead destination even when no work request is outstanding to time out
+    /// (an idle queue pair never learns its peer is gone).
+    fn watch_bootstrap(&self) -> io::Result<()> {
+        let mut watch = self.boot.try_clone()?;
+        watch.set_read_timeout(None)?;
+        let events = self.base.shared.events.clone();
+        std::thread::spawn(move || {
+            let mut b = [0u8; 1];
+            let why = match watch.read(&mut b) {
+                Ok(0) => "closed".to_string(),
+                Ok(_) => "carried unexpected bytes".to_string(),
+                Err(e) => e.to_string(),
+            };
+            std::thread::sleep(BOOTSTRAP_GRACE);
+            let _ = events.send(Event::ControlClosed(format!(
+                "bootstrap connection {why}: destination gone"
+            )));
+        });
+        Ok(())
+    }
+}
+
 impl SourceLink for SourceVerbs {
     fn send_control(&mut self, frame: &[u8]) -> io::Result<()> {
         self.base.shared.control.send(frame)
@@ -646,7 +676,7 @@ impl SourceLink for SourceVerbs {
                 .insert(d.qp.num(), d.clone());
             self.channels.push(d);
         }
-        Ok(())
+        self.watch_bootstrap()
     }
 
     fn post_write(&mut self, channel: u8, w: WriteReq) -> io::Result<()> {

@@ -97,7 +97,9 @@ sleep 0.5
 state=$(awk '/^State:/ {print $2}' /proc/$WPID/status)
 before=$(stat -c %Y /dev/shm/src.ram.dirty 2>/dev/null)
 ok=0
-[ $src -eq 2 ] && [ "$(field status src.json)" = aborted ] && [ "$state" != T ] && ok=1
+# Detected through the closed bootstrap connection, well before the 30 s idle timeout.
+[ $src -eq 2 ] && [ "$(field status src.json)" = aborted ] && [ "$state" != T ] &&
+	[ $((t1 - t0)) -le 10 ] && ok=1
 echo "RXE-RESULT case=killed-destination ok=$ok src_exit=$src status=$(field status src.json) reason=$(field reason src.json) workload_state=$state detect_s=$((t1 - t0))"
 # Detection normally takes 0-1 s; show what the source did when it took long.
 [ $ok -eq 1 ] && [ $((t1 - t0)) -le 10 ] || tail -15 src.err
