@@ -303,10 +303,14 @@ impl QemuSource {
             let r = (&mut rd).take(MAX_STATE as u64 + 1).read_to_end(&mut buf);
             (r, buf)
         });
-        q.execute("migrate", Some(json!({ "uri": format!("fd:{STATE_FD}") })))?;
-        let waited = wait_migration(&mut q, "saving the device state");
+        let waited = q
+            .execute("migrate", Some(json!({ "uri": format!("fd:{STATE_FD}") })))
+            .map_err(QemuError::from)
+            .and_then(|_| wait_migration(&mut q, "saving the device state"));
         if waited.is_err() {
             let _ = q.execute("migrate_cancel", None);
+            // A descriptor QEMU did not take stays open in it; closing it ends the reader.
+            let _ = q.execute("closefd", Some(json!({ "fdname": STATE_FD })));
         }
         waited?;
         let (r, buf) = reader.join().expect("the reader does not panic");
@@ -772,8 +776,9 @@ mod tests {
             "{e}"
         );
         q.resume().unwrap();
+        q.restore();
         let c = commands(&log);
-        let tail: Vec<_> = c.iter().rev().take(6).rev().cloned().collect();
+        let tail: Vec<_> = c.iter().rev().take(8).rev().cloned().collect();
         assert_eq!(
             tail,
             [
@@ -782,8 +787,17 @@ mod tests {
                 "migrate",
                 "query-migrate",
                 "migrate_cancel",
-                "cont"
+                "closefd",
+                "cont",
+                "migrate-set-capabilities"
             ]
+        );
+        let l = log.lock().unwrap();
+        assert_eq!(
+            l.last().unwrap().1["capabilities"],
+            json!([{"capability": "x-ignore-shared", "state": false},
+                   {"capability": "multifd", "state": true}]),
+            "capabilities put back as they were"
         );
     }
 
