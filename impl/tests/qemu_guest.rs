@@ -488,6 +488,40 @@ fn dirtied(src: &Guest) -> u64 {
     last.iter().map(|t| t.dirtied_mb).sum::<u64>() / last.len().max(1) as u64
 }
 
+/// `rdmig recv` for the scratch's destination QEMU and RAM file, reporting in JSON.
+fn recv_args(s: &Scratch) -> Vec<String> {
+    vec![
+        "recv".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--json".into(),
+        "--addr-file".into(),
+        s.path("addr").display().to_string(),
+        "--qemu-qmp".into(),
+        s.path("dst.qmp").display().to_string(),
+        "--ram".into(),
+        format!("pc.ram={}:{RAM_MB}MiB", s.ram("dst.ram").display()),
+    ]
+}
+
+/// `rdmig send` of the scratch's source QEMU to `addr`, with `scan` dirty tracking.
+fn send_args(s: &Scratch, addr: String, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "send".into(),
+        "--connect".into(),
+        addr,
+        "--json".into(),
+        "--dirty-log".into(),
+        "scan".into(),
+        "--ram".into(),
+        format!("pc.ram={}", s.ram("src.ram").display()),
+        "--qemu-qmp".into(),
+        s.path("src.qmp").display().to_string(),
+    ];
+    v.extend(extra.iter().map(|x| x.to_string()));
+    v
+}
+
 struct RdmigRun {
     send: Exit,
     recv: Exit,
@@ -522,14 +556,7 @@ fn rdmig_migrate(
         extra: vec![],
         ..srcg.clone()
     };
-    let mut recv_args: Vec<String> = ["recv", "--listen", "127.0.0.1:0", "--json", "--qemu-qmp"]
-        .map(String::from)
-        .to_vec();
-    recv_args.push(s.path("dst.qmp").display().to_string());
-    recv_args.push("--addr-file".into());
-    recv_args.push(s.path("addr").display().to_string());
-    recv_args.push("--ram".into());
-    recv_args.push(format!("pc.ram={}:{RAM_MB}MiB", s.ram("dst.ram").display()));
+    let mut recv_args = recv_args(s);
     let dst = if start_by_recv {
         recv_args.push("--qemu-start".into());
         recv_args.push(shell_line(&a.qemu, &qemu_args(a, s, &dstg)));
@@ -541,19 +568,7 @@ fn rdmig_migrate(
     };
     let recv = Proc::spawn("rdmig recv", &recv_args);
     let addr = wait_file(&s.path("addr"), Duration::from_secs(60));
-    let mut send_args: Vec<String> = vec![
-        "send".into(),
-        "--connect".into(),
-        addr,
-        "--json".into(),
-        "--dirty-log".into(),
-        "scan".into(),
-        "--ram".into(),
-        format!("pc.ram={}", s.ram("src.ram").display()),
-        "--qemu-qmp".into(),
-        s.path("src.qmp").display().to_string(),
-    ];
-    send_args.extend(send_extra.iter().map(|x| x.to_string()));
+    let send_args = send_args(s, addr, send_extra);
     let send = Proc::spawn("rdmig send", &send_args);
     let send = send.wait(Duration::from_secs(300));
     let recv = recv.wait(Duration::from_secs(120));
@@ -764,38 +779,12 @@ fn source_guest_keeps_running_when_the_destination_is_killed_mid_migration() {
         },
     );
     assert_eq!(dst.status(), "inmigrate");
-    let mut recv = Proc::spawn(
-        "rdmig recv",
-        &[
-            "recv".into(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--addr-file".into(),
-            s.path("addr").display().to_string(),
-            "--qemu-qmp".into(),
-            s.path("dst.qmp").display().to_string(),
-            "--ram".into(),
-            format!("pc.ram={}:{RAM_MB}MiB", s.ram("dst.ram").display()),
-        ],
-    );
+    let mut recv = Proc::spawn("rdmig recv", &recv_args(&s));
     let addr = wait_file(&s.path("addr"), Duration::from_secs(60));
     // Slow enough that the kill lands in the middle of pre-copy.
     let send = Proc::spawn(
         "rdmig send",
-        &[
-            "send".into(),
-            "--connect".into(),
-            addr,
-            "--json".into(),
-            "--dirty-log".into(),
-            "scan".into(),
-            "--max-bandwidth".into(),
-            "20MB/s".into(),
-            "--ram".into(),
-            format!("pc.ram={}", s.ram("src.ram").display()),
-            "--qemu-qmp".into(),
-            s.path("src.qmp").display().to_string(),
-        ],
+        &send_args(&s, addr, &["--max-bandwidth", "20MB/s"]),
     );
     std::thread::sleep(Duration::from_secs(3));
     recv.kill();
