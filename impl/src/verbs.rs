@@ -111,7 +111,14 @@ pub fn choose_port(info: &DeviceInfo, gid_index: Option<u8>) -> Result<(u8, u8),
 
 /// Opens the device for a migration.
 pub fn open_device(o: &VerbsOptions) -> io::Result<Arc<Device>> {
-    Device::open(o.device.as_deref(), |info| choose_port(info, o.gid_index))
+    let dev = Device::open(o.device.as_deref(), |info| choose_port(info, o.gid_index))?;
+    tracing::info!(
+        "RDMA device {} port {} GID index {}",
+        dev.name,
+        dev.port,
+        dev.gid_index
+    );
+    Ok(dev)
 }
 
 pub fn encode_endpoint(e: &Endpoint) -> [u8; ENDPOINT_LEN] {
@@ -562,12 +569,6 @@ impl SourceVerbs {
         timeout: Duration,
     ) -> io::Result<(Self, Receiver<Event>)> {
         let dev = open_device(opts)?;
-        tracing::info!(
-            "RDMA device {} port {} GID index {}",
-            dev.name,
-            dev.port,
-            dev.gid_index
-        );
         let mut mrs = Vec::new();
         for b in blocks.iter() {
             // Least privilege: the NIC only reads source memory (spec 5.3).
@@ -789,12 +790,6 @@ impl DestVerbs {
         credit_window: u16,
     ) -> io::Result<(Self, Receiver<Event>)> {
         let dev = open_device(opts)?;
-        tracing::info!(
-            "RDMA device {} port {} GID index {}",
-            dev.name,
-            dev.port,
-            dev.gid_index
-        );
         let (base, rx) = Base::new(dev, credit_window, 0)?;
         let (mut boot, _) = listener.accept()?;
         let _ = boot.set_nodelay(true);

@@ -488,6 +488,30 @@ fn dirtied(src: &Guest) -> u64 {
     last.iter().map(|t| t.dirtied_mb).sum::<u64>() / last.len().max(1) as u64
 }
 
+/// Boots the source guest (RAM in the scratch's `src.ram`, dirtying at `rate` MB/s) until
+/// memcheck runs, and returns it with the spec of its destination: the same machine on its own
+/// RAM file, waiting with `-incoming defer`.
+fn boot_source(a: &Assets, s: &Scratch, rate: u64, extra: Vec<String>) -> (Guest, GuestSpec) {
+    let srcg = GuestSpec {
+        name: "src",
+        rate,
+        ram: Some(s.ram("src.ram")),
+        incoming: false,
+        extra,
+    };
+    let src = Guest::start(a, s, &srcg);
+    let boot = src.wait_ready();
+    eprintln!("source guest ready in {boot:?}");
+    let dstg = GuestSpec {
+        name: "dst",
+        ram: Some(s.ram("dst.ram")),
+        incoming: true,
+        extra: vec![],
+        ..srcg
+    };
+    (src, dstg)
+}
+
 /// `rdmig recv` for the scratch's destination QEMU and RAM file, reporting in JSON.
 fn recv_args(s: &Scratch) -> Vec<String> {
     vec![
@@ -539,23 +563,7 @@ fn rdmig_migrate(
     src_extra: Vec<String>,
     send_extra: &[&str],
 ) -> RdmigRun {
-    let srcg = GuestSpec {
-        name: "src",
-        rate,
-        ram: Some(s.ram("src.ram")),
-        incoming: false,
-        extra: src_extra,
-    };
-    let src = Guest::start(a, s, &srcg);
-    let boot = src.wait_ready();
-    eprintln!("source guest ready in {boot:?}");
-    let dstg = GuestSpec {
-        name: "dst",
-        ram: Some(s.ram("dst.ram")),
-        incoming: true,
-        extra: vec![],
-        ..srcg.clone()
-    };
+    let (src, dstg) = boot_source(a, s, rate, src_extra);
     let mut recv_args = recv_args(s);
     let dst = if start_by_recv {
         recv_args.push("--qemu-start".into());
@@ -665,25 +673,8 @@ fn rdmig_live_migrates_qemu_guest_at_0_50_200_mb_s_and_memory_stays_intact() {
 /// with 2 channels; max-bandwidth raised, downtime-limit 300 ms.
 fn qemu_migrate(a: &Assets, rate: u64, multifd: bool) -> Row {
     let s = Scratch::new(&format!("qemu-{rate}-{multifd}"));
-    let srcg = GuestSpec {
-        name: "src",
-        rate,
-        ram: Some(s.ram("src.ram")),
-        incoming: false,
-        extra: vec![],
-    };
-    let src = Guest::start(a, &s, &srcg);
-    src.wait_ready();
-    let dst = Guest::start(
-        a,
-        &s,
-        &GuestSpec {
-            name: "dst",
-            ram: Some(s.ram("dst.ram")),
-            incoming: true,
-            ..srcg.clone()
-        },
-    );
+    let (src, dstg) = boot_source(a, &s, rate, vec![]);
+    let dst = Guest::start(a, &s, &dstg);
     let mut qs = src.qmp();
     let mut qd = dst.qmp();
     let caps = json!({"capabilities": [{"capability": "multifd", "state": multifd}]});
@@ -759,25 +750,8 @@ fn reference_qemu_own_migration_of_the_same_guest_completes() {
 fn source_guest_keeps_running_when_the_destination_is_killed_mid_migration() {
     let a = assets();
     let s = Scratch::new("abort");
-    let srcg = GuestSpec {
-        name: "src",
-        rate: 50,
-        ram: Some(s.ram("src.ram")),
-        incoming: false,
-        extra: vec![],
-    };
-    let src = Guest::start(&a, &s, &srcg);
-    src.wait_ready();
-    let dst = Guest::start(
-        &a,
-        &s,
-        &GuestSpec {
-            name: "dst",
-            ram: Some(s.ram("dst.ram")),
-            incoming: true,
-            ..srcg.clone()
-        },
-    );
+    let (src, dstg) = boot_source(&a, &s, 50, vec![]);
+    let dst = Guest::start(&a, &s, &dstg);
     assert_eq!(dst.status(), "inmigrate");
     let mut recv = Proc::spawn("rdmig recv", &recv_args(&s));
     let addr = wait_file(&s.path("addr"), Duration::from_secs(60));

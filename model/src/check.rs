@@ -547,12 +547,7 @@ impl ProtocolModel {
         }
         let dst_order = dst_blocks
             .iter()
-            .map(|d| {
-                blocks
-                    .iter()
-                    .position(|b| b.name == d.name)
-                    .expect("same names")
-            })
+            .map(|d| crate::wire::block_index(&blocks, &d.name).expect("same names"))
             .collect();
         let machines = cfg
             .modes

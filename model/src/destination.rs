@@ -593,7 +593,7 @@ impl Destination {
         let mut local = Vec::with_capacity(blocks.len());
         let mut seen = BTreeSet::new();
         for b in &blocks {
-            let Some(i) = self.cfg.blocks.iter().position(|l| l.name == b.name) else {
+            let Some(i) = wire::block_index(&self.cfg.blocks, &b.name) else {
                 return self.abort(out, AbortReason::BlockMismatch, "unknown block");
             };
             if !seen.insert(i) {

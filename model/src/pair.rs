@@ -128,7 +128,7 @@ impl Pair {
         let dst_order: Vec<usize> = dcfg
             .blocks
             .iter()
-            .map(|d| blocks.iter().position(|b| b.name == d.name).unwrap_or(0))
+            .map(|d| crate::wire::block_index(&blocks, &d.name).unwrap_or(0))
             .collect();
         let dst_mem = dcfg
             .blocks

@@ -177,6 +177,12 @@ pub struct BlockDesc {
     pub page_log2: u8,
 }
 
+/// The index of the block called `name` in `blocks` (spec: BLK-2: tables match by name,
+/// not by position).
+pub fn block_index(blocks: &[BlockDesc], name: &[u8]) -> Option<usize> {
+    blocks.iter().position(|b| b.name == name)
+}
+
 /// One chunk, named by block index and chunk index within the block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]

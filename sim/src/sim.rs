@@ -349,12 +349,7 @@ impl Sim {
         }
         let src_of_dst: Vec<usize> = dst_blocks
             .iter()
-            .map(|d| {
-                blocks
-                    .iter()
-                    .position(|b| b.name == d.name)
-                    .expect("same names")
-            })
+            .map(|d| rdmig_model::wire::block_index(&blocks, &d.name).expect("same names"))
             .collect();
         let mut dst_of_src = vec![0u16; blocks.len()];
         for (d, &s) in src_of_dst.iter().enumerate() {
