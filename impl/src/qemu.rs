@@ -347,6 +347,23 @@ impl QemuSource {
     }
 }
 
+/// Checks that the destination QEMU waits for an incoming migration on exactly the given RAM
+/// files, then turns x-ignore-shared on; returns QEMU's version and the capabilities before.
+fn check_destination(q: &mut Qmp, ram: &[RamFile]) -> Result<(String, Value), QemuError> {
+    let st = status(q)?;
+    if st != "inmigrate" {
+        return Err(QemuError::BadStatus {
+            who: "the destination",
+            status: st,
+            need: "start it with -incoming defer",
+        });
+    }
+    check_backends(&backends(q)?, ram)?;
+    let before = enable_ignore_shared(q)?;
+    let (a, b, c) = q.version;
+    Ok((format!("{a}.{b}.{c}"), before))
+}
+
 /// The last lines of a QEMU log, for error messages.
 fn log_tail(p: &Path) -> String {
     let text = std::fs::read(p).unwrap_or_default();
@@ -428,50 +445,26 @@ impl QemuDest {
                 }
             }
         };
-        let qmp = match connected {
-            Ok(q) => q,
+        let checked = connected
+            .map_err(QemuError::from)
+            .and_then(|mut q| check_destination(&mut q, ram).map(|c| (q, c)));
+        match checked {
+            Ok((qmp, (version, caps_before))) => Ok(QemuDest {
+                qmp: Mutex::new(qmp),
+                child: Mutex::new(child),
+                log,
+                version,
+                caps_before,
+            }),
             Err(e) => {
+                // A QEMU started here that is unusable has run no guest: stop it.
                 if let Some(mut c) = child {
                     let _ = c.kill();
                     let _ = c.wait();
                 }
-                return Err(e.into());
-            }
-        };
-        let d = QemuDest {
-            child: Mutex::new(child),
-            log,
-            version: String::new(),
-            caps_before: Value::Null,
-            qmp: Mutex::new(qmp),
-        };
-        match d.check(ram) {
-            Ok((version, caps_before)) => Ok(QemuDest {
-                version,
-                caps_before,
-                ..d
-            }),
-            Err(e) => {
-                d.discard();
                 Err(e)
             }
         }
-    }
-
-    fn check(&self, ram: &[RamFile]) -> Result<(String, Value), QemuError> {
-        let mut q = self.qmp.lock().expect("not poisoned");
-        let st = status(&mut q)?;
-        if st != "inmigrate" {
-            return Err(QemuError::BadStatus {
-                who: "the destination",
-                status: st,
-                need: "start it with -incoming defer",
-            });
-        }
-        check_backends(&backends(&mut q)?, ram)?;
-        let before = enable_ignore_shared(&mut q)?;
-        let (a, b, c) = q.version;
-        Ok((format!("{a}.{b}.{c}"), before))
     }
 
     pub fn version(&self) -> &str {
@@ -552,7 +545,7 @@ impl QemuDest {
     /// with its migration capabilities as they were.
     pub fn discard(&self) {
         let mut c = self.child.lock().expect("not poisoned");
-        if c.is_none() && !self.caps_before.is_null() {
+        if c.is_none() {
             restore_capabilities(&self.qmp, &self.caps_before);
         }
         if let Some(child) = c.as_mut() {
