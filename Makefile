@@ -69,7 +69,7 @@ fuzz-smoke: fuzz-deps
 
 # Regenerates the seed corpora from the sample frames and a recorded migration.
 fuzz-seeds:
-	$(CARGO) run -q -p rdmig-model --features arbitrary --example fuzz_seeds
+	$(CARGO) run -q -p rdmig-check --example fuzz_seeds
 
 # The verbs transport over soft-RoCE in a QEMU/TCG VM with a Debian kernel (tests/rxe/run.sh):
 # migrations with --transport rdma (dynamic, pin-all with 2 channels, soft-dirty), a wrong key,

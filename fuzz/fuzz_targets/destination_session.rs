@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| rdmig_model::fuzzing::destination_session(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| rdmig_check::fuzzing::destination_session(data));

@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| rdmig_model::fuzzing::handshake_auth(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| rdmig_check::fuzzing::handshake_auth(data));

@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| rdmig::tcp::fuzz_data_frames(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| rdmig::transport::tcp::fuzz_data_frames(data));

@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| rdmig_model::fuzzing::wire_decode(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| rdmig_check::fuzzing::wire_decode(data));

@@ -1,20 +1,18 @@
-//! The `rdmig` binary's library: memory backends, dirty tracking, transports, and the driver
-//! loops that run the `rdmig-model` machines against them. No protocol decision lives here:
-//! the driver feeds the machines inputs and executes their commands.
+//! The `rdmig` binary's library: the driver loops that run the `rdmig-model` machines, and
+//! everything they drive. No protocol decision lives here: the driver feeds the machines
+//! inputs and executes their commands.
+//!
+//! - [`driver`]: the source and destination driver loops;
+//! - [`transport`]: TCP and RDMA verbs transports behind one pair of traits;
+//! - [`memory`]: RAM blocks (shared-file mappings) and dirty tracking;
+//! - [`vmm`]: pausing, resuming and starting workloads, QEMU over QMP;
+//! - [`tools`]: `rdmig demo`, `rdmig bench` and the synthetic `rdmig workload`;
+//! - [`cli`] and [`report`]: argument parsing and the migration report.
 
 pub mod cli;
-pub mod completions;
-pub mod control;
-pub mod demo;
-pub mod dirty;
 pub mod driver;
-pub mod mapped_bitmap;
-pub mod mem;
-pub mod qemu;
-pub mod qmp;
-pub mod regtable;
+pub mod memory;
 pub mod report;
-pub mod tcp;
+pub mod tools;
 pub mod transport;
-pub mod verbs;
-pub mod workload;
+pub mod vmm;

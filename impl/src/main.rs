@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use rdmig::cli::{self, RamSpec};
-use rdmig::control::{DestWorkload, SourceWorkload, StateSink};
 use rdmig::driver::{self, DestRun, Progress, SourceRun};
-use rdmig::mem::RamBlock;
+use rdmig::memory::ram::RamBlock;
 use rdmig::report::Report;
-use rdmig::tcp::{DestTcp, SourceTcp};
+use rdmig::transport::tcp::{DestTcp, SourceTcp};
+use rdmig::vmm::control::{DestWorkload, SourceWorkload, StateSink};
 use rdmig_model::wire::{self, DigestAlg, RegMode};
 use rdmig_model::{DestConfig, LimitPolicy, SourceConfig};
 
@@ -64,8 +64,8 @@ struct TransportArgs {
 }
 
 impl TransportArgs {
-    fn verbs(&self) -> Option<rdmig::verbs::VerbsOptions> {
-        (self.transport == "rdma").then(|| rdmig::verbs::VerbsOptions {
+    fn verbs(&self) -> Option<rdmig::transport::verbs::VerbsOptions> {
+        (self.transport == "rdma").then(|| rdmig::transport::verbs::VerbsOptions {
             device: self.rdma_device.clone(),
             gid_index: self.gid_index,
         })
@@ -325,7 +325,7 @@ fn recv(a: RecvArgs) -> Result<ExitCode, String> {
             let files: Vec<_> = a
                 .ram
                 .iter()
-                .map(|r| rdmig::qemu::RamFile {
+                .map(|r| rdmig::vmm::qemu::RamFile {
                     path: r.path.clone(),
                     size: r.size.unwrap_or(0),
                 })
@@ -335,7 +335,7 @@ fn recv(a: RecvArgs) -> Result<ExitCode, String> {
                 l.push(".log");
                 PathBuf::from(l)
             });
-            let q = rdmig::qemu::QemuDest::attach(sock, &files, a.qemu_start.as_deref(), &log)
+            let q = rdmig::vmm::qemu::QemuDest::attach(sock, &files, a.qemu_start.as_deref(), &log)
                 .map_err(|e| format!("destination QEMU: {e}"))?;
             tracing::info!("destination QEMU {} waiting for the guest", q.version());
             Some(Arc::new(q))
@@ -372,9 +372,13 @@ fn recv(a: RecvArgs) -> Result<ExitCode, String> {
     };
     let mut report = match a.transport.verbs() {
         Some(o) => {
-            let (link, rx) =
-                rdmig::verbs::DestVerbs::accept(listener, blocks, &o, run.cfg.credit_window)
-                    .map_err(|e| format!("rdma: {e}"))?;
+            let (link, rx) = rdmig::transport::verbs::DestVerbs::accept(
+                listener,
+                blocks,
+                &o,
+                run.cfg.credit_window,
+            )
+            .map_err(|e| format!("rdma: {e}"))?;
             driver::run_destination(link, rx, run)
         }
         None => {
@@ -443,12 +447,12 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
             let files: Vec<_> = blocks
                 .iter()
                 .zip(&a.ram)
-                .map(|(b, r)| rdmig::qemu::RamFile {
+                .map(|(b, r)| rdmig::vmm::qemu::RamFile {
                     path: r.path.clone(),
                     size: b.len(),
                 })
                 .collect();
-            let q = rdmig::qemu::QemuSource::attach(sock, &files)
+            let q = rdmig::vmm::qemu::QemuSource::attach(sock, &files)
                 .map_err(|e| format!("source QEMU: {e}"))?;
             tracing::info!("source QEMU {} (pid {:?}) ready", q.version(), q.pid());
             Some(Arc::new(q))
@@ -533,7 +537,7 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
             if a.max_bandwidth.is_some() {
                 return Err("--max-bandwidth is not supported with --transport rdma".into());
             }
-            let (link, rx) = rdmig::verbs::SourceVerbs::connect(
+            let (link, rx) = rdmig::transport::verbs::SourceVerbs::connect(
                 addr,
                 run.blocks.clone(),
                 &o,
@@ -573,7 +577,7 @@ fn send(a: SendArgs) -> Result<ExitCode, String> {
 
 /// Unless the migration completed, puts the source QEMU's migration capabilities back as they
 /// were (whatever path `send` leaves by).
-struct RestoreCaps(Option<Arc<rdmig::qemu::QemuSource>>);
+struct RestoreCaps(Option<Arc<rdmig::vmm::qemu::QemuSource>>);
 
 impl Drop for RestoreCaps {
     fn drop(&mut self) {
@@ -590,8 +594,8 @@ fn open_dirty_log(
     writer_pid: Option<i32>,
     blocks: &Arc<Vec<Arc<RamBlock>>>,
     threads: usize,
-) -> Result<Box<dyn rdmig::dirty::DirtyTracker>, String> {
-    use rdmig::dirty::{open_tracker, DirtyError, DirtyLogSpec};
+) -> Result<Box<dyn rdmig::memory::dirty::DirtyTracker>, String> {
+    use rdmig::memory::dirty::{open_tracker, DirtyError, DirtyLogSpec};
     let parsed: DirtyLogSpec = match spec {
         "auto" => match writer_pid {
             Some(pid) => DirtyLogSpec::SoftDirty(pid as u32),
@@ -612,7 +616,7 @@ fn open_dirty_log(
 }
 
 fn workload(a: WorkloadArgs) -> Result<ExitCode, String> {
-    let opts = rdmig::workload::WorkloadOptions {
+    let opts = rdmig::tools::workload::WorkloadOptions {
         ram: a.ram,
         size: a.size,
         page_log2: page_log2(a.page_size)?,
@@ -625,17 +629,17 @@ fn workload(a: WorkloadArgs) -> Result<ExitCode, String> {
         ready_file: a.ready_file,
     };
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let stats = rdmig::workload::run(&opts, &stop).map_err(|e| e.to_string())?;
+    let stats = rdmig::tools::workload::run(&opts, &stop).map_err(|e| e.to_string())?;
     eprintln!("workload: {stats:?}");
     Ok(ExitCode::SUCCESS)
 }
 
 fn devices() -> Result<ExitCode, String> {
-    let devs = rdmig::verbs::list_devices().map_err(|e| e.to_string())?;
+    let devs = rdmig::transport::verbs::list_devices().map_err(|e| e.to_string())?;
     if devs.is_empty() {
         return Err("no RDMA device found".into());
     }
-    print!("{}", rdmig::verbs::describe_devices(&devs));
+    print!("{}", rdmig::transport::verbs::describe_devices(&devs));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -655,16 +659,16 @@ fn main() -> ExitCode {
         Cmd::Digest { files } => files
             .iter()
             .try_for_each(|f| {
-                let d =
-                    rdmig::workload::file_digest(f).map_err(|e| format!("{}: {e}", f.display()))?;
+                let d = rdmig::tools::workload::file_digest(f)
+                    .map_err(|e| format!("{}: {e}", f.display()))?;
                 println!("{d:016x}  {}", f.display());
                 Ok::<(), String>(())
             })
             .map(|_| ExitCode::SUCCESS),
-        Cmd::Demo(a) => rdmig::demo::demo(a.size, a.dirty_rate, a.channels, a.dir),
+        Cmd::Demo(a) => rdmig::tools::demo::demo(a.size, a.dirty_rate, a.channels, a.dir),
         Cmd::Bench(a) => match a.sink_port {
-            Some(p) => rdmig::demo::raw_sink(p),
-            None => rdmig::demo::bench(a.size, a.dir),
+            Some(p) => rdmig::tools::bench::raw_sink(p),
+            None => rdmig::tools::bench::bench(a.size, a.dir),
         },
         Cmd::Devices => devices(),
     };

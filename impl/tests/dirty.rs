@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdmig::dirty::{open_tracker, DirtyError, DirtyLogSpec, DirtyTracker};
-use rdmig::mapped_bitmap::{BitmapError, SharedBitmap};
-use rdmig::mem::RamBlock;
-use rdmig::workload::page_content;
+use rdmig::memory::dirty::{open_tracker, DirtyError, DirtyLogSpec, DirtyTracker};
+use rdmig::memory::mapped_bitmap::{BitmapError, SharedBitmap};
+use rdmig::memory::ram::RamBlock;
+use rdmig::tools::workload::page_content;
 use rdmig_model::types::{DirtyScan, PageBitmap};
 
 const PAGE: u64 = 4096;
@@ -381,7 +381,7 @@ fn scan_rate_on_a_256_mib_file() {
     let blocks = vec![Arc::new(ram)];
     for threads in [1, 2] {
         let best = (0..3)
-            .map(|_| rdmig::dirty::scan_rate(blocks.clone(), threads))
+            .map(|_| rdmig::memory::dirty::scan_rate(blocks.clone(), threads))
             .fold(0.0, f64::max);
         let mut none = open_tracker(&DirtyLogSpec::None, blocks.clone(), threads).unwrap();
         let start = Instant::now();

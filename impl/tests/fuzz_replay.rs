@@ -9,7 +9,7 @@ fn fuzz_replay_tcp_data_frame() {
             continue;
         };
         for e in rd.flatten() {
-            rdmig::tcp::fuzz_data_frames(&std::fs::read(e.path()).unwrap());
+            rdmig::transport::tcp::fuzz_data_frames(&std::fs::read(e.path()).unwrap());
             n += 1;
         }
     }
@@ -25,6 +25,6 @@ fn fuzz_replay_tcp_data_frame() {
                 x as u8
             })
             .collect();
-        rdmig::tcp::fuzz_data_frames(&data);
+        rdmig::transport::tcp::fuzz_data_frames(&data);
     }
 }

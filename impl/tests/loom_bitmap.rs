@@ -1,5 +1,5 @@
 //! Exhaustive interleaving check of the shared dirty log's two algorithms
-//! (`rdmig::mapped_bitmap::{mark_page, take_word}`): a writer that writes a page and then marks
+//! (`rdmig::memory::mapped_bitmap::{mark_page, take_word}`): a writer that writes a page and then marks
 //! it, against a scanner that fetches-and-clears the log and then copies the marked pages.
 //!
 //! Run with: `RUSTFLAGS="--cfg loom" cargo test -p rdmig --test loom_bitmap --release`
@@ -13,7 +13,7 @@
 
 use loom::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use loom::sync::Arc;
-use rdmig::mapped_bitmap::{mark_page, take_word};
+use rdmig::memory::mapped_bitmap::{mark_page, take_word};
 
 const PAGES: usize = 2;
 

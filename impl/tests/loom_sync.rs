@@ -7,8 +7,8 @@
 use loom::sync::atomic::{AtomicU64, Ordering};
 use loom::sync::Arc;
 use loom::thread;
-use rdmig::completions::ChannelCompletions;
-use rdmig::regtable::{RegTable, Region};
+use rdmig::transport::completions::ChannelCompletions;
+use rdmig::transport::regtable::{RegTable, Region};
 
 /// spec: INV-REG-1: once `unregister` returns, no write under that key can land, even when a
 /// data thread is applying a write concurrently.

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rdmig::qmp::Qmp;
+use rdmig::vmm::qmp::Qmp;
 use serde_json::{json, Value};
 
 /// Guest RAM in MiB, and how much of it memcheck fills and checks.

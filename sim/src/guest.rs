@@ -409,7 +409,7 @@ pub fn digests(mem: &[Vec<u32>], page_log2: u8, chunk_log2: u8, scratch: &mut Ve
             for (d, v) in scratch.chunks_exact_mut(4).zip(c) {
                 d.copy_from_slice(&v.to_le_bytes());
             }
-            out.push(rdmig_model::pair::chunk_digest(&scratch[..c.len() * 4]));
+            out.push(rdmig_model::digest::chunk_digest(&scratch[..c.len() * 4]));
         }
     }
     out

@@ -5,7 +5,7 @@
 //!
 //! * `none`: nothing writes the memory while it migrates (a paused workload, a file). The first
 //!   scan reports every page, later scans nothing.
-//! * `bitmap:PATH`: the writer keeps a shared-memory log ([`crate::mapped_bitmap`]); a scan
+//! * `bitmap:PATH`: the writer keeps a shared-memory log ([`crate::memory::mapped_bitmap`]); a scan
 //!   fetches and clears it. Exact and cheap: the interface a VMM implements.
 //! * `soft-dirty:PID`: the kernel's soft-dirty bits of the writing process (`/proc/PID/pagemap`
 //!   bit 55, cleared by writing `4` to `/proc/PID/clear_refs`). Needs a kernel built with
@@ -19,7 +19,7 @@
 //! tracker does it on the copy it already hashed), in parallel for large scans.
 //!
 //! Pages are read through private copies ([`RamBlock::read`]) because another process may be
-//! writing them; a torn copy is harmless for the same reason as in [`crate::mem`].
+//! writing them; a torn copy is harmless for the same reason as in [`crate::memory::ram`].
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -32,8 +32,8 @@ use std::time::Instant;
 use rdmig_model::types::{DirtyScan, PageBitmap};
 use thiserror::Error;
 
-use crate::mapped_bitmap::{BitmapError, SharedBitmap};
-use crate::mem::{MemError, RamBlock};
+use crate::memory::mapped_bitmap::{BitmapError, SharedBitmap};
+use crate::memory::ram::{MemError, RamBlock};
 
 /// Where dirty pages come from (`--dirty-log`).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,5 +1,5 @@
 //! A synthetic guest (`rdmig workload`): keeps writing pages of a shared RAM file at a set rate
-//! while rdmig migrates it, and keeps the shared dirty log ([`crate::mapped_bitmap`]) the way a
+//! while rdmig migrates it, and keeps the shared dirty log ([`crate::memory::mapped_bitmap`]) the way a
 //! VMM would.
 //!
 //! Content is deterministic so that a failed migration can be told apart from a lucky one: the
@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::mapped_bitmap::{BitmapError, SharedBitmap};
-use crate::mem::{MemError, RamBlock};
+use crate::memory::mapped_bitmap::{BitmapError, SharedBitmap};
+use crate::memory::ram::{MemError, RamBlock};
 
 /// Which pages the workload writes.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -371,7 +371,7 @@ pub fn run(opts: &WorkloadOptions, stop: &AtomicBool) -> Result<WorkloadStats, W
                 page_content(opts.seed, p, counters[p as usize], &mut buf);
                 ram.write(off, &buf);
             }
-            // After the data: see crate::mapped_bitmap for why the order matters.
+            // After the data: see crate::memory::mapped_bitmap for why the order matters.
             if let Some(log) = &log {
                 log.mark(0, p);
             }

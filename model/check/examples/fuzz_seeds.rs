@@ -1,14 +1,14 @@
 //! Writes the seed corpora under `fuzz/corpus/<target>/`: every message type encoded, a
 //! recorded full migration's control streams, and session inputs that replay them.
-//! Run: `cargo run -p rdmig-model --features arbitrary --example fuzz_seeds`.
+//! Run: `cargo run -p rdmig-check --example fuzz_seeds`.
 
 use std::path::PathBuf;
 
-use rdmig_model::fuzzing;
+use rdmig_check::fuzzing;
 
 fn write(target: &str, name: &str, data: &[u8]) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/corpus")
+        .join("../../fuzz/corpus")
         .join(target);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join(name), data).unwrap();

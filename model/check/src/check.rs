@@ -31,11 +31,11 @@ use std::time::{Duration, Instant};
 
 use stateright::{Checker, Expectation, HasDiscoveries, Model, Path, Property};
 
-use crate::destination::{DestConfig, Destination};
-use crate::pair::chunk_digest;
-use crate::source::{LimitPolicy, Source, SourceConfig};
-use crate::types::*;
-use crate::wire::{self, AbortReason, BlockDesc, DigestAlg, Frame, Message, RegMode};
+use rdmig_model::destination::{DestConfig, Destination};
+use rdmig_model::digest::chunk_digest;
+use rdmig_model::source::{LimitPolicy, Source, SourceConfig};
+use rdmig_model::types::*;
+use rdmig_model::wire::{self, AbortReason, BlockDesc, DigestAlg, Frame, Message, RegMode};
 
 /// Every block uses 4 KiB pages; a page is one version byte in the model.
 const PAGE_LOG2: u8 = 12;
@@ -79,7 +79,7 @@ pub struct CheckConfig {
     pub reverse_dst_blocks: bool,
     /// Deliberate machine bugs, to show the checker catches them.
     #[cfg(feature = "mutations")]
-    pub mutations: crate::source::Mutations,
+    pub mutations: rdmig_model::source::Mutations,
 }
 
 impl CheckConfig {
@@ -547,7 +547,7 @@ impl ProtocolModel {
         }
         let dst_order = dst_blocks
             .iter()
-            .map(|d| crate::wire::block_index(&blocks, &d.name).expect("same names"))
+            .map(|d| rdmig_model::wire::block_index(&blocks, &d.name).expect("same names"))
             .collect();
         let machines = cfg
             .modes
@@ -1628,7 +1628,7 @@ pub fn trace_file_name(property: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::table::SrcPhase;
+    use rdmig_model::table::SrcPhase;
 
     /// The initial state is what the source's Start produces: HELLO on the wire.
     #[test]

@@ -23,7 +23,7 @@ pub enum SourceWorkload {
         resume: Option<String>,
     },
     /// A QEMU guest over QMP: `stop` and save its device state; `cont` on abort.
-    Qemu(Arc<crate::qemu::QemuSource>),
+    Qemu(Arc<crate::vmm::qemu::QemuSource>),
 }
 
 /// Why a workload operation failed.
@@ -38,7 +38,7 @@ pub enum ControlError {
     #[error("hook `{cmd}` failed: {why}")]
     Hook { cmd: String, why: String },
     #[error(transparent)]
-    Qemu(#[from] crate::qemu::QemuError),
+    Qemu(#[from] crate::vmm::qemu::QemuError),
 }
 
 fn run_hook(cmd: &str) -> Result<Vec<u8>, ControlError> {
@@ -117,7 +117,7 @@ pub struct DestWorkload {
     /// SIGCONT to a process waiting stopped on the destination.
     pub start_pid: Option<i32>,
     /// A QEMU waiting for the device state.
-    pub qemu: Option<Arc<crate::qemu::QemuDest>>,
+    pub qemu: Option<Arc<crate::vmm::qemu::QemuDest>>,
 }
 
 impl DestWorkload {

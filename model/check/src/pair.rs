@@ -9,23 +9,12 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::destination::{DestConfig, Destination};
-use crate::source::{Source, SourceConfig};
-use crate::table::{DstPhase, SrcPhase};
-use crate::types::*;
-use crate::wire::{self, BlockDesc, Frame};
-
-/// xxh3-64 of one chunk's bytes: the digest the protocol negotiates as `Xxh3_64` (spec: SW-4).
-pub fn chunk_digest(bytes: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(bytes)
-}
-
-/// Digests of every chunk of `mem` (blocks in the given order) for chunk size `1 << chunk_log2`.
-pub fn digests(mem: &[Vec<u8>], chunk_log2: u8) -> Vec<u64> {
-    mem.iter()
-        .flat_map(|b| b.chunks(1 << chunk_log2).map(chunk_digest))
-        .collect()
-}
+use rdmig_model::destination::{DestConfig, Destination};
+use rdmig_model::digest::digests;
+use rdmig_model::source::{Source, SourceConfig};
+use rdmig_model::table::{DstPhase, SrcPhase};
+use rdmig_model::types::*;
+use rdmig_model::wire::{self, BlockDesc, Frame};
 
 /// A write travelling on a data channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,13 +111,13 @@ impl Pair {
         dcfg: DestConfig,
         guest: Guest,
         device_state: Vec<u8>,
-    ) -> Result<Self, crate::source::ConfigError> {
+    ) -> Result<Self, rdmig_model::source::ConfigError> {
         let blocks: Vec<BlockDesc> = scfg.blocks.clone();
         // Destination memory is in the destination's own block order.
         let dst_order: Vec<usize> = dcfg
             .blocks
             .iter()
-            .map(|d| crate::wire::block_index(&blocks, &d.name).unwrap_or(0))
+            .map(|d| rdmig_model::wire::block_index(&blocks, &d.name).unwrap_or(0))
             .collect();
         let dst_mem = dcfg
             .blocks

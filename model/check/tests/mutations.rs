@@ -1,10 +1,10 @@
 //! Each deliberate machine bug (the `mutations` feature) must be caught by the model checker:
 //! the checker has to find a counterexample to a safety property, or the mutation survives.
 //!
-//! Run with `cargo test -p rdmig-model --features mutations --test mutations`.
+//! Run with `cargo test -p rdmig-check --features mutations --test mutations`.
 #![cfg(feature = "mutations")]
 
-use rdmig_model::check::{self, CheckConfig, ProtocolModel, Stop, Strategy};
+use rdmig_check::check::{self, CheckConfig, ProtocolModel, Stop, Strategy};
 use rdmig_model::source::Mutations;
 
 /// Runs the small configuration with `m` and the given budgets until the first

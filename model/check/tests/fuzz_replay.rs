@@ -1,16 +1,15 @@
 //! Replays every checked-in fuzz corpus and crash input through the target bodies, and runs a
 //! short deterministic random smoke of each target, so `cargo test` catches regressions
 //! without a fuzzer installed.
-#![cfg(feature = "arbitrary")]
 
 use std::path::PathBuf;
 
 use arbitrary::{Arbitrary, Unstructured};
-use rdmig_model::fuzzing;
+use rdmig_check::fuzzing;
 use rdmig_model::wire::Frame;
 
 fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
     let mut v = Vec::new();
     for dir in ["corpus", "artifacts"] {
         let Ok(rd) = std::fs::read_dir(root.join(dir).join(target)) else {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::qmp::{Qmp, QmpError};
+use crate::vmm::qmp::{Qmp, QmpError};
 
 /// Name under which the state pipe is registered with QEMU.
 const STATE_FD: &str = "rdmig-state";
@@ -569,7 +569,7 @@ impl QemuDest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qmp::fake::{ret, serve, Handler, Log};
+    use crate::vmm::qmp::fake::{ret, serve, Handler, Log};
     use serde_json::Value;
     use std::collections::HashMap;
 

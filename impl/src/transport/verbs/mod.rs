@@ -42,8 +42,8 @@ use std::time::{Duration, Instant};
 
 use rdmig_model::{auth, wire};
 
-use crate::mem::RamBlock;
-use crate::tcp::{hello_bytes, DataAuth, Event, WriteReq, DATA_HELLO_LEN};
+use crate::memory::ram::RamBlock;
+use crate::transport::{hello_bytes, DataAuth, Event, WriteReq, DATA_HELLO_LEN};
 use crate::transport::{DestLink, SourceLink};
 pub use res::{list_devices, DeviceInfo, Endpoint, GidInfo, PortInfo};
 use res::{Completion, Cq, Device, DmaBuf, Mr, MrAccess, Qp, QpAccess, SendWr};

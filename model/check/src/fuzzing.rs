@@ -11,12 +11,12 @@ use std::sync::OnceLock;
 
 use arbitrary::{Arbitrary, Unstructured};
 
-use crate::destination::{DestConfig, Destination};
 use crate::pair::{Guest, Pair};
-use crate::source::{Source, SourceConfig};
-use crate::table::{DstPhase, SrcPhase};
-use crate::types::*;
-use crate::wire::{self, BlockDesc, Frame, Message, RegMode};
+use rdmig_model::destination::{DestConfig, Destination};
+use rdmig_model::source::{Source, SourceConfig};
+use rdmig_model::table::{DstPhase, SrcPhase};
+use rdmig_model::types::*;
+use rdmig_model::wire::{self, BlockDesc, Frame, Message, RegMode};
 
 const KEY: &[u8] = b"fuzzing key";
 

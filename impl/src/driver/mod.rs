@@ -12,10 +12,10 @@ use rdmig_model::table::{DstPhase, SrcPhase};
 use rdmig_model::wire::{self, Frame, Message};
 use rdmig_model::*;
 
-use crate::control::{DestWorkload, SourceWorkload, StateSink};
-use crate::mem::{chunk_digests, RamBlock};
+use crate::memory::ram::{chunk_digests, RamBlock};
 use crate::report::{Report, RoundReport};
 use crate::transport::{DataAuth, DestLink, Event, SourceLink, WriteReq};
+use crate::vmm::control::{DestWorkload, SourceWorkload, StateSink};
 
 /// Fetch-and-clear of the dirty log; `true` asks for every page.
 pub type ScanFn = Box<dyn FnMut(bool) -> Result<DirtyScan, String> + Send>;

@@ -24,42 +24,15 @@ use std::time::{Duration, Instant};
 use rdmig_model::auth;
 use rdmig_model::wire;
 
-use crate::completions::ChannelCompletions;
-use crate::mem::RamBlock;
-use crate::regtable::{AccessError, RegTable};
+use crate::memory::ram::RamBlock;
+use crate::transport::completions::ChannelCompletions;
+use crate::transport::regtable::{AccessError, RegTable};
+use crate::transport::{hello_bytes, DataAuth, Event, WriteReq, DATA_HELLO_LEN};
 
 /// Largest data frame payload; larger writes are split.
 pub const MAX_DATA_FRAME: u32 = 16 << 20;
 pub const DATA_HEADER_LEN: usize = 24;
-pub const DATA_HELLO_LEN: usize = 56;
 const DATA_MAGIC: u32 = 0x574d_4452;
-const HELLO_MAGIC: &[u8; 8] = b"RDMGDATA";
-
-/// What the transport tells the driver.
-#[derive(Debug)]
-pub enum Event {
-    /// A complete control frame (header and payload), not yet decoded.
-    Control(Vec<u8>),
-    /// The control connection ended or broke.
-    ControlClosed(String),
-    /// A write is placed at the destination.
-    WriteDone(u64),
-    /// A data connection failed.
-    DataFailed(String),
-    /// The peer sent a data frame an RDMA NIC would refuse.
-    DataViolation(String),
-}
-
-/// One write as the source driver posts it.
-#[derive(Debug, Clone, Copy)]
-pub struct WriteReq {
-    pub wr_id: u64,
-    pub block: u16,
-    pub offset: u64,
-    pub len: u64,
-    pub rkey: u32,
-    pub remote_offset: u64,
-}
 
 /// A parsed data-frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,26 +110,6 @@ pub fn apply_data_frame(
         blocks[block as usize].write(off, payload)
     })?;
     Ok(())
-}
-
-pub(crate) fn hello_bytes(session_id: u64, channel: u8, token: &[u8; 32]) -> [u8; DATA_HELLO_LEN] {
-    let mut b = [0u8; DATA_HELLO_LEN];
-    b[..8].copy_from_slice(HELLO_MAGIC);
-    b[8..16].copy_from_slice(&session_id.to_le_bytes());
-    b[16] = channel;
-    b[24..56].copy_from_slice(token);
-    b
-}
-
-pub(crate) fn parse_hello(b: &[u8; DATA_HELLO_LEN]) -> Option<(u64, u8, [u8; 32])> {
-    if &b[..8] != HELLO_MAGIC || b[17..24] != [0; 7] {
-        return None;
-    }
-    let mut s = [0u8; 8];
-    s.copy_from_slice(&b[8..16]);
-    let mut token = [0u8; 32];
-    token.copy_from_slice(&b[24..56]);
-    Some((u64::from_le_bytes(s), b[16], token))
 }
 
 /// Reads one control frame; a header that fails to decode is returned as-is so the machine
@@ -384,33 +337,6 @@ fn data_sender(
 // ---------------------------------------------------------------------------------------------
 // Destination side
 
-/// What a data connection must prove to join the session (spec: AUTH-6).
-#[derive(Clone)]
-pub struct DataAuth {
-    pub session_id: u64,
-    pub key: Option<Vec<u8>>,
-    pub nonce: [u8; 32],
-    pub channels: u8,
-}
-
-impl DataAuth {
-    /// Admits a data channel that presented `hello`: the current session, a channel index
-    /// below the negotiated count and not joined yet, and a token that verifies (spec: AUTH-6).
-    /// Returns the channel index and records it as joined.
-    pub(crate) fn admit(
-        &self,
-        hello: &[u8; DATA_HELLO_LEN],
-        joined: &mut std::collections::BTreeSet<u8>,
-    ) -> Option<u8> {
-        let (sid, ch, token) = parse_hello(hello)?;
-        let ok = sid == self.session_id
-            && ch < self.channels
-            && !joined.contains(&ch)
-            && auth::verify_data_token(self.key.as_deref(), sid, ch, &self.nonce, &token);
-        (ok && joined.insert(ch)).then_some(ch)
-    }
-}
-
 /// The destination's end: the accepted control connection, a registration table that data
 /// threads enforce, and an acceptor for data connections.
 pub struct DestTcp {
@@ -464,8 +390,10 @@ impl DestTcp {
     }
 
     pub fn register(&mut self, block: u16, offset: u64, len: u64) -> u32 {
-        self.table
-            .register(crate::regtable::Region { block, offset, len }, self.salt)
+        self.table.register(
+            crate::transport::regtable::Region { block, offset, len },
+            self.salt,
+        )
     }
 
     pub fn unregister(&mut self, key: u32) -> bool {
@@ -607,7 +535,7 @@ pub fn fuzz_data_frames(mut data: &[u8]) {
     let live = [
         (
             table.register(
-                crate::regtable::Region {
+                crate::transport::regtable::Region {
                     block: 0,
                     offset: 16 << 10,
                     len: 16 << 10,
@@ -620,7 +548,7 @@ pub fn fuzz_data_frames(mut data: &[u8]) {
         ),
         (
             table.register(
-                crate::regtable::Region {
+                crate::transport::regtable::Region {
                     block: 1,
                     offset: 0,
                     len: 8 << 10,
@@ -633,7 +561,7 @@ pub fn fuzz_data_frames(mut data: &[u8]) {
         ),
     ];
     let revoked = table.register(
-        crate::regtable::Region {
+        crate::transport::regtable::Region {
             block: 0,
             offset: 0,
             len: 64 << 10,
@@ -725,7 +653,7 @@ mod tests {
         let blocks = vec![Arc::new(RamBlock::anonymous("ram", 64 << 10, 12).unwrap())];
         let t = RegTable::new();
         let k = t.register(
-            crate::regtable::Region {
+            crate::transport::regtable::Region {
                 block: 0,
                 offset: 16 << 10,
                 len: 16 << 10,
@@ -750,11 +678,5 @@ mod tests {
         // Nothing outside the registered range was touched.
         assert!(blocks[0].is_zero(0, 16 << 10));
         assert!(blocks[0].is_zero(32 << 10, 32 << 10));
-    }
-
-    #[test]
-    fn hello_roundtrip() {
-        let t = [7u8; 32];
-        assert_eq!(parse_hello(&hello_bytes(42, 3, &t)), Some((42, 3, t)));
     }
 }

@@ -1,4 +1,4 @@
-//! The stateright model of a migration (`rdmig_model::check`): every invariant holds on the
+//! The stateright model of a migration (`rdmig_check::check`): every invariant holds on the
 //! small configuration, every "sometimes" property is reached, liveness is checked soundly,
 //! counterexample traces are readable, and the Explorer serves the model.
 
@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use rdmig_model::check::{self, CheckConfig, ProtocolModel, Stop, Strategy};
+use rdmig_check::check::{self, CheckConfig, ProtocolModel, Stop, Strategy};
 use rdmig_model::Outcome;
 use stateright::{Expectation, Model};
 

@@ -1,6 +1,6 @@
 //! A full migration between the real machines, in memory (spec: INV-MEM-1 end to end).
 
-use rdmig_model::pair::{Guest, Pair};
+use rdmig_check::pair::{Guest, Pair};
 use rdmig_model::wire::{BlockDesc, RegMode};
 use rdmig_model::*;
 

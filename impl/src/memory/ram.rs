@@ -304,7 +304,7 @@ impl RamBlock {
     pub fn digest(&self, offset: u64, len: u64) -> u64 {
         if len <= 1 << 20 {
             let mut h = 0;
-            self.visit(offset, len, |b| h = rdmig_model::pair::chunk_digest(b));
+            self.visit(offset, len, |b| h = rdmig_model::digest::chunk_digest(b));
             return h;
         }
         let mut st = xxhash_rust::xxh3::Xxh3::new();
@@ -485,6 +485,6 @@ mod tests {
         let d = chunk_digests(std::slice::from_ref(&a), 20, 2);
         let mut bytes = vec![0u8; 3 << 20];
         a.read(0, &mut bytes);
-        assert_eq!(d, rdmig_model::pair::digests(&[bytes], 20));
+        assert_eq!(d, rdmig_model::digest::digests(&[bytes], 20));
     }
 }

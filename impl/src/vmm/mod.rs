@@ -1,0 +1,6 @@
+//! The workload's side of a migration: pausing and resuming the source, starting the
+//! destination, and QEMU guests over QMP.
+
+pub mod control;
+pub mod qemu;
+pub mod qmp;
