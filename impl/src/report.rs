@@ -23,11 +23,33 @@ pub struct Bytes {
     pub control_bytes: u64,
 }
 
+/// How a side ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    Completed,
+    /// Nothing moved for good: the source workload runs at the source.
+    #[default]
+    Aborted,
+    /// COMMIT was sent and no answer came: find out whether the destination started before
+    /// resuming anything.
+    InDoubt,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Completed => "completed",
+            Status::Aborted => "aborted",
+            Status::InDoubt => "in-doubt",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Report {
     pub role: &'static str,
-    /// `completed`, `aborted` or `in-doubt`.
-    pub status: &'static str,
+    pub status: Status,
     pub reason: Option<String>,
     pub detail: Option<String>,
     pub aborted_by_peer: bool,
@@ -58,23 +80,23 @@ pub struct Report {
 impl Report {
     pub fn set_outcome(&mut self, o: Option<Outcome>) {
         match o {
-            Some(Outcome::Completed) => self.status = "completed",
+            Some(Outcome::Completed) => self.status = Status::Completed,
             Some(Outcome::Aborted(AbortInfo {
                 reason,
                 by_peer,
                 detail,
             })) => {
-                self.status = "aborted";
+                self.status = Status::Aborted;
                 self.reason = Some(format!("{reason:?}"));
                 self.detail = Some(detail.to_string());
                 self.aborted_by_peer = by_peer;
             }
             Some(Outcome::InDoubt(d)) => {
-                self.status = "in-doubt";
+                self.status = Status::InDoubt;
                 self.detail = Some(d.to_string());
             }
             None => {
-                self.status = "aborted";
+                self.status = Status::Aborted;
                 self.detail = Some("no outcome".into());
             }
         }
@@ -83,16 +105,19 @@ impl Report {
     /// Exit code: 0 completed, 2 aborted (source resumed), 3 in doubt.
     pub fn exit_code(&self) -> i32 {
         match self.status {
-            "completed" => 0,
-            "in-doubt" => 3,
-            _ => 2,
+            Status::Completed => 0,
+            Status::InDoubt => 3,
+            Status::Aborted => 2,
         }
     }
 
     pub fn summary(&self) -> String {
         let mut s = format!(
             "{} {}: {} ms total, setup {} ms",
-            self.role, self.status, self.total_time_ms, self.setup_time_ms
+            self.role,
+            self.status.as_str(),
+            self.total_time_ms,
+            self.setup_time_ms
         );
         if let Some(d) = self.downtime_ms {
             s += &format!(", downtime {d} ms");

@@ -10,7 +10,7 @@ use rdmig::memory::dirty::{open_tracker, DirtyError, DirtyLogSpec, DirtyTracker}
 use rdmig::memory::mapped_bitmap::{BitmapError, SharedBitmap};
 use rdmig::memory::ram::RamBlock;
 use rdmig::tools::workload::page_content;
-use rdmig_model::types::{DirtyScan, PageBitmap};
+use rdmig_model::{DirtyScan, PageBitmap};
 
 const PAGE: u64 = 4096;
 

@@ -683,6 +683,57 @@ fn encode_payload(msg: &Message, out: &mut Vec<u8>) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Data channels (spec: AUTH-6, "Transport")
+
+/// Bytes of DATA_HELLO, the first thing a data channel sends (both bindings).
+pub const DATA_HELLO_LEN: usize = 56;
+/// Magic that opens DATA_HELLO; a connection whose first bytes are not a control frame header
+/// starts with it.
+pub const DATA_HELLO_MAGIC: [u8; 8] = *b"RDMGDATA";
+/// What the destination answers on a data connection it admitted (TCP binding), before
+/// anything else on that connection.
+pub const DATA_JOIN_ACK: [u8; 8] = *b"RDMGJOIN";
+
+/// A data channel's request to join a session: DATA_HELLO {magic, session id u64 LE, channel
+/// u8, 7 reserved zero bytes, token (32)} (spec: AUTH-6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct DataHello {
+    pub session_id: u64,
+    pub channel: u8,
+    pub token: [u8; MAC_LEN],
+}
+
+impl DataHello {
+    pub fn encode(&self) -> [u8; DATA_HELLO_LEN] {
+        let mut b = [0u8; DATA_HELLO_LEN];
+        b[..8].copy_from_slice(&DATA_HELLO_MAGIC);
+        b[8..16].copy_from_slice(&self.session_id.to_le_bytes());
+        b[16] = self.channel;
+        b[24..56].copy_from_slice(&self.token);
+        b
+    }
+
+    /// Decodes DATA_HELLO; a wrong magic or non-zero reserved bytes are rejected.
+    pub fn decode(b: &[u8; DATA_HELLO_LEN]) -> Result<DataHello, WireError> {
+        if b[..8] != DATA_HELLO_MAGIC {
+            return Err(WireError::OutOfRange {
+                field: "data_hello_magic",
+                value: u64::from_le_bytes(b[..8].try_into().expect("8 bytes")),
+            });
+        }
+        if b[17..24] != [0; 7] {
+            return Err(WireError::Reserved("data_hello"));
+        }
+        Ok(DataHello {
+            session_id: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+            channel: b[16],
+            token: b[24..56].try_into().expect("32 bytes"),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Decoding
 
 /// The fixed header, decoded on its own so stream transports know how much payload to read.

@@ -7,8 +7,8 @@ use std::time::Instant;
 use crate::guest::{GuestConfig, Pattern};
 use crate::profile::Profile;
 use crate::report::Report;
-use crate::sim::{Sim, CAUSES};
 use crate::units::{fmt_bytes, ms};
+use crate::world::{Sim, CAUSES};
 use crate::{run, SimConfig};
 
 /// A table with one column per report.

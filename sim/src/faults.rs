@@ -32,9 +32,16 @@ pub enum FaultKind {
     Cancel,
     /// The two sides hold different pre-shared keys.
     WrongKey,
+    /// A link goes silent (nothing crosses, nobody is told), for a while or for good.
+    Silence,
+    /// A connection that is not the source's reaches the listener (half-open, garbage, a
+    /// replayed HELLO, a forged data join).
+    Stray,
+    /// A peer sends well-formed frames of its own choosing besides the honest ones.
+    Hostile,
 }
 
-pub const ALL_KINDS: [FaultKind; 10] = [
+pub const ALL_KINDS: [FaultKind; 13] = [
     FaultKind::ConnectionLoss,
     FaultKind::CompletionDelay,
     FaultKind::CompletionReorder,
@@ -45,6 +52,9 @@ pub const ALL_KINDS: [FaultKind; 10] = [
     FaultKind::DestinationCrash,
     FaultKind::Cancel,
     FaultKind::WrongKey,
+    FaultKind::Silence,
+    FaultKind::Stray,
+    FaultKind::Hostile,
 ];
 
 impl FaultKind {
@@ -60,6 +70,9 @@ impl FaultKind {
             FaultKind::DestinationCrash => "destination-crash",
             FaultKind::Cancel => "cancel",
             FaultKind::WrongKey => "wrong-key",
+            FaultKind::Silence => "silence",
+            FaultKind::Stray => "stray",
+            FaultKind::Hostile => "hostile",
         }
     }
 
@@ -91,6 +104,15 @@ pub struct FaultConfig {
     pub detect_max_ns: u64,
     /// Chance that a crash goes unreported, leaving the idle timeout to notice it.
     pub silent_crash_ppm: u32,
+    pub silence_ppm: u32,
+    /// Longest silence that heals.
+    pub silence_max_ns: u64,
+    /// Chance that a silence is for good.
+    pub silence_forever_ppm: u32,
+    pub stray_ppm: u32,
+    pub hostile_ppm: u32,
+    /// Which side is hostile (0 source, 1 destination).
+    pub hostile_side: u8,
 }
 
 impl FaultConfig {
@@ -118,6 +140,9 @@ impl FaultConfig {
                 FaultKind::DestinationCrash => self.destination_crash_ppm > 0,
                 FaultKind::Cancel => self.cancel_ppm > 0,
                 FaultKind::WrongKey => self.wrong_key,
+                FaultKind::Silence => self.silence_ppm > 0,
+                FaultKind::Stray => self.stray_ppm > 0,
+                FaultKind::Hostile => self.hostile_ppm > 0,
             })
             .collect()
     }
@@ -130,6 +155,8 @@ impl FaultConfig {
             completion_delay_max_ns: 2_000_000,
             detect_max_ns: 2_000_000,
             silent_crash_ppm: 500_000,
+            silence_max_ns: 50_000_000,
+            silence_forever_ppm: 300_000,
             ..FaultConfig::default()
         }
     }
@@ -149,6 +176,9 @@ impl FaultConfig {
             FaultKind::DestinationCrash => f.destination_crash_ppm = 100_000,
             FaultKind::Cancel => f.cancel_ppm = 100_000,
             FaultKind::WrongKey => f.wrong_key = true,
+            FaultKind::Silence => f.silence_ppm = 50_000,
+            FaultKind::Stray => f.stray_ppm = 200_000,
+            FaultKind::Hostile => f.hostile_ppm = 50_000,
         }
         f
     }
@@ -176,6 +206,17 @@ impl FaultConfig {
         f.reg_fail_ppm = strength(rng, 20_000);
         f.pin_starved = rng.chance(250_000);
         f.wrong_key = rng.chance(30_000);
+        f.silence_ppm = strength(rng, 20_000);
+        f.silence_max_ns = rng.pick(&[1_000_000, 50_000_000, 2_000_000_000]);
+        f.silence_forever_ppm = rng.pick(&[0, 300_000, 1_000_000]);
+        f.stray_ppm = strength(rng, 100_000);
+        // A hostile peer ends most runs early, so it is drawn less often.
+        f.hostile_ppm = if rng.chance(150_000) {
+            rng.pick(&[1_000, 10_000, 50_000])
+        } else {
+            0
+        };
+        f.hostile_side = rng.below(2) as u8;
         f.stall_max_ns = rng.pick(&[1_000_000, 20_000_000, 200_000_000, 3_000_000_000]);
         f.completion_delay_max_ns = rng.pick(&[10_000, 500_000, 5_000_000]);
         f.detect_max_ns = rng.between(10_000, 5_000_000);

@@ -3,7 +3,7 @@
 //! It runs the *same* source and destination state machines as production (crate
 //! `rdmig-model`, used verbatim) against simulated RDMA or TCP hardware, a simulated guest,
 //! and injected faults, in one thread on a virtual clock. One seed reproduces a run exactly.
-//! See `sim::Sim` for the world model, `config::SimConfig` for what a run depends on, and
+//! See `world::Sim` for the world model, `config::SimConfig` for what a run depends on, and
 //! `report::Report` for what it measures.
 
 pub mod bench;
@@ -15,16 +15,16 @@ pub mod plot;
 pub mod profile;
 pub mod report;
 pub mod rng;
-pub mod sim;
 pub mod trace;
 pub mod units;
+pub mod world;
 
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 pub use config::{MigrationConfig, SimConfig};
 pub use report::Report;
-pub use sim::{Failure, Sim};
+pub use world::{Failure, Sim};
 
 /// A finished run: its report, and the failure that stopped it, if any.
 pub struct RunResult {

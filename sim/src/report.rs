@@ -7,8 +7,8 @@ use rdmig_model::Outcome;
 use serde::Serialize;
 
 use crate::profile::Transport;
-use crate::sim::{outcome_name, Cpu, Sim, BIN_NS, CAUSES, DST, SRC};
 use crate::units::{fmt_bytes, ms};
+use crate::world::{outcome_name, Cpu, Sim, BIN_NS, CAUSES, DST, SRC};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct OutcomeReport {
@@ -194,7 +194,7 @@ impl Report {
         let cfg = &sim.cfg;
         let st = &sim.stats;
         let s_out = sim.src.outcome();
-        let d_out = sim.dst.outcome();
+        let d_out = sim.lsn.outcome();
         let page_log2 = cfg.guest.page_log2;
         let end = st
             .finished_ns
@@ -209,8 +209,7 @@ impl Report {
             *injected.entry(k.name()).or_insert(0) += 1;
         }
         let rounds = sim
-            .src
-            .stats
+            .src_stats
             .rounds
             .iter()
             .enumerate()
@@ -275,7 +274,10 @@ impl Report {
             outcome: OutcomeReport {
                 class: classify(s_out, d_out, [sim.crashed(SRC), sim.crashed(DST)]),
                 source: outcome_name(s_out, sim.crashed(SRC)),
-                destination: outcome_name(d_out, sim.crashed(DST)),
+                destination: match (d_out, sim.crashed(DST), sim.lsn.session()) {
+                    (None, false, None) => "listening (no session)".into(),
+                    (d, crashed, _) => outcome_name(d, crashed),
+                },
                 source_detail: detail(s_out),
                 destination_detail: detail(d_out),
             },
@@ -288,8 +290,8 @@ impl Report {
             bytes: Bytes {
                 data_payload: st.data_placed_bytes,
                 data_wire: st.data_wire_bytes,
-                zero_pages: sim.src.stats.zero_pages,
-                zero_page_bytes: sim.src.stats.zero_pages << page_log2,
+                zero_pages: sim.src_stats.zero_pages,
+                zero_page_bytes: sim.src_stats.zero_pages << page_log2,
                 zero_frame_bytes: st.zero_frame_bytes,
                 zero_frames: st.zero_frames,
                 control_bytes: st.control_bytes,
@@ -298,12 +300,12 @@ impl Report {
             },
             rounds,
             registration: Registration {
-                requests: sim.src.stats.reg_requests,
-                chunks: sim.src.stats.reg_chunks,
-                unreg_requests: sim.src.stats.unreg_requests,
-                unreg_chunks: sim.src.stats.unreg_chunks,
+                requests: sim.src_stats.reg_requests,
+                chunks: sim.src_stats.reg_chunks,
+                unreg_requests: sim.src_stats.unreg_requests,
+                unreg_chunks: sim.src_stats.unreg_chunks,
                 registrations: st.registrations,
-                max_registered_bytes: sim.dst.stats.max_registered_bytes,
+                max_registered_bytes: sim.dst_stats.max_registered_bytes,
                 busy_ms: ms(st.reg_busy_ns),
             },
             cpu_source: (&st.cpu[SRC]).into(),

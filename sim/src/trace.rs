@@ -4,6 +4,9 @@
 
 use std::collections::VecDeque;
 
+use rdmig_model::destination::DstInput;
+use rdmig_model::listener::LsnInput;
+use rdmig_model::source::SrcInput;
 use serde::Serialize;
 
 /// What happened. `a` and `b` in [`Rec`] carry the numbers named in each comment.
@@ -12,7 +15,7 @@ use serde::Serialize;
 pub enum Tag {
     /// a = pages written.
     GuestTick,
-    /// a = side (0 source, 1 destination), b = input kind (see `input_kind`).
+    /// a = side (0 source, 1 destination), b = input kind (see `INPUT_KINDS`).
     Input,
     /// a = direction (0 source to destination), b = type code.
     FrameSent,
@@ -107,8 +110,8 @@ impl std::fmt::Display for Rec {
     }
 }
 
-/// Names of input kinds, indexed by `input_kind`.
-pub const INPUT_KINDS: [&str; 16] = [
+/// Names of input kinds, indexed by `src_input_kind` and `lsn_input_kind`.
+pub const INPUT_KINDS: [&str; 21] = [
     "Start",
     "Frame",
     "Malformed",
@@ -125,27 +128,50 @@ pub const INPUT_KINDS: [&str; 16] = [
     "Timer",
     "TransportFailed",
     "Cancel",
+    "DataOpened",
+    "DataLost",
+    "Accepted",
+    "DataHello",
+    "Closed",
 ];
 
-pub fn input_kind(i: &rdmig_model::Input) -> u64 {
-    use rdmig_model::Input::*;
+pub fn src_input_kind(i: &SrcInput) -> u64 {
     match i {
-        Start => 0,
-        Frame(_) => 1,
-        Malformed(_) => 2,
-        WriteDone { .. } => 3,
-        WriteFailed { .. } => 4,
-        Registered { .. } => 5,
-        RegisterFailed { .. } => 6,
-        Dirty(_) => 7,
-        WorkloadPaused => 8,
-        WorkloadStarted => 9,
-        WorkloadFailed => 10,
-        DeviceState(_) => 11,
-        Digests(_) => 12,
-        Timer(_) => 13,
-        TransportFailed => 14,
-        Cancel => 15,
+        SrcInput::Start => 0,
+        SrcInput::Frame(_) => 1,
+        SrcInput::Malformed(_) => 2,
+        SrcInput::WriteDone { .. } => 3,
+        SrcInput::WriteFailed { .. } => 4,
+        SrcInput::Dirty(_) => 7,
+        SrcInput::WorkloadPaused => 8,
+        SrcInput::WorkloadFailed => 10,
+        SrcInput::DeviceState(_) => 11,
+        SrcInput::Digests(_) => 12,
+        SrcInput::Timer(_) => 13,
+        SrcInput::TransportFailed => 14,
+        SrcInput::Cancel => 15,
+        SrcInput::DataOpened { .. } => 16,
+        SrcInput::DataLost { .. } => 17,
+    }
+}
+
+pub fn lsn_input_kind(i: &LsnInput) -> u64 {
+    match i {
+        LsnInput::Frame { frame: Ok(_), .. } => 1,
+        LsnInput::Frame { frame: Err(_), .. } => 2,
+        LsnInput::Local(DstInput::Registered { .. }) => 5,
+        LsnInput::Local(DstInput::RegisterFailed { .. }) => 6,
+        LsnInput::Local(DstInput::WorkloadStarted) => 9,
+        LsnInput::Local(DstInput::WorkloadFailed) => 10,
+        LsnInput::Local(DstInput::Digests(_)) => 12,
+        LsnInput::Timer(_) | LsnInput::Local(DstInput::Timer(_)) => 13,
+        LsnInput::Local(DstInput::TransportFailed) => 14,
+        LsnInput::Cancel | LsnInput::Local(DstInput::Cancel) => 15,
+        LsnInput::Local(DstInput::DataLost { .. }) => 17,
+        LsnInput::Accepted { .. } => 18,
+        LsnInput::DataHello { .. } => 19,
+        LsnInput::Closed { .. } => 20,
+        LsnInput::Local(DstInput::Frame(_) | DstInput::Malformed(_)) => 1,
     }
 }
 

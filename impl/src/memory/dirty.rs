@@ -29,7 +29,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use rdmig_model::types::{DirtyScan, PageBitmap};
+use rdmig_model::{DirtyScan, PageBitmap};
 use thiserror::Error;
 
 use crate::memory::mapped_bitmap::{BitmapError, SharedBitmap};

@@ -42,7 +42,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::{MmapOptions, MmapRaw};
-use rdmig_model::types::PageBitmap;
+use rdmig_model::PageBitmap;
 use thiserror::Error;
 
 #[derive(Debug, Error)]

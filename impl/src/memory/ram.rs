@@ -359,17 +359,21 @@ impl RamBlock {
     }
 
     /// Reads exactly `len` bytes from a socket into `[offset, offset+len)` of the block:
-    /// received data goes from the kernel straight into destination memory.
+    /// received data goes from the kernel straight into destination memory. All of it must
+    /// arrive by `deadline` (a whole-frame bound, not one per read: spec LIVE-3), or the read
+    /// fails with `TimedOut`.
     pub fn recv_range(
         &self,
         fd: std::os::fd::BorrowedFd<'_>,
         offset: u64,
         len: u64,
+        deadline: std::time::Instant,
     ) -> std::io::Result<()> {
         use std::os::fd::AsRawFd;
         self.check(offset, len as usize);
         let mut done = 0u64;
         while done < len {
+            wait_readable(fd, deadline)?;
             // SAFETY: the destination range is inside the mapping (checked above) and nothing
             // else in this process holds a reference into it.
             let n = unsafe {
@@ -397,6 +401,34 @@ impl RamBlock {
     /// Raw base address, for transports that register memory with a NIC.
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr
+    }
+}
+
+/// Waits until `fd` has data (or its end) to read, at most until `deadline`.
+pub fn wait_readable(
+    fd: std::os::fd::BorrowedFd<'_>,
+    deadline: std::time::Instant,
+) -> std::io::Result<()> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the frame did not arrive whole in time",
+            ));
+        }
+        let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+        let t = Timespec {
+            tv_sec: left.as_secs() as i64,
+            tv_nsec: left.subsec_nanos() as i64,
+        };
+        match poll(&mut fds, Some(&t)) {
+            Ok(0) => continue,
+            Ok(_) => return Ok(()),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

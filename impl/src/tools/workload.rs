@@ -403,7 +403,7 @@ pub fn file_digest(path: &Path) -> std::io::Result<u64> {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-    use rdmig_model::types::PageBitmap;
+    use rdmig_model::PageBitmap;
 
     fn opts(dir: &Path, pages: u64) -> WorkloadOptions {
         WorkloadOptions {

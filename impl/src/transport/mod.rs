@@ -1,33 +1,52 @@
-//! The operations the driver needs from a transport, whatever carries the bytes (TCP, RDMA
-//! verbs). Transports report what happens asynchronously as [`Event`]s on a channel the
-//! driver owns; everything else is a direct call.
+//! The operations the drivers need from a transport, whatever carries the bytes (TCP, RDMA
+//! verbs). Transports report what happens asynchronously as events on a channel the driver
+//! owns; everything else is a direct call. A transport decides nothing: admission, deadlines
+//! and outcomes are the machines' (`rdmig-model`); the transport bounds every wait it does
+//! itself (spec: LIVE-1 .. LIVE-6) and reports what it saw.
 
 use std::io;
+use std::net::TcpStream;
+use std::time::Duration;
 
-use rdmig_model::auth;
+use rdmig_model::listener::ConnId;
+use rdmig_model::wire::DataHello;
 
 pub mod completions;
 pub mod regtable;
 pub mod tcp;
 pub mod verbs;
 
-/// Bytes of the DATA_HELLO a data channel opens with (both bindings, spec: AUTH-6).
-pub const DATA_HELLO_LEN: usize = 56;
-const HELLO_MAGIC: &[u8; 8] = b"RDMGDATA";
-
-/// What the transport tells the driver.
+/// What a source-side transport tells the driver.
 #[derive(Debug)]
-pub enum Event {
+pub enum SrcEvent {
     /// A complete control frame (header and payload), not yet decoded.
     Control(Vec<u8>),
     /// The control connection ended or broke.
     ControlClosed(String),
+    /// The destination admitted data channel `n`.
+    DataOpened(u8),
+    /// Data channel `n` could not be opened, failed, or was closed.
+    DataLost(u8, String),
     /// A write is placed at the destination.
     WriteDone(u64),
-    /// A data connection failed.
-    DataFailed(String),
-    /// The peer sent a data frame an RDMA NIC would refuse.
-    DataViolation(String),
+    /// The operator asked the process to stop (SIGINT, SIGTERM).
+    Signal(i32),
+}
+
+/// What a destination-side transport tells the driver.
+#[derive(Debug)]
+pub enum DstEvent {
+    /// A connection was accepted.
+    Accepted(ConnId),
+    /// `conn` sent a complete control frame (header and payload), not yet decoded.
+    Frame(ConnId, Vec<u8>),
+    /// `conn` opened with DATA_HELLO (the 56 bytes, not yet decoded).
+    DataHello(ConnId, [u8; rdmig_model::wire::DATA_HELLO_LEN]),
+    /// `conn` closed or failed; for an admitted data connection also a data frame an RDMA
+    /// NIC would refuse.
+    Closed(ConnId, String),
+    /// The operator asked the process to stop (SIGINT, SIGTERM).
+    Signal(i32),
 }
 
 /// One write as the source driver posts it.
@@ -41,145 +60,98 @@ pub struct WriteReq {
     pub remote_offset: u64,
 }
 
-pub fn hello_bytes(session_id: u64, channel: u8, token: &[u8; 32]) -> [u8; DATA_HELLO_LEN] {
-    let mut b = [0u8; DATA_HELLO_LEN];
-    b[..8].copy_from_slice(HELLO_MAGIC);
-    b[8..16].copy_from_slice(&session_id.to_le_bytes());
-    b[16] = channel;
-    b[24..56].copy_from_slice(token);
-    b
-}
-
-pub fn parse_hello(b: &[u8; DATA_HELLO_LEN]) -> Option<(u64, u8, [u8; 32])> {
-    if &b[..8] != HELLO_MAGIC || b[17..24] != [0; 7] {
-        return None;
-    }
-    let mut s = [0u8; 8];
-    s.copy_from_slice(&b[8..16]);
-    let mut token = [0u8; 32];
-    token.copy_from_slice(&b[24..56]);
-    Some((u64::from_le_bytes(s), b[16], token))
-}
-
-/// What a data connection must prove to join the session (spec: AUTH-6).
-#[derive(Clone)]
-pub struct DataAuth {
-    pub session_id: u64,
-    pub key: Option<Vec<u8>>,
-    pub nonce: [u8; 32],
-    pub channels: u8,
-}
-
-impl DataAuth {
-    /// Admits a data channel that presented `hello`: the current session, a channel index
-    /// below the negotiated count and not joined yet, and a token that verifies (spec: AUTH-6).
-    /// Returns the channel index and records it as joined.
-    pub(crate) fn admit(
-        &self,
-        hello: &[u8; DATA_HELLO_LEN],
-        joined: &mut std::collections::BTreeSet<u8>,
-    ) -> Option<u8> {
-        let (sid, ch, token) = parse_hello(hello)?;
-        let ok = sid == self.session_id
-            && ch < self.channels
-            && !joined.contains(&ch)
-            && auth::verify_data_token(self.key.as_deref(), sid, ch, &self.nonce, &token);
-        (ok && joined.insert(ch)).then_some(ch)
-    }
-}
-
 /// The source's end of a migration.
 pub trait SourceLink {
     /// Sends one encoded control frame, in order.
     fn send_control(&mut self, frame: &[u8]) -> io::Result<()>;
-    /// Opens `n` data channels for the authenticated session (spec: AUTH-6).
-    fn open_data(
-        &mut self,
-        n: u8,
-        session_id: u64,
-        key: Option<&[u8]>,
-        dst_nonce: &[u8; 32],
-    ) -> io::Result<()>;
-    /// Posts a one-sided write; its completion arrives as `Event::WriteDone` once placed.
+    /// Opens a data channel presenting `hello` (spec: AUTH-6). The outcome arrives as
+    /// `SrcEvent::DataOpened` or `SrcEvent::DataLost`.
+    fn open_data(&mut self, hello: DataHello) -> io::Result<()>;
+    /// Posts a one-sided write; its completion arrives as `SrcEvent::WriteDone` once placed.
     fn post_write(&mut self, channel: u8, w: WriteReq) -> io::Result<()>;
-    fn channels_open(&self) -> usize;
     /// Closes everything; outstanding operations are abandoned.
     fn shutdown(&mut self);
     /// Short name for reports (`tcp`, `rdma`).
     fn name(&self) -> &'static str;
 }
 
-/// The destination's end of a migration.
+/// The destination's end of a migration: every connection the listener accepts.
 pub trait DestLink {
-    fn send_control(&mut self, frame: &[u8]) -> io::Result<()>;
-    /// From now on data channels proving `auth` may join (spec: AUTH-2, AUTH-6).
-    fn allow_data(&mut self, auth: DataAuth);
+    /// Sends one encoded control frame on `conn`, in order.
+    fn send(&mut self, conn: ConnId, frame: &[u8]) -> io::Result<()>;
+    /// Closes `conn` (after what was sent on it).
+    fn close(&mut self, conn: ConnId);
+    /// `conn` joins the session as data channel `channel`.
+    fn admit(&mut self, conn: ConnId, channel: u8) -> io::Result<()>;
     /// Exposes `[offset, offset+len)` of local block `block` for remote writes, least
     /// privilege: remote write on exactly that range. Returns the remote key.
     fn register(&mut self, block: u16, offset: u64, len: u64) -> io::Result<u32>;
     /// Revokes a key; no write under it lands after this returns.
     fn unregister(&mut self, key: u32) -> bool;
+    /// Closes everything.
     fn shutdown(&mut self);
     fn name(&self) -> &'static str;
 }
 
-impl SourceLink for crate::transport::tcp::SourceTcp {
-    fn send_control(&mut self, frame: &[u8]) -> io::Result<()> {
-        crate::transport::tcp::SourceTcp::send_control(self, frame)
+/// How long the transport itself may wait on the peer (spec: LIVE-2, LIVE-3): every bound
+/// derives from the machines' idle timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    /// The idle timeout the machines use.
+    pub idle: Duration,
+}
+
+impl Deadlines {
+    pub fn new(idle: Duration) -> Deadlines {
+        Deadlines {
+            idle: idle.max(Duration::from_millis(100)),
+        }
     }
-    fn open_data(
-        &mut self,
-        n: u8,
-        session_id: u64,
-        key: Option<&[u8]>,
-        dst_nonce: &[u8; 32],
-    ) -> io::Result<()> {
-        crate::transport::tcp::SourceTcp::open_data(self, n, session_id, key, dst_nonce)
+
+    /// A frame whose first byte arrived must arrive whole within this (spec: LIVE-3).
+    pub fn frame(&self) -> Duration {
+        self.idle
     }
-    fn post_write(&mut self, channel: u8, w: WriteReq) -> io::Result<()> {
-        crate::transport::tcp::SourceTcp::post_write(self, channel, w)
-    }
-    fn channels_open(&self) -> usize {
-        crate::transport::tcp::SourceTcp::channels_open(self)
-    }
-    fn shutdown(&mut self) {
-        crate::transport::tcp::SourceTcp::shutdown(self)
-    }
-    fn name(&self) -> &'static str {
-        "tcp"
+
+    /// Opening a connection, or the answer to a join (spec: LIVE-4).
+    pub fn connect(&self) -> Duration {
+        self.idle.min(Duration::from_secs(10))
     }
 }
 
-impl DestLink for crate::transport::tcp::DestTcp {
-    fn send_control(&mut self, frame: &[u8]) -> io::Result<()> {
-        crate::transport::tcp::DestTcp::send_control(self, frame)
-    }
-    fn allow_data(&mut self, auth: DataAuth) {
-        crate::transport::tcp::DestTcp::allow_data(self, auth)
-    }
-    fn register(&mut self, block: u16, offset: u64, len: u64) -> io::Result<u32> {
-        Ok(crate::transport::tcp::DestTcp::register(
-            self, block, offset, len,
-        ))
-    }
-    fn unregister(&mut self, key: u32) -> bool {
-        crate::transport::tcp::DestTcp::unregister(self, key)
-    }
-    fn shutdown(&mut self) {
-        crate::transport::tcp::DestTcp::shutdown(self)
-    }
-    fn name(&self) -> &'static str {
-        "tcp"
-    }
+/// Socket settings every TCP connection of rdmig carries (spec: LIVE-2, the TCP binding):
+/// data left unacknowledged by the peer fails the connection after the idle timeout
+/// (TCP_USER_TIMEOUT), an idle connection to a host that vanished fails within about the idle
+/// timeout (keepalive probes), and a blocking send gives up after it (SO_SNDTIMEO).
+pub fn tune(s: &TcpStream, d: Deadlines) {
+    use rustix::net::sockopt;
+    let idle = d.idle;
+    let _ = s.set_nodelay(true);
+    let _ = s.set_write_timeout(Some(idle));
+    let _ = sockopt::set_tcp_user_timeout(s, idle.as_millis().min(u32::MAX as u128) as u32);
+    let _ = sockopt::set_socket_keepalive(s, true);
+    let probe = (idle / 6).max(Duration::from_secs(1));
+    let _ = sockopt::set_tcp_keepidle(s, (idle / 3).max(Duration::from_secs(1)));
+    let _ = sockopt::set_tcp_keepintvl(s, probe);
+    let _ = sockopt::set_tcp_keepcnt(s, 3);
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hello_roundtrip() {
-        let t = [7u8; 32];
-        assert_eq!(parse_hello(&hello_bytes(42, 3, &t)), Some((42, 3, t)));
-    }
+/// Delivers SIGINT and SIGTERM to the driver as events, so a signal is an input like any
+/// other (spec: section 7.3, operator cancel).
+pub fn watch_signals<E: Send + 'static>(
+    events: std::sync::mpsc::Sender<E>,
+    event: fn(i32) -> E,
+) -> io::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
+    std::thread::spawn(move || {
+        for sig in signals.forever() {
+            if events.send(event(sig)).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(())
 }

@@ -2,5 +2,6 @@
 //! destination, and QEMU guests over QMP.
 
 pub mod control;
+pub mod guard;
 pub mod qemu;
 pub mod qmp;

@@ -230,6 +230,17 @@ fn wait_migration(q: &mut Qmp, what: &'static str) -> Result<(), QemuError> {
     }
 }
 
+/// What the guard of a dead `rdmig send` does to its QEMU (spec: section 7.3): cancel the
+/// device-state save if one is under way, let the guest run, and put the migration
+/// capabilities back as they were.
+pub fn resume_orphaned(sock: &Path, caps_before: &Value) -> Result<(), QemuError> {
+    let mut q = Qmp::connect(sock, REPLY_TIMEOUT)?;
+    let _ = q.execute("migrate_cancel", None);
+    q.execute("cont", None)?;
+    q.execute("migrate-set-capabilities", Some(caps_before.clone()))?;
+    Ok(())
+}
+
 /// The source guest, driven over its QMP socket.
 pub struct QemuSource {
     qmp: Mutex<Qmp>,
@@ -335,6 +346,11 @@ impl QemuSource {
     /// After an abort: QEMU's migration capabilities as they were before rdmig.
     pub fn restore(&self) {
         restore_capabilities(&self.qmp, &self.caps_before);
+    }
+
+    /// The capabilities to put back, as `migrate-set-capabilities` arguments (for the guard).
+    pub fn capabilities_before(&self) -> &Value {
+        &self.caps_before
     }
 
     /// Quits the source QEMU (after commit, when asked to).

@@ -12,11 +12,12 @@ use std::sync::OnceLock;
 use arbitrary::{Arbitrary, Unstructured};
 
 use crate::pair::{Guest, Pair};
-use rdmig_model::destination::{DestConfig, Destination};
-use rdmig_model::source::{Source, SourceConfig};
+use rdmig_model::destination::{DestConfig, Destination, DstCommand, DstInput, DstTimer};
+use rdmig_model::source::{Source, SourceConfig, SrcCommand, SrcInput, SrcTimer};
 use rdmig_model::table::{DstPhase, SrcPhase};
 use rdmig_model::types::*;
-use rdmig_model::wire::{self, BlockDesc, Frame, Message, RegMode};
+use rdmig_model::wire::{self, BlockDesc, DataHello, Frame, Message, RegMode};
+use rdmig_model::{auth, Geometry, PageBitmap};
 
 const KEY: &[u8] = b"fuzzing key";
 
@@ -135,11 +136,10 @@ pub fn wire_roundtrip(f: &Frame) {
 }
 
 /// Decodes received bytes as a driver would: a frame, or the decode error (`true` = rejected).
-fn decode_input(bytes: &[u8]) -> (Input, bool) {
-    match wire::decode(bytes) {
-        Ok(f) => (Input::Frame(f), false),
-        Err(e) => (Input::Malformed(e), true),
-    }
+fn decode_input(bytes: &[u8]) -> (Result<Frame, wire::WireError>, bool) {
+    let r = wire::decode(bytes);
+    let rejected = r.is_err();
+    (r, rejected)
 }
 
 /// The next frame of a recorded stream, optionally with one byte replaced.
@@ -147,7 +147,7 @@ fn recorded(
     stream: &[Vec<u8>],
     cursor: &mut usize,
     mutate: Option<(u16, u8)>,
-) -> Option<(Input, bool)> {
+) -> Option<(Result<Frame, wire::WireError>, bool)> {
     let mut bytes = stream.get(*cursor)?.clone();
     *cursor += 1;
     if let Some((at, value)) = mutate {
@@ -155,6 +155,19 @@ fn recorded(
         bytes[i] = value;
     }
     Some(decode_input(&bytes))
+}
+
+fn dst_input(r: Result<Frame, wire::WireError>) -> DstInput {
+    r.map_or_else(DstInput::Malformed, DstInput::Frame)
+}
+
+fn src_input(r: Result<Frame, wire::WireError>) -> SrcInput {
+    r.map_or_else(SrcInput::Malformed, SrcInput::Frame)
+}
+
+/// Chunks of the fuzzing memory at the fuzzing chunk size.
+fn total_chunks() -> usize {
+    Geometry::new(&blocks(), 14).expect("valid").total_chunks as usize
 }
 
 /// One thing that happens to a destination driven by a malicious source.
@@ -184,6 +197,12 @@ pub enum DstEvent {
     Timer(bool),
     TransportFailed,
     Cancel,
+    /// A data channel asks to join with this hello (spec: AUTH-6).
+    DataHello(DataHello),
+    /// A data channel asks to join with the token the real key gives.
+    DataHelloKeyed {
+        channel: u8,
+    },
 }
 
 /// What the destination oracle tracks: the NIC's registration table and declared memory.
@@ -197,7 +216,7 @@ struct DstOracle {
 }
 
 impl DstOracle {
-    fn check(&mut self, d: &Destination, cmds: &[Command], rejected: bool) {
+    fn check(&mut self, d: &Destination, cmds: &[DstCommand], rejected: bool) {
         assert!(
             d.registered_bytes() <= d.pin_budget(),
             "INV-PIN-1: registered bytes over budget"
@@ -205,7 +224,7 @@ impl DstOracle {
         for c in cmds {
             assert!(!self.finished, "command after Finish: {c:?}");
             match c {
-                Command::Register {
+                DstCommand::Register {
                     target,
                     block,
                     offset,
@@ -223,32 +242,31 @@ impl DstOracle {
                     assert!(!overlaps, "the same memory registered twice");
                     self.pending.push(*target);
                 }
-                Command::Unregister { rkey, .. } => {
+                DstCommand::Unregister { rkey, .. } => {
                     assert!(
                         self.nic.remove(rkey).is_some(),
                         "unregister of a key not registered"
                     );
                 }
-                Command::ZeroFill { block, offset, len } => {
+                DstCommand::ZeroFill { block, offset, len } => {
                     let b = &self.blocks[*block as usize];
                     assert!(offset + len <= b.length, "zero-fill outside its block");
                 }
-                Command::StoreDeviceState { offset, data } => {
+                DstCommand::StoreDeviceState { offset, data } => {
                     assert!(*offset as usize + data.len() <= wire::MAX_DEVICE_STATE as usize);
                 }
-                Command::StartWorkload => {
+                DstCommand::StartWorkload => {
                     assert!(self.commit_fed, "SW-7: started without COMMIT");
                     assert!(
                         self.nic.is_empty(),
                         "SW-8: memory still registered at start"
                     );
                 }
-                Command::Finish(_) => self.finished = true,
-                Command::ComputeDigests => {}
-                Command::Send(f) => {
+                DstCommand::Finish(_) => self.finished = true,
+                DstCommand::ComputeDigests => {}
+                DstCommand::Send(f) => {
                     wire::encode_to_vec(f).expect("destination sent an invalid frame");
                 }
-                other => panic!("destination issued a source command {other:?}"),
             }
         }
         if rejected && !self.finished {
@@ -281,11 +299,11 @@ pub fn destination_session(data: &[u8]) {
         now += 1;
         let mut rejected = false;
         let input = match ev {
-            DstEvent::Frame(f) => Input::Frame(f),
+            DstEvent::Frame(f) => DstInput::Frame(f),
             DstEvent::Raw(bytes) => {
                 let (i, r) = decode_input(&bytes);
                 rejected = r;
-                i
+                dst_input(i)
             }
             DstEvent::Recorded | DstEvent::Mutated { .. } => {
                 let mutate = match ev {
@@ -296,7 +314,7 @@ pub fn destination_session(data: &[u8]) {
                     continue;
                 };
                 rejected = r;
-                i
+                dst_input(i)
             }
             DstEvent::Registered { which } => {
                 if oracle.pending.is_empty() {
@@ -317,9 +335,9 @@ pub fn destination_session(data: &[u8]) {
                     }
                 };
                 oracle.nic.insert(rkey, (target, block, off, len));
-                Input::Registered { target, rkey }
+                DstInput::Registered { target, rkey }
             }
-            DstEvent::RegisterFailed => Input::RegisterFailed {
+            DstEvent::RegisterFailed => DstInput::RegisterFailed {
                 target: oracle
                     .pending
                     .first()
@@ -327,20 +345,33 @@ pub fn destination_session(data: &[u8]) {
                     .unwrap_or(RegTarget::Block(0)),
             },
             DstEvent::Digests { correct } => {
-                let n = d.geometry().map_or(0, |g| g.total_chunks as usize);
-                Input::Digests(vec![u64::from(!correct); n])
+                DstInput::Digests(vec![u64::from(!correct); total_chunks()])
             }
-            DstEvent::WorkloadStarted => Input::WorkloadStarted,
-            DstEvent::WorkloadFailed => Input::WorkloadFailed,
-            DstEvent::Timer(idle) => Input::Timer(if idle {
-                TimerKind::Idle
+            DstEvent::WorkloadStarted => DstInput::WorkloadStarted,
+            DstEvent::WorkloadFailed => DstInput::WorkloadFailed,
+            DstEvent::Timer(idle) => DstInput::Timer(if idle {
+                DstTimer::Idle
             } else {
-                TimerKind::Keepalive
+                DstTimer::Keepalive
             }),
-            DstEvent::TransportFailed => Input::TransportFailed,
-            DstEvent::Cancel => Input::Cancel,
+            DstEvent::TransportFailed => DstInput::TransportFailed,
+            DstEvent::Cancel => DstInput::Cancel,
+            DstEvent::DataHello(h) => {
+                admit_checked(&mut d, &h);
+                continue;
+            }
+            DstEvent::DataHelloKeyed { channel } => {
+                let session_id = d.session_id().unwrap_or(0);
+                let h = DataHello {
+                    session_id,
+                    channel,
+                    token: auth::data_token(Some(KEY), session_id, channel, &RECORDING_DST_NONCE),
+                };
+                admit_checked(&mut d, &h);
+                continue;
+            }
         };
-        if let Input::Frame(f) = &input {
+        if let DstInput::Frame(f) = &input {
             if f.msg == Message::Commit {
                 oracle.commit_fed = true;
             }
@@ -350,11 +381,44 @@ pub fn destination_session(data: &[u8]) {
         let cmds = d.step(now, input);
         // A mid-migration snapshot holds registrations made before it (keys below the fuzz
         // range); unregistering those is legitimate.
-        let cmds: Vec<Command> = cmds
+        let cmds: Vec<DstCommand> = cmds
             .into_iter()
-            .filter(|c| !matches!(c, Command::Unregister { rkey, .. } if *rkey < 0x1_0000))
+            .filter(|c| !matches!(c, DstCommand::Unregister { rkey, .. } if *rkey < 0x1_0000))
             .collect();
         oracle.check(&d, &cmds, rejected && !was_done);
+    }
+}
+
+/// The nonce the recording's destination drew (`Pair::new`).
+const RECORDING_DST_NONCE: [u8; wire::NONCE_LEN] = [9; wire::NONCE_LEN];
+
+/// Offers `h` to the destination: it may admit only the current session's channels, each once,
+/// with a token the key gives, and only after the block table (spec: AUTH-6).
+fn admit_checked(d: &mut Destination, h: &DataHello) {
+    let phase = d.phase();
+    let before = d.clone();
+    if let Ok(ch) = d.admit_data(h) {
+        assert_eq!(
+            phase,
+            DstPhase::Receiving,
+            "AUTH-6: admitted outside Receiving"
+        );
+        assert_eq!(ch, h.channel);
+        assert_eq!(
+            Some(h.session_id),
+            d.session_id(),
+            "AUTH-6: another session"
+        );
+        assert!(
+            auth::verify_data_token(Some(KEY), h.session_id, ch, &RECORDING_DST_NONCE, &h.token),
+            "AUTH-6: admitted a token the key does not give"
+        );
+        assert!(
+            before.clone().admit_data(h).is_ok() && d.clone().admit_data(h).is_err(),
+            "AUTH-6: a channel joins once"
+        );
+    } else {
+        assert_eq!(&before, d, "a refused join changed the destination");
     }
 }
 
@@ -386,6 +450,10 @@ pub enum SrcEvent {
     Timer(bool),
     TransportFailed,
     Cancel,
+    /// The destination admitted data channel `channel`.
+    DataOpened {
+        channel: u8,
+    },
 }
 
 /// `source_session`: a malicious destination against the source.
@@ -401,10 +469,11 @@ pub fn source_session(data: &[u8]) {
     let mut seen_wr = BTreeSet::new();
     let mut finished = s.outcome().is_some();
     let mut commit_sent = s.commit_sent();
+    let mut relinquished = commit_sent;
     let mut table_acked = start > 0;
     let mut now = 0;
     if start == 0 {
-        s.step(0, Input::Start);
+        s.step(0, SrcInput::Start);
     }
     for _ in 0..256 {
         let Ok(ev) = SrcEvent::arbitrary(&mut u) else {
@@ -414,11 +483,11 @@ pub fn source_session(data: &[u8]) {
         let mut rejected = false;
         let mut peer_abort = false;
         let input = match ev {
-            SrcEvent::Frame(f) => Input::Frame(f),
+            SrcEvent::Frame(f) => SrcInput::Frame(f),
             SrcEvent::Raw(bytes) => {
                 let (i, r) = decode_input(&bytes);
                 rejected = r;
-                i
+                src_input(i)
             }
             SrcEvent::Recorded | SrcEvent::Mutated { .. } => {
                 let mutate = match ev {
@@ -429,17 +498,17 @@ pub fn source_session(data: &[u8]) {
                     continue;
                 };
                 rejected = r;
-                i
+                src_input(i)
             }
             SrcEvent::WriteDone { which } => {
                 if inflight.is_empty() {
                     continue;
                 }
-                Input::WriteDone {
+                SrcInput::WriteDone {
                     wr_id: inflight.remove(which as usize % inflight.len()),
                 }
             }
-            SrcEvent::WriteFailed => Input::WriteFailed {
+            SrcEvent::WriteFailed => SrcInput::WriteFailed {
                 wr_id: inflight.first().copied().unwrap_or(0),
             },
             SrcEvent::Dirty { seed } => {
@@ -463,21 +532,22 @@ pub fn source_session(data: &[u8]) {
                     dirty.push(d);
                     zero.push(z);
                 }
-                Input::Dirty(DirtyScan { dirty, zero })
+                SrcInput::Dirty(DirtyScan { dirty, zero })
             }
-            SrcEvent::Paused => Input::WorkloadPaused,
-            SrcEvent::WorkloadFailed => Input::WorkloadFailed,
-            SrcEvent::DeviceState { len } => Input::DeviceState(vec![7; len as usize]),
-            SrcEvent::Digests => Input::Digests(vec![1; geo.total_chunks as usize]),
-            SrcEvent::Timer(idle) => Input::Timer(if idle {
-                TimerKind::Idle
+            SrcEvent::Paused => SrcInput::WorkloadPaused,
+            SrcEvent::WorkloadFailed => SrcInput::WorkloadFailed,
+            SrcEvent::DeviceState { len } => SrcInput::DeviceState(vec![7; len as usize]),
+            SrcEvent::Digests => SrcInput::Digests(vec![1; geo.total_chunks as usize]),
+            SrcEvent::Timer(idle) => SrcInput::Timer(if idle {
+                SrcTimer::Progress
             } else {
-                TimerKind::Keepalive
+                SrcTimer::Keepalive
             }),
-            SrcEvent::TransportFailed => Input::TransportFailed,
-            SrcEvent::Cancel => Input::Cancel,
+            SrcEvent::TransportFailed => SrcInput::TransportFailed,
+            SrcEvent::Cancel => SrcInput::Cancel,
+            SrcEvent::DataOpened { channel } => SrcInput::DataOpened { channel },
         };
-        if let Input::Frame(f) = &input {
+        if let SrcInput::Frame(f) = &input {
             match &f.msg {
                 Message::RegResult { rkeys, .. } => keys.extend(rkeys),
                 Message::BlockTableAck { rkeys } => keys.extend(rkeys),
@@ -495,7 +565,7 @@ pub fn source_session(data: &[u8]) {
         for c in &cmds {
             assert!(!finished, "command after Finish: {c:?}");
             match c {
-                Command::PostWrite {
+                SrcCommand::PostWrite(rdmig_model::WriteCmd {
                     wr_id,
                     block,
                     offset,
@@ -503,7 +573,7 @@ pub fn source_session(data: &[u8]) {
                     rkey,
                     remote_offset,
                     channel,
-                } => {
+                }) => {
                     assert!(
                         table_acked,
                         "AUTH-3: write before the block table was acknowledged"
@@ -526,21 +596,36 @@ pub fn source_session(data: &[u8]) {
                     assert!(seen_wr.insert(*wr_id), "work request id reused");
                     inflight.push(*wr_id);
                 }
-                Command::ResumeWorkload => {
+                SrcCommand::ResumeWorkload => {
                     assert!(!commit_sent || peer_abort, "SW-6: resumed after COMMIT");
+                    assert!(
+                        !relinquished || peer_abort,
+                        "SW-6: resumed after giving it up"
+                    );
                 }
-                Command::Send(f) => {
+                SrcCommand::RelinquishWorkload => relinquished = true,
+                SrcCommand::Send(f) => {
                     wire::encode_to_vec(f).expect("source sent an invalid frame");
                     if f.msg == Message::Commit {
+                        assert!(
+                            relinquished,
+                            "SW-6: COMMIT before relinquishing the workload"
+                        );
                         commit_sent = true;
                     }
                 }
-                Command::Finish(_) => finished = true,
-                Command::ScanDirty { .. }
-                | Command::PauseWorkload
-                | Command::CaptureDeviceState
-                | Command::ComputeDigests => {}
-                other => panic!("source issued a destination command {other:?}"),
+                SrcCommand::OpenData { hello } => {
+                    assert!(
+                        table_acked,
+                        "AUTH-3: data channel before the block table was acknowledged"
+                    );
+                    assert!(hello.channel < s.params().channels);
+                }
+                SrcCommand::Finish(_) => finished = true,
+                SrcCommand::ScanDirty { .. }
+                | SrcCommand::PauseWorkload
+                | SrcCommand::CaptureDeviceState
+                | SrcCommand::ComputeDigests => {}
             }
         }
         if rejected && !was_done {
@@ -570,29 +655,27 @@ pub fn handshake_auth(data: &[u8]) {
     let mut d = Destination::new(dcfg, [0xd5; wire::NONCE_LEN]).expect("valid");
     let mut s = Source::new(scfg, [0x5d; wire::NONCE_LEN]).expect("valid");
     if !attack_destination {
-        s.step(0, Input::Start);
+        s.step(0, SrcInput::Start);
     }
     for _ in 0..64 {
         let Ok(ev) = AuthEvent::arbitrary(&mut u) else {
             break;
         };
-        let input = match ev {
-            AuthEvent::Frame(f) => Input::Frame(f),
-            AuthEvent::Raw(b) => wire::decode(&b).map_or_else(Input::Malformed, Input::Frame),
+        let frame = match ev {
+            AuthEvent::Frame(f) => Ok(f),
+            AuthEvent::Raw(b) => wire::decode(&b),
             AuthEvent::Replayed(i) => {
                 let stream = if attack_destination {
                     &rec.source_stream
                 } else {
                     &rec.dest_stream
                 };
-                Input::Frame(
-                    wire::decode(&stream[i as usize % stream.len()])
-                        .expect("recorded frames decode"),
-                )
+                Ok(wire::decode(&stream[i as usize % stream.len()])
+                    .expect("recorded frames decode"))
             }
         };
         if attack_destination {
-            let cmds = d.step(0, input);
+            let cmds = d.step(0, dst_input(frame));
             assert!(
                 matches!(
                     d.phase(),
@@ -602,12 +685,12 @@ pub fn handshake_auth(data: &[u8]) {
             );
             assert!(!cmds
                 .iter()
-                .any(|c| matches!(c, Command::Register { .. } | Command::ZeroFill { .. })));
+                .any(|c| matches!(c, DstCommand::Register { .. } | DstCommand::ZeroFill { .. })));
         } else {
-            let cmds = s.step(0, input);
+            let cmds = s.step(0, src_input(frame));
             for c in &cmds {
                 match c {
-                    Command::Send(f) => assert!(
+                    SrcCommand::Send(f) => assert!(
                         matches!(
                             f.msg,
                             Message::Hello(_) | Message::Abort { .. } | Message::Nop
@@ -615,7 +698,7 @@ pub fn handshake_auth(data: &[u8]) {
                         "AUTH-3: source sent {} to an unproven destination",
                         f.msg.name()
                     ),
-                    Command::PostWrite { .. } => {
+                    SrcCommand::PostWrite(_) | SrcCommand::OpenData { .. } => {
                         panic!("AUTH-3: source wrote memory to an unproven destination")
                     }
                     _ => {}

@@ -8,5 +8,6 @@
 #![forbid(unsafe_code)]
 
 pub mod check;
+pub mod env;
 pub mod fuzzing;
 pub mod pair;

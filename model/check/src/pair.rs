@@ -7,33 +7,17 @@
 //! workload runs. Tests, fuzz corpus generation and the in-memory demo use it; the simulator
 //! and the real transports are richer drivers of the same machines.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 
-use rdmig_model::destination::{DestConfig, Destination};
+use rdmig_model::destination::{DestConfig, DestStats, Destination, DstCommand, DstInput};
 use rdmig_model::digest::digests;
-use rdmig_model::source::{Source, SourceConfig};
+use rdmig_model::source::{Source, SourceConfig, SourceStats, SrcCommand, SrcInput, WriteCmd};
 use rdmig_model::table::{DstPhase, SrcPhase};
 use rdmig_model::types::*;
 use rdmig_model::wire::{self, BlockDesc, Frame};
+use rdmig_model::PageBitmap;
 
-/// A write travelling on a data channel.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Write {
-    wr_id: u64,
-    block: u16,
-    offset: u64,
-    len: u64,
-    rkey: u32,
-    remote_offset: u64,
-}
-
-/// A registration as the destination's NIC holds it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Mr {
-    block: u16,
-    offset: u64,
-    len: u64,
-}
+use crate::env::{self, ByteMem, Nic, TestRng};
 
 /// Guest behaviour while the source workload runs.
 #[derive(Debug, Clone, Copy)]
@@ -78,21 +62,24 @@ pub struct Pair {
     dirty_log: Vec<PageBitmap>,
     s2d: VecDeque<Vec<u8>>,
     d2s: VecDeque<Vec<u8>>,
-    channels: Vec<VecDeque<Write>>,
+    channels: Vec<VecDeque<WriteCmd>>,
     completions: Vec<u64>,
-    nic: BTreeMap<u32, Mr>,
-    next_rkey: u32,
-    src_inputs: VecDeque<Input>,
-    dst_inputs: VecDeque<Input>,
+    nic: Nic,
+    src_inputs: VecDeque<SrcInput>,
+    dst_inputs: VecDeque<DstInput>,
     src_running: bool,
     dst_running: bool,
     snapshot: Option<Vec<Vec<u8>>>,
     device_state: Vec<u8>,
     received_state: Vec<u8>,
     guest: Guest,
-    rng: u64,
+    rng: TestRng,
     now: Millis,
     pub report: PairReport,
+    pub src_stats: SourceStats,
+    pub dst_stats: DestStats,
+    /// The source gave up its workload (RelinquishWorkload) before sending COMMIT.
+    pub relinquished: bool,
     /// Every frame the source sent, encoded, in order (the control stream a fuzzer can replay).
     pub source_stream: Vec<Vec<u8>>,
     pub dest_stream: Vec<Vec<u8>>,
@@ -101,6 +88,11 @@ pub struct Pair {
     pub delivered_to_src: usize,
     /// Run the checks every step (INV-REG-1, INV-PIN-1, INV-FC-1); a failure panics.
     pub check: bool,
+    /// The control link from the destination goes silent: its frames stop reaching the
+    /// source, and nothing says so.
+    pub silent_control: bool,
+    /// The data channels go silent: writes neither land nor complete.
+    pub silent_data: bool,
 }
 
 impl Pair {
@@ -126,14 +118,14 @@ impl Pair {
             .collect();
         let src = Source::new(scfg, [7; wire::NONCE_LEN])?;
         let dst = Destination::new(dcfg, [9; wire::NONCE_LEN])?;
-        let mut rng = guest.seed | 1;
+        let mut rng = TestRng::new(guest.seed);
         let src_mem: Vec<Vec<u8>> = blocks
             .iter()
             .map(|b| {
                 let mut m = vec![0u8; b.length as usize];
                 for (i, page) in m.chunks_mut(1 << b.page_log2).enumerate() {
                     if i % 3 != 2 {
-                        let v = next(&mut rng);
+                        let v = rng.next_u64();
                         page.iter_mut()
                             .enumerate()
                             .for_each(|(j, x)| *x = (v >> (j % 8 * 8)) as u8 ^ j as u8);
@@ -158,8 +150,7 @@ impl Pair {
             d2s: VecDeque::new(),
             channels: vec![VecDeque::new(); channels],
             completions: Vec::new(),
-            nic: BTreeMap::new(),
-            next_rkey: 0x100,
+            nic: Nic::default(),
             src_inputs: VecDeque::new(),
             dst_inputs: VecDeque::new(),
             src_running: true,
@@ -171,11 +162,16 @@ impl Pair {
             rng,
             now: 0,
             report: PairReport::default(),
+            src_stats: SourceStats::default(),
+            dst_stats: DestStats::default(),
+            relinquished: false,
             source_stream: Vec::new(),
             dest_stream: Vec::new(),
             delivered_to_dst: 0,
             delivered_to_src: 0,
             check: true,
+            silent_control: false,
+            silent_data: false,
         })
     }
 
@@ -202,8 +198,8 @@ impl Pair {
     }
 
     fn start(&mut self) {
-        if self.src.phase() == SrcPhase::Idle && !self.src_inputs.contains(&Input::Start) {
-            self.src_inputs.push_back(Input::Start);
+        if self.src.phase() == SrcPhase::Idle && !self.src_inputs.contains(&SrcInput::Start) {
+            self.src_inputs.push_back(SrcInput::Start);
         }
     }
 
@@ -212,11 +208,11 @@ impl Pair {
         r.source = self.src.outcome();
         r.destination = self.dst.outcome();
         r.rounds = self.src.round();
-        r.data_bytes = self.src.stats.data_bytes;
-        r.zero_pages = self.src.stats.zero_pages;
-        r.reg_chunks = self.src.stats.reg_chunks;
-        r.unreg_chunks = self.src.stats.unreg_chunks;
-        r.max_registered_bytes = self.dst.stats.max_registered_bytes;
+        r.data_bytes = self.src_stats.data_bytes;
+        r.zero_pages = self.src_stats.zero_pages;
+        r.reg_chunks = self.src_stats.reg_chunks;
+        r.unreg_chunks = self.src_stats.unreg_chunks;
+        r.max_registered_bytes = self.dst_stats.max_registered_bytes;
         r.clone()
     }
 
@@ -238,27 +234,33 @@ impl Pair {
         if let Some(bytes) = self.s2d.pop_front() {
             self.delivered_to_dst += 1;
             let i = match wire::decode(&bytes) {
-                Ok(f) => Input::Frame(f),
-                Err(e) => Input::Malformed(e),
+                Ok(f) => DstInput::Frame(f),
+                Err(e) => DstInput::Malformed(e),
             };
             self.feed_dst(i);
+        }
+        if self.silent_control {
+            self.d2s.clear();
         }
         if let Some(bytes) = self.d2s.pop_front() {
             self.delivered_to_src += 1;
             let i = match wire::decode(&bytes) {
-                Ok(f) => Input::Frame(f),
-                Err(e) => Input::Malformed(e),
+                Ok(f) => SrcInput::Frame(f),
+                Err(e) => SrcInput::Malformed(e),
             };
             self.feed_src(i);
         }
-        for ch in 0..self.channels.len() {
-            if let Some(w) = self.channels[ch].pop_front() {
-                self.land(w);
+        if !self.silent_data {
+            for ch in 0..self.channels.len() {
+                if let Some(w) = self.channels[ch].pop_front() {
+                    self.land(w);
+                }
             }
-        }
-        // Completions arrive newest first: no order across queues (spec: section "Transport").
-        if let Some(wr_id) = self.completions.pop() {
-            self.feed_src(Input::WriteDone { wr_id });
+            // Completions arrive newest first: no order across queues (spec: section
+            // "Transport").
+            if let Some(wr_id) = self.completions.pop() {
+                self.feed_src(SrcInput::WriteDone { wr_id });
+            }
         }
         if self.check {
             self.check_invariants();
@@ -266,11 +268,11 @@ impl Pair {
     }
 
     fn guest_write(&mut self) {
-        let b = (next(&mut self.rng) % self.src_mem.len() as u64) as usize;
+        let b = (self.rng.next_u64() % self.src_mem.len() as u64) as usize;
         let pages = self.src_mem[b].len() as u64 >> self.page_log2[b];
-        let p = next(&mut self.rng) % pages;
+        let p = self.rng.next_u64() % pages;
         let ps = 1usize << self.page_log2[b];
-        let v = next(&mut self.rng);
+        let v = self.rng.next_u64();
         let zero = self.guest.zero_one_in > 0 && v.is_multiple_of(self.guest.zero_one_in as u64);
         let page = &mut self.src_mem[b][p as usize * ps..(p as usize + 1) * ps];
         if zero {
@@ -283,26 +285,22 @@ impl Pair {
         self.report.guest_writes += 1;
     }
 
-    fn land(&mut self, w: Write) {
+    fn land(&mut self, w: WriteCmd) {
         // The NIC's check (spec: INV-REG-1): the key must be registered and the range inside.
-        let Some(mr) = self.nic.get(&w.rkey).copied() else {
-            assert!(
+        match self.nic.place(w.rkey, w.remote_offset, w.len) {
+            Ok((lb, at)) => {
+                let src =
+                    &self.src_mem[w.block as usize][w.offset as usize..(w.offset + w.len) as usize];
+                let at = at as usize;
+                self.dst_mem[lb as usize][at..at + w.len as usize].copy_from_slice(src);
+            }
+            Err(env::Refusal::UnknownKey) => assert!(
                 self.dst.outcome().is_some(),
                 "INV-REG-1: write to unregistered key {:#x} while the destination is live",
                 w.rkey
-            );
-            self.completions.push(w.wr_id);
-            return;
-        };
-        assert!(
-            w.remote_offset + w.len <= mr.len,
-            "INV-REG-1: write beyond its registration"
-        );
-        let lb = mr.block as usize;
-        let src =
-            self.src_mem[w.block as usize][w.offset as usize..(w.offset + w.len) as usize].to_vec();
-        let at = (mr.offset + w.remote_offset) as usize;
-        self.dst_mem[lb][at..at + w.len as usize].copy_from_slice(&src);
+            ),
+            Err(env::Refusal::OutOfBounds) => panic!("INV-REG-1: write beyond its registration"),
+        }
         self.completions.push(w.wr_id);
     }
 
@@ -326,22 +324,32 @@ impl Pair {
         );
     }
 
-    fn feed_src(&mut self, i: Input) {
-        if let Input::Frame(_) = &i {
+    fn feed_src(&mut self, i: SrcInput) {
+        if let SrcInput::Frame(_) = &i {
             self.report.control_frames += 1;
         }
-        let cmds = self.src.step(self.now, i);
-        for c in cmds {
+        let mut out = rdmig_model::SrcOut {
+            cmds: Vec::new(),
+            stats: std::mem::take(&mut self.src_stats),
+        };
+        self.src.handle(self.now, i, &mut out);
+        self.src_stats = out.stats;
+        for c in out.cmds {
             self.exec_src(c);
         }
     }
 
-    fn feed_dst(&mut self, i: Input) {
-        if let Input::Frame(_) = &i {
+    fn feed_dst(&mut self, i: DstInput) {
+        if let DstInput::Frame(_) = &i {
             self.report.control_frames += 1;
         }
-        let cmds = self.dst.step(self.now, i);
-        for c in cmds {
+        let mut out = rdmig_model::DstOut {
+            cmds: Vec::new(),
+            stats: std::mem::take(&mut self.dst_stats),
+        };
+        self.dst.handle(self.now, i, &mut out);
+        self.dst_stats = out.stats;
+        for c in out.cmds {
             self.exec_dst(c);
         }
     }
@@ -352,118 +360,84 @@ impl Pair {
         b
     }
 
-    fn exec_src(&mut self, c: Command) {
+    fn exec_src(&mut self, c: SrcCommand) {
         match c {
-            Command::Send(f) => {
+            SrcCommand::Send(f) => {
                 let b = self.encode(&f);
                 self.source_stream.push(b.clone());
                 self.s2d.push_back(b);
             }
-            Command::PostWrite {
-                channel,
-                wr_id,
-                block,
-                offset,
-                len,
-                rkey,
-                remote_offset,
-            } => self.channels[channel as usize].push_back(Write {
-                wr_id,
-                block,
-                offset,
-                len,
-                rkey,
-                remote_offset,
-            }),
-            Command::ScanDirty { all } => {
-                let mut dirty = Vec::new();
-                let mut zero = Vec::new();
-                for b in 0..self.src_mem.len() {
-                    let pages = self.dirty_log[b].len();
-                    let d = if all {
-                        PageBitmap::full(pages)
-                    } else {
-                        self.dirty_log[b].clone()
-                    };
-                    self.dirty_log[b] = PageBitmap::new(pages);
-                    let ps = 1usize << self.page_log2[b];
-                    let mut z = PageBitmap::new(pages);
-                    let mut p = d.next_set(0);
-                    while let Some(i) = p {
-                        if self.src_mem[b][i as usize * ps..(i as usize + 1) * ps]
-                            .iter()
-                            .all(|&x| x == 0)
-                        {
-                            z.set(i);
-                        }
-                        p = d.next_set(i + 1);
-                    }
-                    dirty.push(d);
-                    zero.push(z);
+            SrcCommand::OpenData { hello } => {
+                // spec: AUTH-6: the destination machine admits the channel or refuses it.
+                match self.dst.admit_data(&hello) {
+                    Ok(channel) => self.src_inputs.push_back(SrcInput::DataOpened { channel }),
+                    Err(_) => self.src_inputs.push_back(SrcInput::TransportFailed),
                 }
-                self.src_inputs
-                    .push_back(Input::Dirty(DirtyScan { dirty, zero }));
             }
-            Command::PauseWorkload => {
+            SrcCommand::PostWrite(w) => self.channels[w.channel as usize].push_back(w),
+            SrcCommand::ScanDirty { all } => {
+                let mem = ByteMem {
+                    mem: &self.src_mem,
+                    page_log2: &self.page_log2,
+                };
+                let scan = env::scan(&mem, &mut self.dirty_log, all);
+                self.src_inputs.push_back(SrcInput::Dirty(scan));
+            }
+            SrcCommand::PauseWorkload => {
                 self.src_running = false;
                 self.snapshot = Some(self.src_mem.clone());
-                self.src_inputs.push_back(Input::WorkloadPaused);
+                self.src_inputs.push_back(SrcInput::WorkloadPaused);
             }
-            Command::ResumeWorkload => self.src_running = true,
-            Command::CaptureDeviceState => self
+            SrcCommand::ResumeWorkload => self.src_running = true,
+            SrcCommand::RelinquishWorkload => self.relinquished = true,
+            SrcCommand::CaptureDeviceState => self
                 .src_inputs
-                .push_back(Input::DeviceState(self.device_state.clone())),
-            Command::ComputeDigests => {
+                .push_back(SrcInput::DeviceState(self.device_state.clone())),
+            SrcCommand::ComputeDigests => {
                 let d = digests(&self.src_mem, self.src.params().chunk_log2);
-                self.src_inputs.push_back(Input::Digests(d));
+                self.src_inputs.push_back(SrcInput::Digests(d));
             }
-            Command::Finish(_) => {}
-            other => panic!("source issued a destination command: {other:?}"),
+            SrcCommand::Finish(_) => {}
         }
     }
 
-    fn exec_dst(&mut self, c: Command) {
+    fn exec_dst(&mut self, c: DstCommand) {
         match c {
-            Command::Send(f) => {
+            DstCommand::Send(f) => {
                 let b = self.encode(&f);
                 self.dest_stream.push(b.clone());
                 self.d2s.push_back(b);
             }
-            Command::Register {
+            DstCommand::Register {
                 target,
                 block,
                 offset,
                 len,
             } => {
-                let rkey = self.next_rkey;
-                self.next_rkey += 1;
                 assert!(
                     offset + len <= self.dst_mem[block as usize].len() as u64,
                     "registration outside its block"
                 );
-                self.nic.insert(rkey, Mr { block, offset, len });
+                let rkey = self.nic.register(block, offset, len);
                 self.dst_inputs
-                    .push_back(Input::Registered { target, rkey });
+                    .push_back(DstInput::Registered { target, rkey });
             }
-            Command::Unregister { rkey, .. } => {
-                assert!(
-                    self.nic.remove(&rkey).is_some(),
-                    "unregister of an unknown key"
-                );
+            DstCommand::Unregister { rkey, .. } => {
+                assert!(self.nic.unregister(rkey), "unregister of an unknown key");
             }
-            Command::ZeroFill { block, offset, len } => {
+            DstCommand::ZeroFill { block, offset, len } => {
                 self.dst_mem[block as usize][offset as usize..(offset + len) as usize].fill(0)
             }
-            Command::StoreDeviceState { offset, data } => {
+            DstCommand::StoreDeviceState { offset, data } => {
                 assert_eq!(offset as usize, self.received_state.len());
                 self.received_state.extend_from_slice(&data);
             }
-            Command::ComputeDigests => {
+            DstCommand::ComputeDigests => {
                 let log2 = self.dst.params().expect("negotiated").chunk_log2;
                 let d = digests(&self.dst_mem, log2);
-                self.dst_inputs.push_back(Input::Digests(d));
+                self.dst_inputs.push_back(DstInput::Digests(d));
             }
-            Command::StartWorkload => {
+            DstCommand::StartWorkload => {
                 // spec: INV-MEM-1
                 let snap = self
                     .snapshot
@@ -481,10 +455,9 @@ impl Pair {
                     "SW-8: memory still registered at start"
                 );
                 self.dst_running = true;
-                self.dst_inputs.push_back(Input::WorkloadStarted);
+                self.dst_inputs.push_back(DstInput::WorkloadStarted);
             }
-            Command::Finish(_) => {}
-            other => panic!("destination issued a source command: {other:?}"),
+            DstCommand::Finish(_) => {}
         }
     }
 
@@ -497,12 +470,4 @@ impl Pair {
     pub fn destination_phase(&self) -> DstPhase {
         self.dst.phase()
     }
-}
-
-fn next(s: &mut u64) -> u64 {
-    // xorshift64*: deterministic, seedable, good enough for a test guest.
-    *s ^= *s >> 12;
-    *s ^= *s << 25;
-    *s ^= *s >> 27;
-    s.wrapping_mul(0x2545_F491_4F6C_DD1D)
 }

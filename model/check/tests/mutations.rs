@@ -5,6 +5,7 @@
 #![cfg(feature = "mutations")]
 
 use rdmig_check::check::{self, CheckConfig, ProtocolModel, Stop, Strategy};
+use rdmig_model::destination::DstMutations;
 use rdmig_model::source::Mutations;
 
 /// Runs the small configuration with `m` and the given budgets until the first
@@ -140,5 +141,100 @@ fn inv_fc_1_ignore_credits_is_caught() {
         },
         (0, 0, 4),
         &[check::P_FC, check::P_FC3],
+    );
+}
+
+/// spec: SW-6: relinquishing the workload only after COMMIT left would let a guard resume a
+/// workload the destination may already run.
+#[test]
+fn sw_6_relinquish_after_commit_is_caught() {
+    assert_caught_by(
+        Mutations {
+            relinquish_after_commit: true,
+            ..Default::default()
+        },
+        (0, 0, 2),
+        &[check::P_RELINQUISH],
+    );
+}
+
+/// spec: ERR-4: without a deadline on outstanding writes, a data channel that goes silent
+/// (or a destination that never acknowledges) leaves the source waiting forever while the
+/// destination's keepalives keep everything else alive: a liveness failure. It takes the one
+/// fault that silences the data channel.
+#[test]
+fn err_4_writes_without_deadline_is_caught() {
+    assert_caught_by(
+        Mutations {
+            writes_without_deadline: true,
+            ..Default::default()
+        },
+        (1, 0, 2),
+        &[check::P_LIVE_END],
+    );
+}
+
+/// A hostile source (its own frames beside the honest ones) against a destination with a
+/// deliberate bug: the checker's hostile-source configuration must catch it.
+fn assert_hostile_source_catches(m: DstMutations, expected: &[&str]) {
+    let mut cfg = CheckConfig::hostile_source();
+    cfg.dst_mutations = m;
+    let run = check::run(
+        ProtocolModel::new(cfg),
+        Strategy::Bfs,
+        2,
+        Stop::FirstFailure,
+    );
+    let v = run.violations();
+    if let Some(first) = v.first() {
+        let path = run
+            .result(first)
+            .and_then(|r| r.discovery.as_ref())
+            .expect("a path");
+        eprintln!("{}", check::render_path(first, path));
+    }
+    assert!(
+        !v.is_empty(),
+        "destination mutation {m:?} survived the hostile source"
+    );
+    assert!(
+        v.iter().any(|n| expected.contains(n)),
+        "{m:?} caught only by {v:?}, expected one of {expected:?}"
+    );
+}
+
+/// spec: DATA-3: a destination that zero-fills a range without checking it against the block.
+#[test]
+fn data_3_skipped_zero_range_check_is_caught_by_a_hostile_source() {
+    assert_hostile_source_catches(
+        DstMutations {
+            skip_zero_range_check: true,
+            ..Default::default()
+        },
+        &[check::P_SANE],
+    );
+}
+
+/// spec: AUTH-2: a destination that takes the block table before AUTH.
+#[test]
+fn auth_2_table_before_auth_is_caught_by_a_hostile_source() {
+    assert_hostile_source_catches(
+        DstMutations {
+            table_before_auth: true,
+            ..Default::default()
+        },
+        &[check::P_AUTH2],
+    );
+}
+
+/// spec: REG-4: a destination that registers beyond its pin budget.
+#[test]
+fn reg_4_skipped_pin_budget_is_caught_by_a_hostile_source() {
+    assert_hostile_source_catches(
+        DstMutations {
+            skip_pin_budget: true,
+            ..Default::default()
+        },
+        &[check::P_PIN],
     );
 }

@@ -18,10 +18,12 @@
 //!   byte of the write is placed. The send queue depth is respected: posting waits for room.
 //! - Bootstrap: the source connects TCP to the destination's listen address; both exchange the
 //!   control queue pair's endpoint (QPN, PSN, LID, MTU, GID), then run the protocol over the
-//!   control queue pair. After authentication each data channel's endpoint is sent on the same
-//!   TCP connection with the channel's `auth::data_token` (the 56-byte DATA_HELLO of the TCP
-//!   transport, spec AUTH-6); the destination creates a data queue pair only for a verified
-//!   token once `allow_data` was called, and closes the connection otherwise.
+//!   control queue pair. Bootstrap connections are read concurrently, each within the
+//!   handshake deadline; the first that presents a valid CONNECT becomes the control channel
+//!   and later ones are closed. When the machine asks, each data channel's endpoint is sent on
+//!   the same TCP connection with its DATA_HELLO (spec AUTH-6); the listener machine admits it
+//!   (a data queue pair is created and its endpoint returned) or refuses it (the bootstrap
+//!   connection is closed).
 //!
 //! Bootstrap messages (all integers little-endian):
 //! - CONNECT, S->D and D->S: magic `RDMGRDMA` (8) then an endpoint (32);
@@ -35,16 +37,18 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rdmig_model::{auth, wire};
+use rdmig_model::wire;
+
+use rdmig_model::listener::ConnId;
+use rdmig_model::wire::{DataHello, DATA_HELLO_LEN};
 
 use crate::memory::ram::RamBlock;
-use crate::transport::{hello_bytes, DataAuth, Event, WriteReq, DATA_HELLO_LEN};
-use crate::transport::{DestLink, SourceLink};
+use crate::transport::{Deadlines, DestLink, DstEvent, SourceLink, SrcEvent, WriteReq};
 pub use res::{list_devices, DeviceInfo, Endpoint, GidInfo, PortInfo};
 use res::{Completion, Cq, Device, DmaBuf, Mr, MrAccess, Qp, QpAccess, SendWr};
 
@@ -367,17 +371,29 @@ impl Control {
 
 /// One source data channel.
 struct DataQp {
+    channel: u8,
     qp: Qp,
     window: Mutex<SendWindow>,
     room: Condvar,
 }
+
+/// What the pollers report; each side turns it into its own events.
+enum Note {
+    Control(Vec<u8>),
+    ControlClosed(String),
+    WriteDone(u64),
+    DataFailed(u8, String),
+}
+
+/// Where the pollers' notes go.
+type Sink = Box<dyn Fn(Note) + Send + Sync>;
 
 /// State shared by a side's link object and its two pollers.
 struct Shared {
     control: Control,
     /// Source data queue pairs by QP number.
     data: RwLock<HashMap<u32, Arc<DataQp>>>,
-    events: Sender<Event>,
+    events: Sink,
     stop: AtomicBool,
 }
 
@@ -388,7 +404,7 @@ impl Shared {
             ctl.release(c.wr_id as usize);
             if !c.ok && !ctl.failed.swap(true, Ordering::SeqCst) {
                 ctl.freed.notify_all();
-                let _ = self.events.send(Event::ControlClosed(format!(
+                (self.events)(Note::ControlClosed(format!(
                     "control send failed (work completion status {})",
                     c.status
                 )));
@@ -403,20 +419,24 @@ impl Shared {
         if c.ok {
             match w.completed(c.wr_id) {
                 Ok(()) => {
-                    let _ = self.events.send(Event::WriteDone(c.wr_id));
+                    (self.events)(Note::WriteDone(c.wr_id));
                 }
                 Err(id) => {
-                    let _ = self.events.send(Event::DataViolation(format!(
-                        "completion for write {id}, which is not the oldest in flight"
-                    )));
+                    (self.events)(Note::DataFailed(
+                        d.channel,
+                        format!("completion for write {id}, which is not the oldest in flight"),
+                    ));
                 }
             }
         } else if w.errored() {
-            let _ = self.events.send(Event::DataFailed(format!(
-                "RDMA write failed (work completion status {}, {} writes in flight)",
-                c.status,
-                w.outstanding()
-            )));
+            (self.events)(Note::DataFailed(
+                d.channel,
+                format!(
+                    "RDMA write failed (work completion status {}, {} writes in flight)",
+                    c.status,
+                    w.outstanding()
+                ),
+            ));
         }
         d.room.notify_all();
     }
@@ -430,7 +450,7 @@ impl Shared {
         if !c.ok {
             if !ctl.failed.swap(true, Ordering::SeqCst) {
                 ctl.freed.notify_all();
-                let _ = self.events.send(Event::ControlClosed(format!(
+                (self.events)(Note::ControlClosed(format!(
                     "control receive failed (work completion status {})",
                     c.status
                 )));
@@ -442,12 +462,10 @@ impl Shared {
             .recv
             .buf
             .read(slot * FRAME, (c.byte_len as usize).min(FRAME));
-        let _ = self.events.send(Event::Control(bytes));
+        (self.events)(Note::Control(bytes));
         if let Err(e) = ctl.post_recv(slot) {
             if !ctl.failed.swap(true, Ordering::SeqCst) {
-                let _ = self
-                    .events
-                    .send(Event::ControlClosed(format!("re-posting a receive: {e}")));
+                (self.events)(Note::ControlClosed(format!("re-posting a receive: {e}")));
             }
         }
     }
@@ -466,9 +484,7 @@ fn spawn_poller(
             loop {
                 wcs.clear();
                 if let Err(e) = cq.poll(&mut wcs, 64) {
-                    let _ = shared
-                        .events
-                        .send(Event::ControlClosed(format!("polling completions: {e}")));
+                    (shared.events)(Note::ControlClosed(format!("polling completions: {e}")));
                     return;
                 }
                 for c in &wcs {
@@ -482,9 +498,7 @@ fn spawn_poller(
                 return;
             }
             if let Err(e) = cq.wait(Duration::from_millis(100)) {
-                let _ = shared.events.send(Event::ControlClosed(format!(
-                    "waiting for completions: {e}"
-                )));
+                (shared.events)(Note::ControlClosed(format!("waiting for completions: {e}")));
                 return;
             }
         }
@@ -500,37 +514,29 @@ struct Base {
 }
 
 impl Base {
-    fn new(
-        dev: Arc<Device>,
-        window: u16,
-        channels_max: u32,
-    ) -> io::Result<(Base, Receiver<Event>)> {
+    fn new(dev: Arc<Device>, window: u16, channels_max: u32, events: Sink) -> io::Result<Base> {
         let scq = Cq::new(
             &dev,
             (CONTROL_SEND_SLOTS as u32 + channels_max * DATA_SQ_DEPTH) as i32,
         )?;
         let rcq = Cq::new(&dev, window.max(1) as i32)?;
         let control = Control::new(&dev, &scq, &rcq, window)?;
-        let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared {
             control,
             data: RwLock::new(HashMap::new()),
-            events: tx,
+            events,
             stop: AtomicBool::new(false),
         });
         let pollers = vec![
             spawn_poller(scq.clone(), shared.clone(), Shared::on_send),
             spawn_poller(rcq, shared.clone(), Shared::on_recv),
         ];
-        Ok((
-            Base {
-                dev,
-                scq,
-                shared,
-                pollers,
-            },
-            rx,
-        ))
+        Ok(Base {
+            dev,
+            scq,
+            shared,
+            pollers,
+        })
     }
 
     fn stop(&mut self) {
@@ -549,14 +555,37 @@ impl Base {
 // ---------------------------------------------------------------------------------------------
 // Source side
 
-/// The source's end: control queue pair, data queue pairs opened after authentication, and
+/// A sink that turns the pollers' notes into source events.
+fn source_sink(tx: Sender<SrcEvent>) -> Sink {
+    let tx = Mutex::new(tx);
+    Box::new(move |n| {
+        let e = match n {
+            Note::Control(b) => SrcEvent::Control(b),
+            Note::ControlClosed(w) => SrcEvent::ControlClosed(w),
+            Note::WriteDone(id) => SrcEvent::WriteDone(id),
+            Note::DataFailed(ch, w) => SrcEvent::DataLost(ch, w),
+        };
+        let _ = tx.lock().unwrap().send(e);
+    })
+}
+
+/// Joins in progress and done: the bootstrap watcher starts once every join has its answer.
+#[derive(Default)]
+struct Joins {
+    started: usize,
+    done: usize,
+}
+
+/// The source's end: control queue pair, data queue pairs opened when the machine asks, and
 /// its memory registered whole for local read.
 pub struct SourceVerbs {
     base: Base,
-    boot: TcpStream,
+    boot: Arc<Mutex<TcpStream>>,
+    events: Sender<SrcEvent>,
     blocks: Arc<Vec<Arc<RamBlock>>>,
     mrs: Vec<Mr>,
-    channels: Vec<Arc<DataQp>>,
+    channels: Arc<RwLock<HashMap<u8, Arc<DataQp>>>>,
+    joins: Arc<Mutex<Joins>>,
 }
 
 impl SourceVerbs {
@@ -566,8 +595,9 @@ impl SourceVerbs {
         blocks: Arc<Vec<Arc<RamBlock>>>,
         opts: &VerbsOptions,
         credit_window: u16,
-        timeout: Duration,
-    ) -> io::Result<(Self, Receiver<Event>)> {
+        deadlines: Deadlines,
+        tx: Sender<SrcEvent>,
+    ) -> io::Result<Self> {
         let dev = open_device(opts)?;
         let mut mrs = Vec::new();
         for b in blocks.iter() {
@@ -580,23 +610,27 @@ impl SourceVerbs {
                 false,
             )?);
         }
-        let (base, rx) = Base::new(dev, credit_window, wire::MAX_CHANNELS as u32)?;
-        let mut boot = TcpStream::connect_timeout(&addr, timeout)?;
-        let _ = boot.set_nodelay(true);
-        boot.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let base = Base::new(
+            dev,
+            credit_window,
+            wire::MAX_CHANNELS as u32,
+            source_sink(tx.clone()),
+        )?;
+        let mut boot = TcpStream::connect_timeout(&addr, deadlines.connect())?;
+        crate::transport::tune(&boot, deadlines);
+        boot.set_read_timeout(Some(deadlines.connect()))?;
         boot.write_all(&connect_msg(&base.shared.control.qp.endpoint()))?;
         let remote = read_connect(&mut boot)?;
         base.shared.control.qp.connect(&remote)?;
-        Ok((
-            SourceVerbs {
-                base,
-                boot,
-                blocks,
-                mrs,
-                channels: Vec::new(),
-            },
-            rx,
-        ))
+        Ok(SourceVerbs {
+            base,
+            boot: Arc::new(Mutex::new(boot)),
+            events: tx,
+            blocks,
+            mrs,
+            channels: Arc::new(RwLock::new(HashMap::new())),
+            joins: Arc::new(Mutex::new(Joins::default())),
+        })
     }
 }
 
@@ -605,29 +639,26 @@ impl SourceVerbs {
 /// queue), so the frame is delivered before the closure is reported.
 const BOOTSTRAP_GRACE: Duration = Duration::from_millis(500);
 
-impl SourceVerbs {
-    /// After the data channels joined, the destination sends nothing more on the bootstrap
-    /// connection; its end closes when its process or host goes. Reporting that at once
-    /// detects a dead destination even when no work request is outstanding to time out
-    /// (an idle queue pair never learns its peer is gone).
-    fn watch_bootstrap(&self) -> io::Result<()> {
-        let mut watch = self.boot.try_clone()?;
-        watch.set_read_timeout(None)?;
-        let events = self.base.shared.events.clone();
-        std::thread::spawn(move || {
-            let mut b = [0u8; 1];
-            let why = match watch.read(&mut b) {
-                Ok(0) => "closed".to_string(),
-                Ok(_) => "carried unexpected bytes".to_string(),
-                Err(e) => e.to_string(),
-            };
-            std::thread::sleep(BOOTSTRAP_GRACE);
-            let _ = events.send(Event::ControlClosed(format!(
-                "bootstrap connection {why}: destination gone"
-            )));
-        });
-        Ok(())
-    }
+/// After the data channels joined, the destination sends nothing more on the bootstrap
+/// connection; its end closes when its process or host goes. Reporting that at once detects a
+/// dead destination even when no work request is outstanding to time out (an idle queue pair
+/// never learns its peer is gone).
+fn watch_bootstrap(boot: &TcpStream, events: Sender<SrcEvent>) -> io::Result<()> {
+    let mut watch = boot.try_clone()?;
+    watch.set_read_timeout(None)?;
+    std::thread::spawn(move || {
+        let mut b = [0u8; 1];
+        let why = match watch.read(&mut b) {
+            Ok(0) => "closed".to_string(),
+            Ok(_) => "carried unexpected bytes".to_string(),
+            Err(e) => e.to_string(),
+        };
+        std::thread::sleep(BOOTSTRAP_GRACE);
+        let _ = events.send(SrcEvent::ControlClosed(format!(
+            "bootstrap connection {why}: destination gone"
+        )));
+    });
+    Ok(())
 }
 
 impl SourceLink for SourceVerbs {
@@ -635,55 +666,71 @@ impl SourceLink for SourceVerbs {
         self.base.shared.control.send(frame)
     }
 
-    fn open_data(
-        &mut self,
-        n: u8,
-        session_id: u64,
-        key: Option<&[u8]>,
-        dst_nonce: &[u8; 32],
-    ) -> io::Result<()> {
-        for ch in 0..n {
-            let qp = Qp::new(
-                &self.base.dev,
-                &self.base.scq,
-                &self.base.scq,
-                DATA_SQ_DEPTH,
-                1,
-                QpAccess::None,
-                random_psn(),
-            )?;
-            let token = auth::data_token(key, session_id, ch, dst_nonce);
+    /// Sends JOIN for the channel on the bootstrap connection and connects its queue pair
+    /// once the destination answers with its endpoint (spec: AUTH-6, LIVE-4: the answer
+    /// comes within the bootstrap read timeout).
+    fn open_data(&mut self, hello: DataHello) -> io::Result<()> {
+        let ch = hello.channel;
+        let qp = Qp::new(
+            &self.base.dev,
+            &self.base.scq,
+            &self.base.scq,
+            DATA_SQ_DEPTH,
+            1,
+            QpAccess::None,
+            random_psn(),
+        )?;
+        self.joins.lock().unwrap().started += 1;
+        let (boot, events, shared) = (
+            self.boot.clone(),
+            self.events.clone(),
+            self.base.shared.clone(),
+        );
+        let (channels, joins) = (self.channels.clone(), self.joins.clone());
+        std::thread::spawn(move || {
             let mut join = [0u8; JOIN_LEN];
-            join[..DATA_HELLO_LEN].copy_from_slice(&hello_bytes(session_id, ch, &token));
+            join[..DATA_HELLO_LEN].copy_from_slice(&hello.encode());
             join[DATA_HELLO_LEN..].copy_from_slice(&encode_endpoint(&qp.endpoint()));
-            self.boot.write_all(&join)?;
-            let remote = read_connect(&mut self.boot).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::ConnectionRefused,
-                    format!("destination refused data channel {ch}: {e}"),
-                )
-            })?;
-            qp.connect(&remote)?;
-            let d = Arc::new(DataQp {
-                qp,
-                window: Mutex::new(SendWindow::default()),
-                room: Condvar::new(),
-            });
-            self.base
-                .shared
-                .data
-                .write()
-                .unwrap()
-                .insert(d.qp.num(), d.clone());
-            self.channels.push(d);
-        }
-        self.watch_bootstrap()
+            let r = {
+                let mut b = boot.lock().unwrap();
+                b.write_all(&join).and_then(|_| read_connect(&mut b))
+            }
+            .and_then(|remote| qp.connect(&remote).map(|_| ()));
+            let e = match r {
+                Ok(()) => {
+                    let d = Arc::new(DataQp {
+                        channel: ch,
+                        qp,
+                        window: Mutex::new(SendWindow::default()),
+                        room: Condvar::new(),
+                    });
+                    shared.data.write().unwrap().insert(d.qp.num(), d.clone());
+                    channels.write().unwrap().insert(ch, d);
+                    SrcEvent::DataOpened(ch)
+                }
+                Err(e) => {
+                    SrcEvent::DataLost(ch, format!("destination refused data channel {ch}: {e}"))
+                }
+            };
+            let _ = events.send(e);
+            let mut j = joins.lock().unwrap();
+            j.done += 1;
+            if j.done == j.started {
+                if let Err(e) = watch_bootstrap(&boot.lock().unwrap(), events.clone()) {
+                    tracing::warn!("watching the bootstrap connection: {e}");
+                }
+            }
+        });
+        Ok(())
     }
 
     fn post_write(&mut self, channel: u8, w: WriteReq) -> io::Result<()> {
         let d = self
             .channels
-            .get(channel as usize)
+            .read()
+            .unwrap()
+            .get(&channel)
+            .cloned()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "data channel not open"))?;
         let block = self
             .blocks
@@ -752,13 +799,9 @@ impl SourceLink for SourceVerbs {
         r
     }
 
-    fn channels_open(&self) -> usize {
-        self.channels.len()
-    }
-
     fn shutdown(&mut self) {
         self.base.stop();
-        let _ = self.boot.shutdown(Shutdown::Both);
+        let _ = self.boot.lock().unwrap().shutdown(Shutdown::Both);
     }
 
     fn name(&self) -> &'static str {
@@ -769,54 +812,93 @@ impl SourceLink for SourceVerbs {
 // ---------------------------------------------------------------------------------------------
 // Destination side
 
-/// The destination's end: control queue pair, a bootstrap thread that admits data queue pairs
-/// once the session is authenticated, and memory registrations per key.
+/// The control channel's connection id at the listener.
+const CONTROL_CONN: ConnId = 1;
+
+/// A sink that turns the pollers' notes into destination events.
+fn destination_sink(tx: Sender<DstEvent>) -> Sink {
+    let tx = Mutex::new(tx);
+    Box::new(move |n| {
+        let e = match n {
+            Note::Control(b) => DstEvent::Frame(CONTROL_CONN, b),
+            Note::ControlClosed(w) => DstEvent::Closed(CONTROL_CONN, w),
+            // The destination posts no writes.
+            Note::WriteDone(_) | Note::DataFailed(..) => return,
+        };
+        let _ = tx.lock().unwrap().send(e);
+    })
+}
+
+/// The listener's decisions on the joins waiting for one, by connection id.
+type Decisions = Arc<Mutex<HashMap<ConnId, mpsc::SyncSender<bool>>>>;
+
+/// The destination's end: control queue pair, a bootstrap thread that takes data queue pairs
+/// through the listener machine's admission, and memory registrations per key.
 pub struct DestVerbs {
     base: Base,
-    boot: TcpStream,
+    boot: Arc<Mutex<Option<TcpStream>>>,
     blocks: Arc<Vec<Arc<RamBlock>>>,
-    data_auth: Arc<Mutex<Option<DataAuth>>>,
+    decisions: Decisions,
     data_qps: Arc<Mutex<Vec<Qp>>>,
     regs: HashMap<u32, Mr>,
 }
 
 impl DestVerbs {
-    /// Opens the device (before accepting, so a missing device fails at once), then waits for
-    /// the source's bootstrap connection on `listener` and connects the control queue pair.
-    pub fn accept(
+    /// Opens the device (so a missing device fails at once) and starts accepting bootstrap
+    /// connections on `listener`: each is read on its own thread within the handshake
+    /// deadline, and the first valid CONNECT connects the control queue pair.
+    pub fn listen(
         listener: TcpListener,
         blocks: Arc<Vec<Arc<RamBlock>>>,
         opts: &VerbsOptions,
         credit_window: u16,
-    ) -> io::Result<(Self, Receiver<Event>)> {
+        deadlines: Deadlines,
+        tx: Sender<DstEvent>,
+    ) -> io::Result<Self> {
         let dev = open_device(opts)?;
-        let (base, rx) = Base::new(dev, credit_window, 0)?;
-        let (mut boot, _) = listener.accept()?;
-        let _ = boot.set_nodelay(true);
-        boot.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let remote = read_connect(&mut boot)?;
-        base.shared.control.qp.connect(&remote)?;
-        // Ready to receive before the source learns our endpoint.
-        boot.write_all(&connect_msg(&base.shared.control.qp.endpoint()))?;
-        boot.set_read_timeout(None)?;
-        let data_auth: Arc<Mutex<Option<DataAuth>>> = Arc::new(Mutex::new(None));
+        let base = Base::new(dev, credit_window, 0, destination_sink(tx.clone()))?;
+        let boot: Arc<Mutex<Option<TcpStream>>> = Arc::new(Mutex::new(None));
+        let decisions: Decisions = Arc::new(Mutex::new(HashMap::new()));
         let data_qps = Arc::new(Mutex::new(Vec::new()));
+        let bound = Arc::new(AtomicBool::new(false));
         {
-            let (s, a, q) = (boot.try_clone()?, data_auth.clone(), data_qps.clone());
+            let shared = base.shared.clone();
             let (dev, scq) = (base.dev.clone(), base.scq.clone());
-            std::thread::spawn(move || admit_data(s, a, q, dev, scq));
+            let (boot, decisions, data_qps) = (boot.clone(), decisions.clone(), data_qps.clone());
+            std::thread::spawn(move || {
+                for s in listener.incoming() {
+                    let Ok(s) = s else { continue };
+                    if bound.load(Ordering::SeqCst) {
+                        let _ = s.shutdown(Shutdown::Both);
+                        continue;
+                    }
+                    let (shared, bound, tx) = (shared.clone(), bound.clone(), tx.clone());
+                    let (dev, scq) = (dev.clone(), scq.clone());
+                    let (boot, decisions, data_qps) =
+                        (boot.clone(), decisions.clone(), data_qps.clone());
+                    std::thread::spawn(move || {
+                        let b = Bootstrap {
+                            shared,
+                            dev,
+                            scq,
+                            decisions,
+                            data_qps,
+                            events: tx,
+                            deadlines,
+                        };
+                        b.serve(s, &bound, &boot)
+                    });
+                }
+            });
         }
-        Ok((
-            DestVerbs {
-                base,
-                boot,
-                blocks,
-                data_auth,
-                data_qps,
-                regs: HashMap::new(),
-            },
-            rx,
-        ))
+        Ok(DestVerbs {
+            base,
+            boot,
+            blocks,
+            decisions,
+            data_qps,
+            regs: HashMap::new(),
+        })
     }
 
     pub fn registered(&self) -> usize {
@@ -824,59 +906,140 @@ impl DestVerbs {
     }
 }
 
-/// Admits data channels on the bootstrap connection (spec: AUTH-6): only after `allow_data`,
-/// only for the session, a channel below the count and not yet joined, with a token that
-/// verifies; anything else closes the connection without reading further.
-fn admit_data(
-    mut s: TcpStream,
-    data_auth: Arc<Mutex<Option<DataAuth>>>,
-    qps: Arc<Mutex<Vec<Qp>>>,
+/// What a bootstrap connection's thread needs.
+struct Bootstrap {
+    shared: Arc<Shared>,
     dev: Arc<Device>,
     scq: Arc<Cq>,
-) {
-    let mut joined = std::collections::BTreeSet::new();
-    loop {
-        let mut m = [0u8; JOIN_LEN];
-        if s.read_exact(&mut m).is_err() {
+    decisions: Decisions,
+    data_qps: Arc<Mutex<Vec<Qp>>>,
+    events: Sender<DstEvent>,
+    deadlines: Deadlines,
+}
+
+impl Bootstrap {
+    /// Reads CONNECT within the handshake deadline; the first connection to do so connects
+    /// the control queue pair, then carries the joins.
+    fn serve(self, mut s: TcpStream, bound: &AtomicBool, slot: &Mutex<Option<TcpStream>>) {
+        crate::transport::tune(&s, self.deadlines);
+        let _ = s.set_read_timeout(Some(self.deadlines.connect()));
+        let Ok(remote) = read_connect(&mut s) else {
+            let _ = s.shutdown(Shutdown::Both);
             return;
-        }
-        let mut hello = [0u8; DATA_HELLO_LEN];
-        hello.copy_from_slice(&m[..DATA_HELLO_LEN]);
-        let mut ep = [0u8; ENDPOINT_LEN];
-        ep.copy_from_slice(&m[DATA_HELLO_LEN..]);
-        let auth = data_auth.lock().unwrap().clone();
-        let ok = decode_endpoint(&ep).is_some()
-            && auth.is_some_and(|a| a.admit(&hello, &mut joined).is_some());
-        if !ok {
-            tracing::warn!("refused a data channel that did not prove the session key");
+        };
+        if bound.swap(true, Ordering::SeqCst) {
             let _ = s.shutdown(Shutdown::Both);
             return;
         }
-        let remote = decode_endpoint(&ep).expect("checked above");
-        let r =
-            Qp::new(&dev, &scq, &scq, 1, 1, QpAccess::RemoteWrite, random_psn()).and_then(|qp| {
+        let ctl = &self.shared.control.qp;
+        // Ready to receive before the source learns our endpoint.
+        let connected = ctl
+            .connect(&remote)
+            .and_then(|_| s.write_all(&connect_msg(&ctl.endpoint())));
+        if let Err(e) = connected {
+            tracing::warn!("connecting the control queue pair: {e}");
+            let _ = self
+                .events
+                .send(DstEvent::Closed(CONTROL_CONN, e.to_string()));
+            return;
+        }
+        if let Ok(c) = s.try_clone() {
+            *slot.lock().unwrap() = Some(c);
+        }
+        if self.events.send(DstEvent::Accepted(CONTROL_CONN)).is_err() {
+            return;
+        }
+        self.joins(s);
+    }
+
+    /// JOINs on the bootstrap connection, each through the listener's admission (spec:
+    /// AUTH-6): a refused or unanswered join closes the connection.
+    fn joins(&self, mut s: TcpStream) {
+        let mut next: ConnId = 100;
+        loop {
+            let mut m = [0u8; JOIN_LEN];
+            let _ = s.set_read_timeout(None);
+            if s.read_exact(&mut m[..1]).is_err() {
+                return;
+            }
+            let _ = s.set_read_timeout(Some(self.deadlines.frame()));
+            if s.read_exact(&mut m[1..]).is_err() {
+                let _ = s.shutdown(Shutdown::Both);
+                return;
+            }
+            let conn = next;
+            next += 1;
+            let mut hello = [0u8; DATA_HELLO_LEN];
+            hello.copy_from_slice(&m[..DATA_HELLO_LEN]);
+            let mut ep = [0u8; ENDPOINT_LEN];
+            ep.copy_from_slice(&m[DATA_HELLO_LEN..]);
+            let (tx, rx) = mpsc::sync_channel(1);
+            self.decisions.lock().unwrap().insert(conn, tx);
+            let sent = self.events.send(DstEvent::Accepted(conn)).is_ok()
+                && self.events.send(DstEvent::DataHello(conn, hello)).is_ok();
+            let admitted = sent
+                && rx.recv_timeout(self.deadlines.connect()) == Ok(true)
+                && decode_endpoint(&ep).is_some();
+            self.decisions.lock().unwrap().remove(&conn);
+            if !admitted {
+                tracing::warn!("refused a data channel that did not prove the session key");
+                let _ = s.shutdown(Shutdown::Both);
+                return;
+            }
+            let remote = decode_endpoint(&ep).expect("checked above");
+            let r = Qp::new(
+                &self.dev,
+                &self.scq,
+                &self.scq,
+                1,
+                1,
+                QpAccess::RemoteWrite,
+                random_psn(),
+            )
+            .and_then(|qp| {
                 qp.connect(&remote)?;
                 s.write_all(&connect_msg(&qp.endpoint()))?;
                 Ok(qp)
             });
-        match r {
-            Ok(qp) => qps.lock().unwrap().push(qp),
-            Err(e) => {
-                tracing::warn!("creating a data queue pair: {e}");
-                let _ = s.shutdown(Shutdown::Both);
-                return;
+            match r {
+                Ok(qp) => self.data_qps.lock().unwrap().push(qp),
+                Err(e) => {
+                    tracing::warn!("creating a data queue pair: {e}");
+                    let _ = s.shutdown(Shutdown::Both);
+                    let _ = self.events.send(DstEvent::Closed(conn, e.to_string()));
+                    return;
+                }
             }
         }
     }
 }
 
 impl DestLink for DestVerbs {
-    fn send_control(&mut self, frame: &[u8]) -> io::Result<()> {
+    fn send(&mut self, conn: ConnId, frame: &[u8]) -> io::Result<()> {
+        if conn != CONTROL_CONN {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "only the control channel carries frames",
+            ));
+        }
         self.base.shared.control.send(frame)
     }
 
-    fn allow_data(&mut self, auth: DataAuth) {
-        *self.data_auth.lock().unwrap() = Some(auth);
+    fn close(&mut self, conn: ConnId) {
+        if let Some(d) = self.decisions.lock().unwrap().remove(&conn) {
+            let _ = d.try_send(false);
+        }
+    }
+
+    fn admit(&mut self, conn: ConnId, _channel: u8) -> io::Result<()> {
+        let d = self
+            .decisions
+            .lock()
+            .unwrap()
+            .remove(&conn)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "join gone"))?;
+        d.try_send(true)
+            .map_err(|_| io::Error::new(io::ErrorKind::NotConnected, "join gone"))
     }
 
     fn register(&mut self, block: u16, offset: u64, len: u64) -> io::Result<u32> {
@@ -918,7 +1081,9 @@ impl DestLink for DestVerbs {
         for qp in self.data_qps.lock().unwrap().iter() {
             qp.set_error();
         }
-        let _ = self.boot.shutdown(Shutdown::Both);
+        if let Some(b) = self.boot.lock().unwrap().as_ref() {
+            let _ = b.shutdown(Shutdown::Both);
+        }
     }
 
     fn name(&self) -> &'static str {

@@ -54,7 +54,7 @@ enum Cmd {
 #[derive(clap::Args)]
 struct ModelArgs {
     /// Model configuration.
-    #[arg(long, default_value = "small", value_parser = ["small", "medium"])]
+    #[arg(long, default_value = "small", value_parser = CheckConfig::NAMES)]
     config: String,
     /// Override the configuration's fault budget.
     #[arg(long)]

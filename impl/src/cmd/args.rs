@@ -1,0 +1,239 @@
+//! Command-line arguments of the `rdmig` subcommands.
+
+use std::path::PathBuf;
+
+use rdmig::cli::{self, RamSpec};
+
+#[derive(clap::Args, Clone)]
+pub struct TransportArgs {
+    /// Transport: tcp, or rdma (verbs; control and data over RC queue pairs, bootstrapped
+    /// over a TCP connection to the same address).
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "rdma"])]
+    pub transport: String,
+    /// RDMA device (default: the first with an active port).
+    #[arg(long)]
+    pub rdma_device: Option<String>,
+    /// GID index (default: the port's IPv4-mapped RoCE v2 GID).
+    #[arg(long)]
+    pub gid_index: Option<u8>,
+}
+
+impl TransportArgs {
+    pub fn verbs(&self) -> Option<rdmig::transport::verbs::VerbsOptions> {
+        (self.transport == "rdma").then(|| rdmig::transport::verbs::VerbsOptions {
+            device: self.rdma_device.clone(),
+            gid_index: self.gid_index,
+        })
+    }
+}
+
+#[derive(clap::Args, Clone)]
+pub struct Common {
+    /// Pre-shared key file (at least 16 bytes), same on both sides.
+    #[arg(long)]
+    pub psk_file: Option<PathBuf>,
+    /// Run without authentication (explicit; required for non-loopback addresses without a key).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Print the final report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Page size of the RAM blocks.
+    #[arg(long, default_value = "4KiB", value_parser = cli::parse_size)]
+    pub page_size: u64,
+    /// Seconds a wait on the peer may last without progress before giving up; every wait of
+    /// the transports is bounded by it too (connections, frames, unacknowledged data).
+    #[arg(long, default_value_t = 30)]
+    pub idle_timeout: u64,
+    /// Threads for digests and dirty scans.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct RecvArgs {
+    /// Address to listen on.
+    #[arg(long)]
+    pub listen: String,
+    /// RAM block NAME=PATH:SIZE (repeatable); files are created or resized and pre-faulted.
+    #[arg(long = "ram", required = true, value_parser = cli::parse_ram)]
+    pub ram: Vec<RamSpec>,
+    /// Most bytes registered for remote writes at once (default: all memory).
+    #[arg(long, value_parser = cli::parse_size)]
+    pub pin_budget: Option<u64>,
+    /// Most data channels accepted.
+    #[arg(long, default_value_t = 16)]
+    pub max_channels: u8,
+    /// Command run to start the workload after commit.
+    #[arg(long)]
+    pub start_cmd: Option<String>,
+    /// Process (stopped) to continue after commit.
+    #[arg(long)]
+    pub start_pid: Option<i32>,
+    /// Where to write the received device state.
+    #[arg(long)]
+    pub state_out: Option<PathBuf>,
+    /// QMP socket of the destination QEMU, waiting with `-incoming defer` on the --ram files
+    /// (memory-backend-file, share=on). After commit rdmig loads the received device state
+    /// into it (x-ignore-shared) and runs the guest.
+    #[arg(long)]
+    pub qemu_qmp: Option<PathBuf>,
+    /// Command that starts the destination QEMU (with `-incoming defer` and `-qmp
+    /// unix:SOCK,server=on,wait=off` for the --qemu-qmp socket); run before the migration
+    /// starts, stopped again if the migration aborts.
+    #[arg(long, requires = "qemu_qmp")]
+    pub qemu_start: Option<String>,
+    /// Where the QEMU started by --qemu-start writes its output (default: the QMP socket's
+    /// path with `.log` appended).
+    #[arg(long, requires = "qemu_start")]
+    pub qemu_log: Option<PathBuf>,
+    /// Write the listening address to this file once listening (for scripts).
+    #[arg(long)]
+    pub addr_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub transport: TransportArgs,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct SendArgs {
+    /// Destination address.
+    #[arg(long)]
+    pub connect: String,
+    /// RAM block NAME=PATH (repeatable).
+    #[arg(long = "ram", required = true, value_parser = cli::parse_ram)]
+    pub ram: Vec<RamSpec>,
+    /// Data channels.
+    #[arg(long, default_value_t = 1)]
+    pub channels: u8,
+    /// Registration and digest unit.
+    #[arg(long, default_value = "1MiB", value_parser = cli::parse_size)]
+    pub chunk_size: u64,
+    /// Register all memory at setup instead of chunk by chunk.
+    #[arg(long)]
+    pub pin_all: bool,
+    /// Target downtime in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_limit: u64,
+    /// Cap on data throughput, e.g. 500MB/s (default: none).
+    #[arg(long, value_parser = cli::parse_rate)]
+    pub max_bandwidth: Option<u64>,
+    /// Pre-copy rounds before the limit policy applies.
+    #[arg(long, default_value_t = 30)]
+    pub max_rounds: u32,
+    /// Seconds of pre-copy before the limit policy applies.
+    #[arg(long)]
+    pub max_time: Option<u64>,
+    /// What to do at the round or time limit: switchover or abort.
+    #[arg(long, default_value = "switchover")]
+    pub on_limit: String,
+    /// Verify every chunk with a digest before commit.
+    #[arg(long)]
+    pub verify: bool,
+    /// Dirty tracking: none, bitmap:PATH, soft-dirty:PID, scan, or auto (soft-dirty on the
+    /// --pid or QEMU process where the kernel supports it, else scan). Default: auto with
+    /// --qemu-qmp or --pid, none otherwise.
+    #[arg(long)]
+    pub dirty_log: Option<String>,
+    /// Pause/resume the workload with SIGSTOP/SIGCONT to this process.
+    #[arg(long)]
+    pub pid: Option<i32>,
+    /// Command that pauses the workload (its stdout is the device state unless --state-in).
+    #[arg(long)]
+    pub pause_cmd: Option<String>,
+    /// Command that resumes the workload after an abort.
+    #[arg(long)]
+    pub resume_cmd: Option<String>,
+    /// Device state file sent at switchover.
+    #[arg(long)]
+    pub state_in: Option<PathBuf>,
+    /// QMP socket of the source QEMU, whose guest RAM is the --ram files
+    /// (memory-backend-file, share=on): rdmig stops the guest at switchover, sends its device
+    /// state (x-ignore-shared) and continues it if the migration aborts.
+    #[arg(long, conflicts_with_all = ["pid", "pause_cmd", "resume_cmd", "state_in"])]
+    pub qemu_qmp: Option<PathBuf>,
+    /// Quit the source QEMU after commit (default: leave it stopped).
+    #[arg(long, requires = "qemu_qmp")]
+    pub qemu_quit: bool,
+    /// Disable zero-page elision.
+    #[arg(long)]
+    pub no_zero_elision: bool,
+    #[command(flatten)]
+    pub transport: TransportArgs,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct WorkloadArgs {
+    /// RAM file to create and keep writing.
+    #[arg(long)]
+    pub ram: PathBuf,
+    #[arg(long, default_value = "256MiB", value_parser = cli::parse_size)]
+    pub size: u64,
+    /// Write rate in MB/s.
+    #[arg(long, default_value_t = 50.0)]
+    pub dirty_rate: f64,
+    /// uniform, hot:FRACTION, sweep, bursts.
+    #[arg(long, default_value = "uniform")]
+    pub pattern: String,
+    /// Fraction of pages kept zero.
+    #[arg(long, default_value_t = 0.1)]
+    pub zero_fraction: f64,
+    /// Shared dirty bitmap file to maintain.
+    #[arg(long)]
+    pub bitmap: Option<PathBuf>,
+    /// File created once the memory is filled.
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    pub duration: Option<f64>,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[arg(long, default_value = "4KiB", value_parser = cli::parse_size)]
+    pub page_size: u64,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct DemoArgs {
+    #[arg(long, default_value = "256MiB", value_parser = cli::parse_size)]
+    pub size: u64,
+    /// Workload write rate in MB/s during the migration.
+    #[arg(long, default_value_t = 64.0)]
+    pub dirty_rate: f64,
+    #[arg(long, default_value_t = 2)]
+    pub channels: u8,
+    /// Directory for the RAM files (default: /dev/shm if present, else a temp dir).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct BenchArgs {
+    #[arg(long, default_value = "1GiB", value_parser = cli::parse_size)]
+    pub size: u64,
+    /// Internal: run as the receiving half of the raw stream measurement.
+    #[arg(long, hide = true)]
+    pub sink_port: Option<u16>,
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+/// The guard `rdmig send` starts (internal).
+#[derive(clap::Args, Clone)]
+pub struct GuardArgs {
+    /// SIGCONT to this process.
+    #[arg(long)]
+    pub pid: Option<i32>,
+    /// Run this shell command.
+    #[arg(long)]
+    pub resume_cmd: Option<String>,
+    /// `cont` this QEMU over QMP.
+    #[arg(long)]
+    pub qemu_qmp: Option<PathBuf>,
+    /// The migration capabilities to put back on that QEMU (JSON).
+    #[arg(long, requires = "qemu_qmp")]
+    pub qemu_caps: Option<String>,
+}

@@ -1,0 +1,181 @@
+//! `rdmig recv`: listen, take the memory, start the workload on commit.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdmig::driver::{self, DestRun};
+use rdmig::memory::ram::RamBlock;
+use rdmig::report::Status;
+use rdmig::transport::tcp::DestTcp;
+use rdmig::transport::{self, Deadlines, DstEvent};
+use rdmig::vmm::control::{DestWorkload, StateSink};
+use rdmig::vmm::qemu::{QemuDest, RamFile};
+use rdmig_model::{wire, DestConfig, ListenerConfig};
+
+use super::args::RecvArgs;
+use super::{finish, page_log2, rand_u32, resolve};
+
+/// Marks a RAM file as not migrated until commit, so a crash never leaves memory that looks
+/// migrated.
+pub fn incomplete_marker(p: &Path) -> PathBuf {
+    let mut s = p.as_os_str().to_owned();
+    s.push(".rdmig-incomplete");
+    PathBuf::from(s)
+}
+
+/// Creates (or resizes) and pre-faults the destination RAM files.
+fn create_blocks(a: &RecvArgs, log2: u8) -> Result<Arc<Vec<Arc<RamBlock>>>, String> {
+    let mut blocks = Vec::new();
+    for r in &a.ram {
+        let size = r
+            .size
+            .ok_or_else(|| format!("--ram {}: the destination needs NAME=PATH:SIZE", r.name))?;
+        std::fs::write(
+            incomplete_marker(&r.path),
+            b"rdmig: migration not committed\n",
+        )
+        .map_err(|e| format!("marking {}: {e}", r.path.display()))?;
+        blocks.push(Arc::new(
+            RamBlock::create(&r.name, &r.path, size, log2).map_err(|e| e.to_string())?,
+        ));
+    }
+    Ok(Arc::new(blocks))
+}
+
+fn attach_qemu(a: &RecvArgs) -> Result<Option<Arc<QemuDest>>, String> {
+    let Some(sock) = &a.qemu_qmp else {
+        return Ok(None);
+    };
+    let files: Vec<_> = a
+        .ram
+        .iter()
+        .map(|r| RamFile {
+            path: r.path.clone(),
+            size: r.size.unwrap_or(0),
+        })
+        .collect();
+    let log = a.qemu_log.clone().unwrap_or_else(|| {
+        let mut l = sock.as_os_str().to_owned();
+        l.push(".log");
+        PathBuf::from(l)
+    });
+    let q = QemuDest::attach(sock, &files, a.qemu_start.as_deref(), &log)
+        .map_err(|e| format!("destination QEMU: {e}"))?;
+    tracing::info!("destination QEMU {} waiting for the guest", q.version());
+    Ok(Some(Arc::new(q)))
+}
+
+/// Writes `text` to `path` atomically: a reader sees the whole file or none (written beside
+/// it, then renamed over it).
+pub fn write_atomically(path: &Path, text: &str) -> Result<(), String> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, text)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+/// The listener's configuration from the arguments, checked before anything is listened on.
+fn config(
+    a: &RecvArgs,
+    blocks: &[Arc<RamBlock>],
+    key: Option<Vec<u8>>,
+) -> Result<ListenerConfig, String> {
+    let total: u64 = blocks.iter().map(|b| b.len()).sum();
+    let mut cfg = DestConfig::with_defaults(
+        blocks.iter().map(|b| b.desc()).collect(),
+        key,
+        a.pin_budget.unwrap_or(total),
+    );
+    cfg.max_channels = a.max_channels.clamp(1, wire::MAX_CHANNELS);
+    cfg.idle_timeout_ms = a.common.idle_timeout.saturating_mul(1000);
+    cfg.keepalive_ms = (cfg.idle_timeout_ms / 4)
+        .max(100)
+        .min(cfg.idle_timeout_ms / 2);
+    cfg.validate()
+        .map_err(|e| format!("{e} (check --idle-timeout, --max-channels, --pin-budget)"))?;
+    Ok(ListenerConfig::new(cfg))
+}
+
+pub fn recv(a: RecvArgs) -> Result<ExitCode, String> {
+    let log2 = page_log2(a.common.page_size)?;
+    let listen = resolve(&a.listen)?;
+    let key = rdmig::cli::resolve_key(a.common.psk_file.as_deref(), a.common.insecure, listen)?;
+    if a.common.idle_timeout == 0 {
+        return Err("--idle-timeout must be at least 1 second".into());
+    }
+    let blocks = create_blocks(&a, log2)?;
+    let cfg = config(&a, &blocks, key)?;
+    let qemu = attach_qemu(&a)?;
+    let listener = TcpListener::bind(listen).map_err(|e| format!("listening on {listen}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let deadlines = Deadlines::new(Duration::from_secs(a.common.idle_timeout));
+    let (tx, rx) = mpsc::channel();
+    transport::watch_signals(tx.clone(), DstEvent::Signal)
+        .map_err(|e| format!("watching signals: {e}"))?;
+    let credit_window = cfg.dest.credit_window;
+    let run = DestRun {
+        cfg,
+        blocks: blocks.clone(),
+        workload: DestWorkload {
+            start_cmd: a.start_cmd.clone(),
+            start_pid: a.start_pid,
+            qemu: qemu.clone(),
+        },
+        state: StateSink {
+            path: a.state_out.clone(),
+            data: Vec::new(),
+        },
+        threads: a.common.threads,
+    };
+    let link_up = |what: &str| {
+        if let Some(f) = &a.addr_file {
+            write_atomically(f, &local.to_string())?;
+        }
+        tracing::info!("listening on {local} ({what})");
+        Ok::<(), String>(())
+    };
+    let mut report = match a.transport.verbs() {
+        Some(o) => {
+            let link = rdmig::transport::verbs::DestVerbs::listen(
+                listener,
+                blocks,
+                &o,
+                credit_window,
+                deadlines,
+                tx,
+            )
+            .map_err(|e| format!("rdma: {e}"))?;
+            link_up("rdma")?;
+            driver::run_destination(link, rx, run)
+        }
+        None => {
+            let link = DestTcp::listen(listener, blocks, rand_u32(), deadlines, tx)
+                .map_err(|e| format!("accepting: {e}"))?;
+            link_up("tcp")?;
+            driver::run_destination(link, rx, run)
+        }
+    };
+    if report.status == Status::Completed {
+        for r in &a.ram {
+            let _ = std::fs::remove_file(incomplete_marker(&r.path));
+        }
+        if qemu.is_some() {
+            report.guest = Some("running".into());
+        }
+    } else {
+        if let Some(p) = &a.state_out {
+            let _ = std::fs::remove_file(p);
+        }
+        if let Some(q) = &qemu {
+            q.discard();
+            report.guest = Some("not started".into());
+        }
+    }
+    Ok(finish(&report, a.common.json))
+}

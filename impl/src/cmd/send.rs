@@ -1,0 +1,255 @@
+//! `rdmig send`: connect, pre-copy live, switch over, commit.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdmig::driver::{self, Progress, SourceRun};
+use rdmig::memory::ram::RamBlock;
+use rdmig::report::Status;
+use rdmig::transport::tcp::SourceTcp;
+use rdmig::transport::{self, Deadlines, SrcEvent};
+use rdmig::vmm::control::SourceWorkload;
+use rdmig::vmm::guard::{Guard, Resume};
+use rdmig::vmm::qemu::{QemuSource, RamFile};
+use rdmig_model::wire::{self, DigestAlg, RegMode};
+use rdmig_model::{LimitPolicy, SourceConfig};
+
+use super::args::SendArgs;
+use super::{finish, page_log2, resolve};
+
+type Blocks = Arc<Vec<Arc<RamBlock>>>;
+
+struct Bar(indicatif::ProgressBar);
+
+impl Progress for Bar {
+    fn update(&mut self, round: u32, sent: u64, remaining: u64, rate_mb_s: f64, downtime_ms: u64) {
+        self.0.set_message(format!(
+            "round {round}: sent {} MiB, remaining {} MiB, {rate_mb_s:.0} MB/s, expected downtime {downtime_ms} ms",
+            sent >> 20,
+            remaining >> 20
+        ));
+        self.0.tick();
+    }
+    fn finish(&mut self) {
+        self.0.finish_and_clear();
+    }
+}
+
+/// Unless the migration completed, puts the source QEMU's migration capabilities back as they
+/// were (whatever path `send` leaves by).
+struct RestoreCaps(Option<Arc<QemuSource>>);
+
+impl Drop for RestoreCaps {
+    fn drop(&mut self) {
+        if let Some(q) = &self.0 {
+            q.restore();
+        }
+    }
+}
+
+fn open_blocks(a: &SendArgs, log2: u8) -> Result<Blocks, String> {
+    let mut blocks = Vec::new();
+    for r in &a.ram {
+        blocks.push(Arc::new(
+            RamBlock::open(&r.name, &r.path, log2).map_err(|e| e.to_string())?,
+        ));
+    }
+    Ok(Arc::new(blocks))
+}
+
+fn attach_qemu(a: &SendArgs, blocks: &Blocks) -> Result<Option<Arc<QemuSource>>, String> {
+    let Some(sock) = &a.qemu_qmp else {
+        return Ok(None);
+    };
+    let files: Vec<_> = blocks
+        .iter()
+        .zip(&a.ram)
+        .map(|(b, r)| RamFile {
+            path: r.path.clone(),
+            size: b.len(),
+        })
+        .collect();
+    let q = QemuSource::attach(sock, &files).map_err(|e| format!("source QEMU: {e}"))?;
+    tracing::info!("source QEMU {} (pid {:?}) ready", q.version(), q.pid());
+    Ok(Some(Arc::new(q)))
+}
+
+/// How the workload is paused and resumed, and the guard that resumes it should this process
+/// die while it is paused.
+fn workload(
+    a: &SendArgs,
+    qemu: &Option<Arc<QemuSource>>,
+) -> Result<(SourceWorkload, Option<Resume>), String> {
+    Ok(match (a.pid, &a.pause_cmd, qemu) {
+        (Some(_), Some(_), _) => return Err("--pid and --pause-cmd exclude each other".into()),
+        (_, _, Some(q)) => {
+            let caps = q.capabilities_before().to_string();
+            let sock = a
+                .qemu_qmp
+                .clone()
+                .expect("QEMU attached through --qemu-qmp");
+            (
+                SourceWorkload::Qemu(q.clone()),
+                Some(Resume::Qemu { qmp: sock, caps }),
+            )
+        }
+        (Some(pid), None, None) => (SourceWorkload::Pid(pid), Some(Resume::Pid(pid))),
+        (None, Some(p), None) => (
+            SourceWorkload::Hooks {
+                pause: p.clone(),
+                resume: a.resume_cmd.clone(),
+            },
+            a.resume_cmd.clone().map(Resume::Command),
+        ),
+        (None, None, None) => (SourceWorkload::None, None),
+    })
+}
+
+fn config(a: &SendArgs, blocks: &Blocks, key: Option<Vec<u8>>) -> Result<SourceConfig, String> {
+    let mut session = [0u8; 8];
+    getrandom::fill(&mut session).expect("OS random source");
+    let mut cfg = SourceConfig::with_defaults(
+        u64::from_le_bytes(session),
+        blocks.iter().map(|b| b.desc()).collect(),
+        key,
+    );
+    cfg.params.chunk_log2 = a.chunk_size.trailing_zeros() as u8;
+    cfg.params.channels = a.channels.clamp(1, wire::MAX_CHANNELS);
+    cfg.params.mode = if a.pin_all {
+        RegMode::PinAll
+    } else {
+        RegMode::Dynamic
+    };
+    cfg.params.digest = if a.verify {
+        DigestAlg::Xxh3_64
+    } else {
+        DigestAlg::None
+    };
+    if a.no_zero_elision {
+        cfg.params.flags &= !wire::flag::ZERO_ELISION;
+    }
+    cfg.downtime_limit_ms = a.downtime_limit;
+    cfg.max_rounds = a.max_rounds.max(1);
+    cfg.max_time_ms = a.max_time.map(|s| s * 1000);
+    cfg.on_limit = match a.on_limit.as_str() {
+        "switchover" => LimitPolicy::Switchover,
+        "abort" => LimitPolicy::Abort,
+        other => {
+            return Err(format!(
+                "--on-limit {other:?}: expected switchover or abort"
+            ))
+        }
+    };
+    cfg.idle_timeout_ms = a.common.idle_timeout.saturating_mul(1000);
+    cfg.keepalive_ms = (cfg.idle_timeout_ms / 4)
+        .max(100)
+        .min(cfg.idle_timeout_ms / 2);
+    rdmig_model::Source::new(cfg.clone(), [0; 32])
+        .map_err(|e| format!("{e} (check --idle-timeout, --chunk-size, --channels)"))?;
+    Ok(cfg)
+}
+
+pub fn send(a: SendArgs) -> Result<ExitCode, String> {
+    let log2 = page_log2(a.common.page_size)?;
+    if !a.chunk_size.is_power_of_two() || !(4096..=1 << 30).contains(&a.chunk_size) {
+        return Err("--chunk-size must be a power of two from 4 KiB to 1 GiB".into());
+    }
+    if a.common.idle_timeout == 0 {
+        return Err("--idle-timeout must be at least 1 second".into());
+    }
+    let addr = resolve(&a.connect)?;
+    let key = rdmig::cli::resolve_key(a.common.psk_file.as_deref(), a.common.insecure, addr)?;
+    let blocks = open_blocks(&a, log2)?;
+    let cfg = config(&a, &blocks, key)?;
+    let qemu = attach_qemu(&a, &blocks)?;
+    let mut restore = RestoreCaps(qemu.clone());
+    let writer_pid = a.pid.or_else(|| qemu.as_ref().and_then(|q| q.pid()));
+    let dirty_log = a.dirty_log.clone().unwrap_or_else(|| {
+        if writer_pid.is_some() {
+            "auto".into()
+        } else {
+            "none".into()
+        }
+    });
+    let mut tracker = super::open_dirty_log(&dirty_log, writer_pid, &blocks, a.common.threads)?;
+    let (workload, resume) = workload(&a, &qemu)?;
+    let guard = match resume {
+        Some(r) => {
+            let exe = std::env::current_exe().map_err(|e| format!("locating rdmig: {e}"))?;
+            Some(Guard::spawn(&exe, &r).map_err(|e| format!("starting the guard: {e}"))?)
+        }
+        None => None,
+    };
+    let progress: Option<Box<dyn Progress>> = if std::io::stderr().is_terminal() && !a.common.json {
+        let pb = indicatif::ProgressBar::new_spinner();
+        pb.enable_steady_tick(Duration::from_millis(200));
+        Some(Box::new(Bar(pb)))
+    } else {
+        None
+    };
+    let deadlines = Deadlines::new(Duration::from_secs(a.common.idle_timeout));
+    let (tx, rx) = mpsc::channel();
+    transport::watch_signals(tx.clone(), SrcEvent::Signal)
+        .map_err(|e| format!("watching signals: {e}"))?;
+    let credit_window = cfg.credit_window;
+    let channels = cfg.params.channels;
+    let run = SourceRun {
+        cfg,
+        blocks,
+        scan: Box::new(move |all| tracker.scan(all).map_err(|e| e.to_string())),
+        workload,
+        guard,
+        state_in: a.state_in.clone(),
+        threads: a.common.threads,
+        progress,
+    };
+    let mut report = match a.transport.verbs() {
+        Some(o) => {
+            if a.max_bandwidth.is_some() {
+                return Err("--max-bandwidth is not supported with --transport rdma".into());
+            }
+            let link = rdmig::transport::verbs::SourceVerbs::connect(
+                addr,
+                run.blocks.clone(),
+                &o,
+                credit_window,
+                deadlines,
+                tx,
+            )
+            .map_err(|e| format!("rdma: {e}"))?;
+            driver::run_source(link, rx, run)
+        }
+        None => {
+            let link = SourceTcp::connect(
+                addr,
+                run.blocks.clone(),
+                a.max_bandwidth.unwrap_or(0),
+                channels,
+                deadlines,
+                tx,
+            )
+            .map_err(|e| format!("connecting to {addr}: {e}"))?;
+            driver::run_source(link, rx, run)
+        }
+    };
+    if report.status == Status::Completed {
+        restore.0 = None;
+    }
+    if let Some(q) = &qemu {
+        report.guest = Some(match report.status {
+            Status::Completed if a.qemu_quit => match q.quit() {
+                Ok(()) => "quit".into(),
+                Err(e) => format!("stopped (quit failed: {e})"),
+            },
+            Status::Completed => "stopped".into(),
+            Status::InDoubt => {
+                "stopped (in doubt: check the destination before continuing it)".into()
+            }
+            Status::Aborted => "resumed".into(),
+        });
+    }
+    Ok(finish(&report, a.common.json))
+}

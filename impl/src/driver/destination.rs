@@ -1,0 +1,232 @@
+//! The destination driver: runs the listener machine (and the session it binds) over a
+//! transport, the destination memory and the workload.
+
+use std::collections::VecDeque;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdmig_model::destination::{DstCommand, DstInput};
+use rdmig_model::listener::{LsnCommand, LsnInput, LsnOut};
+use rdmig_model::wire::{self, DataHello, DigestAlg};
+use rdmig_model::*;
+
+use super::{wait, Clock, Wake};
+use crate::memory::ram::{chunk_digests, RamBlock};
+use crate::report::{Report, Status};
+use crate::transport::{DestLink, DstEvent};
+use crate::vmm::control::{DestWorkload, StateSink};
+
+/// Everything the destination driver needs besides the transport.
+pub struct DestRun {
+    pub cfg: ListenerConfig,
+    pub blocks: Arc<Vec<Arc<RamBlock>>>,
+    pub workload: DestWorkload,
+    pub state: StateSink,
+    pub threads: usize,
+}
+
+/// How long the driver lets the source read the last frame and close its end before it shuts
+/// every connection (a close with unread data would reset the connection).
+const LINGER: Duration = Duration::from_secs(1);
+
+fn fresh_nonce() -> [u8; wire::NONCE_LEN] {
+    let mut n = [0u8; wire::NONCE_LEN];
+    getrandom::fill(&mut n).expect("the OS random source is available");
+    n
+}
+
+fn to_input(e: DstEvent) -> LsnInput {
+    match e {
+        // spec: AUTH-1: every connection that may start a session gets a fresh nonce.
+        DstEvent::Accepted(conn) => LsnInput::Accepted {
+            conn,
+            nonce: fresh_nonce(),
+        },
+        DstEvent::Frame(conn, bytes) => {
+            let frame = wire::decode(&bytes);
+            if let Err(e) = &frame {
+                tracing::warn!("connection {conn}: malformed control frame: {e}");
+            }
+            LsnInput::Frame { conn, frame }
+        }
+        DstEvent::DataHello(conn, b) => LsnInput::DataHello {
+            conn,
+            hello: DataHello::decode(&b),
+        },
+        DstEvent::Closed(conn, why) => {
+            tracing::debug!("connection {conn} ended: {why}");
+            LsnInput::Closed { conn }
+        }
+        DstEvent::Signal(sig) => {
+            tracing::warn!("signal {sig}: cancelling the migration");
+            LsnInput::Cancel
+        }
+    }
+}
+
+struct Driver<L: DestLink> {
+    link: L,
+    run: DestRun,
+    pending: VecDeque<LsnInput>,
+    /// The session's parameters, once negotiated.
+    params: Option<wire::Params>,
+}
+
+impl<L: DestLink> Driver<L> {
+    fn exec(&mut self, c: LsnCommand) {
+        match c {
+            LsnCommand::Send { conn, frame } => {
+                let bytes = wire::encode_to_vec(&frame).expect("machines send valid frames");
+                if let Err(e) = self.link.send(conn, &bytes) {
+                    tracing::info!("connection {conn}: send failed: {e}");
+                    self.pending.push_back(LsnInput::Closed { conn });
+                }
+            }
+            LsnCommand::Close { conn } => self.link.close(conn),
+            LsnCommand::Admit { conn, channel } => {
+                tracing::info!("data channel {channel} joined (connection {conn})");
+                if let Err(e) = self.link.admit(conn, channel) {
+                    tracing::info!("connection {conn}: admitting it failed: {e}");
+                    self.pending.push_back(LsnInput::Closed { conn });
+                }
+            }
+            LsnCommand::Session(c) => self.exec_session(c),
+            LsnCommand::Finish(_) => {}
+        }
+    }
+
+    fn local(&mut self, i: DstInput) {
+        self.pending.push_back(LsnInput::Local(i));
+    }
+
+    fn exec_session(&mut self, c: DstCommand) {
+        match c {
+            DstCommand::Register {
+                target,
+                block,
+                offset,
+                len,
+            } => match self.link.register(block, offset, len) {
+                Ok(rkey) => self.local(DstInput::Registered { target, rkey }),
+                Err(e) => {
+                    tracing::error!("registering {len} bytes of block {block}: {e}");
+                    self.local(DstInput::RegisterFailed { target });
+                }
+            },
+            DstCommand::Unregister { rkey, .. } => {
+                self.link.unregister(rkey);
+            }
+            DstCommand::ZeroFill { block, offset, len } => {
+                self.run.blocks[block as usize].zero(offset, len)
+            }
+            DstCommand::StoreDeviceState { offset, data } => self.run.state.store(offset, &data),
+            DstCommand::ComputeDigests => {
+                let t = Instant::now();
+                let log2 = self.params.map_or(20, |p| p.chunk_log2);
+                let d = chunk_digests(&self.run.blocks, log2, self.run.threads);
+                tracing::info!("digests took {:?}", t.elapsed());
+                self.local(DstInput::Digests(d));
+            }
+            DstCommand::StartWorkload => {
+                let t = Instant::now();
+                let started = self
+                    .run
+                    .state
+                    .persist()
+                    .map_err(|e| e.to_string())
+                    .and_then(|_| {
+                        self.run
+                            .workload
+                            .start(&self.run.state.data)
+                            .map_err(|e| e.to_string())
+                    });
+                tracing::info!("starting the workload took {:?}", t.elapsed());
+                match started {
+                    Ok(()) => self.local(DstInput::WorkloadStarted),
+                    Err(e) => {
+                        tracing::error!("starting the workload: {e}");
+                        self.local(DstInput::WorkloadFailed);
+                    }
+                }
+            }
+            // The listener turns the session's frames and outcome into its own commands.
+            DstCommand::Send(_) | DstCommand::Finish(_) => {}
+        }
+    }
+}
+
+/// Runs the listening destination to its outcome over any transport: until the session it
+/// binds ends, or the operator cancels.
+pub fn run_destination(link: impl DestLink, rx: Receiver<DstEvent>, run: DestRun) -> Report {
+    let clock = Clock::new();
+    let memory: u64 = run.blocks.iter().map(|b| b.len()).sum();
+    let mut lsn = Listener::new(run.cfg.clone()).expect("configuration validated by the caller");
+    let mut d = Driver {
+        link,
+        run,
+        pending: VecDeque::new(),
+        params: None,
+    };
+    let mut out = LsnOut::new();
+    while lsn.outcome().is_none() {
+        let input = match d.pending.pop_front() {
+            Some(i) => i,
+            None => match wait(&rx, &clock, lsn.timers().next()) {
+                Wake::Event(e) => to_input(e),
+                Wake::Timer(k) => LsnInput::Timer(k),
+                Wake::Gone => LsnInput::Cancel,
+            },
+        };
+        lsn.handle(clock.now(), input, &mut out);
+        if let Some(p) = lsn.session().and_then(|s| s.params()) {
+            d.params = Some(p);
+        }
+        for c in std::mem::take(&mut out.cmds) {
+            d.exec(c);
+        }
+    }
+    // The session's control connection was closed for sending after its last frame: let the
+    // source read it and hang up first.
+    let session = lsn.session_conn();
+    let until = Instant::now() + LINGER;
+    while let Some(conn) = session {
+        let left = until.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(DstEvent::Closed(c, _)) if c == conn => break,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    d.link.shutdown();
+    let total = clock.now();
+    report(&lsn, &out.stats, &d, memory, total)
+}
+
+fn report<L: DestLink>(
+    lsn: &Listener,
+    st: &rdmig_model::destination::DestStats,
+    d: &Driver<L>,
+    memory: u64,
+    total_ms: Millis,
+) -> Report {
+    let params = d.params;
+    let mut r = Report {
+        role: "destination",
+        transport: d.link.name(),
+        channels: params.map_or(0, |p| p.channels),
+        memory_bytes: memory,
+        total_time_ms: total_ms,
+        setup_time_ms: st.authenticated_ms.unwrap_or(0),
+        chunks_registered: st.reg_chunks,
+        chunks_evicted: st.unreg_chunks,
+        rss_anon_bytes: crate::report::rss_anon(),
+        ..Default::default()
+    };
+    r.set_outcome(lsn.outcome());
+    r.verified =
+        r.status == Status::Completed && params.is_some_and(|p| p.digest != DigestAlg::None);
+    r.bytes.zero_pages = st.zero_pages;
+    r.bytes.control_frames = st.control_frames_received;
+    r
+}

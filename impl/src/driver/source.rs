@@ -1,0 +1,322 @@
+//! The source driver: runs the source machine over a transport, a dirty log and the workload.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rdmig_model::source::{RoundStats, SrcCommand, SrcInput, SrcOut};
+use rdmig_model::wire::{self, DigestAlg};
+use rdmig_model::*;
+
+use super::{wait, Clock, Wake};
+use crate::memory::ram::{chunk_digests, RamBlock};
+use crate::report::{Report, RoundReport, Status};
+use crate::transport::{SourceLink, SrcEvent, WriteReq};
+use crate::vmm::control::SourceWorkload;
+use crate::vmm::guard::Guard;
+
+/// Fetch-and-clear of the dirty log; `true` asks for every page.
+pub type ScanFn = Box<dyn FnMut(bool) -> Result<DirtyScan, String> + Send>;
+
+/// Progress shown on a terminal while the source runs.
+pub trait Progress {
+    fn update(
+        &mut self,
+        round: u32,
+        sent: u64,
+        remaining: u64,
+        rate_mb_s: f64,
+        expected_downtime_ms: u64,
+    );
+    fn finish(&mut self);
+}
+
+/// Everything the source driver needs besides the transport.
+pub struct SourceRun {
+    pub cfg: SourceConfig,
+    pub blocks: Arc<Vec<Arc<RamBlock>>>,
+    pub scan: ScanFn,
+    pub workload: SourceWorkload,
+    /// Resumes the workload should this process die while it is paused (spec: SW-6).
+    pub guard: Option<Guard>,
+    pub state_in: Option<PathBuf>,
+    pub threads: usize,
+    pub progress: Option<Box<dyn Progress>>,
+}
+
+fn to_input(e: SrcEvent) -> SrcInput {
+    match e {
+        SrcEvent::Control(bytes) => match wire::decode(&bytes) {
+            Ok(f) => SrcInput::Frame(f),
+            Err(e) => {
+                tracing::warn!("malformed control frame: {e}");
+                SrcInput::Malformed(e)
+            }
+        },
+        SrcEvent::ControlClosed(why) => {
+            tracing::info!("control connection closed: {why}");
+            SrcInput::TransportFailed
+        }
+        SrcEvent::DataOpened(ch) => SrcInput::DataOpened { channel: ch },
+        SrcEvent::DataLost(ch, why) => {
+            tracing::info!("data channel {ch}: {why}");
+            SrcInput::DataLost { channel: ch }
+        }
+        SrcEvent::WriteDone(id) => SrcInput::WriteDone { wr_id: id },
+        SrcEvent::Signal(sig) => {
+            tracing::warn!("signal {sig}: cancelling the migration");
+            SrcInput::Cancel
+        }
+    }
+}
+
+/// The driver's own state around the machine.
+struct Driver<'a, L: SourceLink> {
+    link: L,
+    run: SourceRun,
+    clock: &'a Clock,
+    pending: VecDeque<SrcInput>,
+    /// The transport failed a send or post: the machine heard it once; nothing more is
+    /// handed to the transport, so a batch of frames never waits out one failure each.
+    link_down: bool,
+    paused_state: Vec<u8>,
+    control_bytes: u64,
+    chunk_log2: u8,
+}
+
+impl<L: SourceLink> Driver<'_, L> {
+    fn link_failed(&mut self) {
+        if !self.link_down {
+            self.link_down = true;
+            self.pending.push_back(SrcInput::TransportFailed);
+        }
+    }
+
+    fn exec(&mut self, c: SrcCommand) {
+        match c {
+            SrcCommand::Send(f) => {
+                let bytes = wire::encode_to_vec(&f).expect("machines send valid frames");
+                self.control_bytes += bytes.len() as u64;
+                if self.link_down || self.link.send_control(&bytes).is_err() {
+                    self.link_failed();
+                }
+            }
+            SrcCommand::OpenData { hello } => {
+                if self.link_down || self.link.open_data(hello).is_err() {
+                    self.pending.push_back(SrcInput::DataLost {
+                        channel: hello.channel,
+                    });
+                }
+            }
+            SrcCommand::PostWrite(w) => {
+                let req = WriteReq {
+                    wr_id: w.wr_id,
+                    block: w.block,
+                    offset: w.offset,
+                    len: w.len,
+                    rkey: w.rkey,
+                    remote_offset: w.remote_offset,
+                };
+                if self.link_down || self.link.post_write(w.channel, req).is_err() {
+                    self.link_failed();
+                }
+            }
+            SrcCommand::ScanDirty { all } => {
+                let t = Instant::now();
+                let scanned = (self.run.scan)(all);
+                tracing::info!("dirty scan (all: {all}) took {:?}", t.elapsed());
+                self.pending.push_back(match scanned {
+                    Ok(scan) => SrcInput::Dirty(scan),
+                    Err(e) => {
+                        tracing::error!("dirty tracking failed: {e}");
+                        SrcInput::WorkloadFailed
+                    }
+                });
+            }
+            SrcCommand::PauseWorkload => {
+                // Armed first: should this process die once the workload is paused, the guard
+                // resumes it (spec: INV-OWN-2).
+                if let Some(g) = self.run.guard.as_mut() {
+                    if let Err(e) = g.arm() {
+                        tracing::warn!("arming the guard: {e}");
+                    }
+                }
+                let t = Instant::now();
+                let r = self.run.workload.pause();
+                tracing::info!("pausing the workload took {:?}", t.elapsed());
+                self.pending.push_back(match r {
+                    Ok(out) => {
+                        self.paused_state = out;
+                        SrcInput::WorkloadPaused
+                    }
+                    Err(e) => {
+                        tracing::error!("pausing the workload: {e}");
+                        SrcInput::WorkloadFailed
+                    }
+                });
+            }
+            SrcCommand::ResumeWorkload => {
+                if let Err(e) = self.run.workload.resume() {
+                    tracing::error!("resuming the workload: {e}");
+                }
+                if let Some(g) = self.run.guard.as_mut() {
+                    let _ = g.release();
+                }
+            }
+            SrcCommand::RelinquishWorkload => {
+                // Written before COMMIT is handed to the transport (spec: SW-6).
+                if let Some(g) = self.run.guard.as_mut() {
+                    if let Err(e) = g.disarm() {
+                        // A guard that cannot be told is gone, and resumes nothing.
+                        tracing::warn!("disarming the guard: {e}");
+                    }
+                }
+            }
+            SrcCommand::CaptureDeviceState => {
+                let state = match &self.run.state_in {
+                    Some(p) => match std::fs::read(p) {
+                        Ok(b) => SrcInput::DeviceState(b),
+                        Err(e) => {
+                            tracing::error!("reading device state {}: {e}", p.display());
+                            SrcInput::WorkloadFailed
+                        }
+                    },
+                    None => SrcInput::DeviceState(std::mem::take(&mut self.paused_state)),
+                };
+                self.pending.push_back(state);
+            }
+            SrcCommand::ComputeDigests => {
+                let t = Instant::now();
+                let d = chunk_digests(&self.run.blocks, self.chunk_log2, self.run.threads);
+                tracing::info!("digests took {:?}", t.elapsed());
+                self.pending.push_back(SrcInput::Digests(d));
+            }
+            SrcCommand::Finish(_) => {}
+        }
+    }
+}
+
+/// Runs the source to its outcome over any transport.
+pub fn run_source(link: impl SourceLink, rx: Receiver<SrcEvent>, mut run: SourceRun) -> Report {
+    let clock = Clock::new();
+    let mut nonce = [0u8; wire::NONCE_LEN];
+    getrandom::fill(&mut nonce).expect("the OS random source is available");
+    let memory: u64 = run.blocks.iter().map(|b| b.len()).sum();
+    let mut src =
+        Source::new(run.cfg.clone(), nonce).expect("configuration validated by the caller");
+    let mut progress = run.progress.take();
+    let mut d = Driver {
+        link,
+        chunk_log2: run.cfg.params.chunk_log2,
+        run,
+        clock: &clock,
+        pending: VecDeque::from([SrcInput::Start]),
+        link_down: false,
+        paused_state: Vec::new(),
+        control_bytes: 0,
+    };
+    let mut out = SrcOut::new();
+    let mut last_round = 0;
+    while src.outcome().is_none() {
+        let input = match d.pending.pop_front() {
+            Some(i) => i,
+            None => match wait(&rx, d.clock, src.timers().next()) {
+                Wake::Event(e) => to_input(e),
+                Wake::Timer(k) => SrcInput::Timer(k),
+                Wake::Gone => SrcInput::TransportFailed,
+            },
+        };
+        src.handle(clock.now(), input, &mut out);
+        d.chunk_log2 = src.params().chunk_log2;
+        for c in std::mem::take(&mut out.cmds) {
+            d.exec(c);
+        }
+        if let Some(p) = progress.as_mut() {
+            if src.round() != last_round || src.outcome().is_some() {
+                last_round = src.round();
+                let rate = src.bandwidth().unwrap_or(0) as f64 / 1e6;
+                let remaining = src.remaining_bytes();
+                let downtime = src.bandwidth().map_or(0, |bw| remaining * 1000 / bw.max(1));
+                p.update(src.round(), out.stats.data_bytes, remaining, rate, downtime);
+            }
+        }
+    }
+    if let Some(p) = progress.as_mut() {
+        p.finish();
+    }
+    if let Some(g) = d.run.guard.as_mut() {
+        // Resumed or relinquished already, or never paused: the guard has nothing left to do.
+        let _ = g.release();
+    }
+    d.link.shutdown();
+    report(&src, &out.stats, &d, memory, clock.now())
+}
+
+fn rounds(stats: &[RoundStats]) -> Vec<RoundReport> {
+    stats
+        .iter()
+        .map(|r| RoundReport {
+            round: r.round,
+            last: r.last,
+            dirty_pages: r.dirty_pages,
+            zero_pages: r.zero_pages,
+            data_bytes: r.data_bytes,
+            writes: r.writes,
+            duration_ms: r.duration_ms,
+        })
+        .collect()
+}
+
+fn report<L: SourceLink>(
+    src: &Source,
+    st: &rdmig_model::source::SourceStats,
+    d: &Driver<'_, L>,
+    memory: u64,
+    total_ms: Millis,
+) -> Report {
+    let mut r = Report {
+        role: "source",
+        transport: d.link.name(),
+        channels: src.params().channels,
+        memory_bytes: memory,
+        total_time_ms: total_ms,
+        setup_time_ms: st.setup_done_ms.unwrap_or(0),
+        rounds: rounds(&st.rounds),
+        registration_requests: st.reg_requests,
+        chunks_registered: st.reg_chunks,
+        chunks_evicted: st.unreg_chunks,
+        verified: src.params().digest != DigestAlg::None,
+        rss_anon_bytes: crate::report::rss_anon(),
+        ..Default::default()
+    };
+    r.set_outcome(src.outcome());
+    if r.status == Status::Completed {
+        r.downtime_ms = st.paused_at_ms.zip(st.finished_at_ms).map(|(p, f)| f - p);
+    } else {
+        r.verified = false;
+    }
+    r.bytes.data = st.data_bytes;
+    r.bytes.zero_pages = st.zero_pages;
+    r.bytes.control_frames = st.control_frames_sent + st.control_frames_received;
+    r.bytes.control_bytes = d.control_bytes;
+    let active = r.total_time_ms.saturating_sub(r.setup_time_ms).max(1);
+    r.throughput_mb_s = st.data_bytes as f64 / active as f64 / 1e3;
+    // Pages found dirty at the start of round k were written since the start of round k-1.
+    let windows: Vec<_> = st
+        .rounds
+        .windows(2)
+        .filter(|w| w[1].started_ms > w[0].started_ms)
+        .collect();
+    if !windows.is_empty() {
+        let pages: u64 = windows.iter().map(|w| w[1].dirty_pages).sum();
+        let ms: u64 = windows
+            .iter()
+            .map(|w| w[1].started_ms - w[0].started_ms)
+            .sum();
+        let page = d.run.blocks.first().map_or(4096, |b| 1u64 << b.page_log2());
+        r.dirty_rate_mb_s = (pages * page) as f64 / ms as f64 / 1e3;
+    }
+    r
+}

@@ -1,0 +1,320 @@
+//! The destination's end of the TCP binding: every connection the listening socket accepts,
+//! each read by its own thread, so a silent, slow or hostile connection never delays another
+//! (spec: LIVE-4, LIVE-5). Which connection becomes what is the listener machine's decision;
+//! this end reports what each connection sends first and carries the decisions out.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdmig_model::listener::ConnId;
+use rdmig_model::wire;
+
+use super::{parse_data_header, DataFrameError, DATA_HEADER_LEN};
+use super::{read_control_frame, read_exact_by, read_first_byte};
+use crate::memory::ram::RamBlock;
+use crate::transport::regtable::{RegTable, Region};
+use crate::transport::{tune, Deadlines, DestLink, DstEvent};
+
+/// What the listener decided for a data connection that presented DATA_HELLO.
+enum Decision {
+    Admit,
+    Refuse,
+}
+
+/// One accepted connection.
+struct Conn {
+    /// A handle for sends and for closing it (wakes its reader).
+    stream: TcpStream,
+    /// Set while its reader waits for the listener's decision on its DATA_HELLO.
+    decide: Option<SyncSender<Decision>>,
+}
+
+type Conns = Arc<Mutex<HashMap<ConnId, Conn>>>;
+
+/// How long a closed connection may still drain before it is cut: the peer reads what was
+/// sent last (STARTED, ABORT) and closes its end; after this the socket is shut regardless.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// The destination's end: the listening socket, every connection it accepted, and the
+/// registration table data connections write through.
+pub struct DestTcp {
+    conns: Conns,
+    table: Arc<RegTable>,
+    closing: Arc<AtomicBool>,
+    local: SocketAddr,
+    salt: u32,
+    /// Connections closed for sending, to shut completely once they lingered.
+    reaper: Sender<(Instant, TcpStream)>,
+}
+
+impl DestTcp {
+    /// Starts accepting on `listener`; connections and what they send arrive on `tx`.
+    pub fn listen(
+        listener: TcpListener,
+        blocks: Arc<Vec<Arc<RamBlock>>>,
+        salt: u32,
+        deadlines: Deadlines,
+        tx: Sender<DstEvent>,
+    ) -> io::Result<Self> {
+        let local = listener.local_addr()?;
+        let conns: Conns = Arc::new(Mutex::new(HashMap::new()));
+        let table = Arc::new(RegTable::new());
+        let closing = Arc::new(AtomicBool::new(false));
+        {
+            let (conns, table, closing) = (conns.clone(), table.clone(), closing.clone());
+            std::thread::spawn(move || {
+                acceptor(listener, conns, table, blocks, closing, tx, deadlines)
+            });
+        }
+        let (reaper, reap) = mpsc::channel::<(Instant, TcpStream)>();
+        std::thread::spawn(move || {
+            for (at, s) in reap {
+                std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        });
+        Ok(DestTcp {
+            conns,
+            table,
+            closing,
+            local,
+            salt,
+            reaper,
+        })
+    }
+
+    /// Registrations held.
+    pub fn registered(&self) -> usize {
+        self.table.len()
+    }
+}
+
+fn acceptor(
+    listener: TcpListener,
+    conns: Conns,
+    table: Arc<RegTable>,
+    blocks: Arc<Vec<Arc<RamBlock>>>,
+    closing: Arc<AtomicBool>,
+    events: Sender<DstEvent>,
+    d: Deadlines,
+) {
+    let mut next: ConnId = 1;
+    for s in listener.incoming() {
+        if closing.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(s) = s else { continue };
+        tune(&s, d);
+        let conn = next;
+        next += 1;
+        let Ok(handle) = s.try_clone() else { continue };
+        conns.lock().unwrap().insert(
+            conn,
+            Conn {
+                stream: handle,
+                decide: None,
+            },
+        );
+        if events.send(DstEvent::Accepted(conn)).is_err() {
+            return;
+        }
+        let (conns, table, blocks, events) =
+            (conns.clone(), table.clone(), blocks.clone(), events.clone());
+        std::thread::spawn(move || {
+            let why = serve(s, conn, &conns, &table, &blocks, &events, d);
+            conns.lock().unwrap().remove(&conn);
+            let _ = events.send(DstEvent::Closed(conn, why));
+        });
+    }
+}
+
+/// Reads what `conn` sends first and serves it as a control or a data connection; returns
+/// why it ended.
+fn serve(
+    mut s: TcpStream,
+    conn: ConnId,
+    conns: &Conns,
+    table: &RegTable,
+    blocks: &[Arc<RamBlock>],
+    events: &Sender<DstEvent>,
+    d: Deadlines,
+) -> String {
+    let first = match read_first_byte(&mut s) {
+        Ok(Some(b)) => b,
+        Ok(None) => return "closed by the peer".into(),
+        Err(e) => return e.to_string(),
+    };
+    if first != wire::DATA_HELLO_MAGIC[0] {
+        return control(s, first, conn, events, d);
+    }
+    let mut hello = [0u8; wire::DATA_HELLO_LEN];
+    hello[0] = first;
+    if let Err(e) = read_exact_by(&mut s, &mut hello[1..], Instant::now() + d.frame()) {
+        return format!("incomplete data hello: {e}");
+    }
+    let (tx, rx) = mpsc::sync_channel(1);
+    match conns.lock().unwrap().get_mut(&conn) {
+        Some(c) => c.decide = Some(tx),
+        None => return "closed".into(),
+    }
+    if events.send(DstEvent::DataHello(conn, hello)).is_err() {
+        return "the driver is gone".into();
+    }
+    // The listener answers at once; its handshake deadline closes a connection it forgets.
+    match rx.recv() {
+        Ok(Decision::Admit) => {}
+        Ok(Decision::Refuse) | Err(_) => return "data channel refused".into(),
+    }
+    if let Err(e) = s.write_all(&wire::DATA_JOIN_ACK) {
+        return format!("answering the join: {e}");
+    }
+    data_receiver(s, table, blocks, d)
+}
+
+/// A control connection: frames, each whole within the frame deadline once begun.
+fn control(
+    mut s: TcpStream,
+    mut first: u8,
+    conn: ConnId,
+    events: &Sender<DstEvent>,
+    d: Deadlines,
+) -> String {
+    loop {
+        let f = match read_control_frame(&mut s, first, d.frame()) {
+            Ok(f) => f,
+            Err(e) => return e.to_string(),
+        };
+        let bad = wire::decode_header(&f).is_err();
+        if events.send(DstEvent::Frame(conn, f)).is_err() {
+            return "the driver is gone".into();
+        }
+        if bad {
+            return "malformed frame".into();
+        }
+        first = match read_first_byte(&mut s) {
+            Ok(Some(b)) => b,
+            Ok(None) => return "closed by the peer".into(),
+            Err(e) => return e.to_string(),
+        };
+    }
+}
+
+/// Applies data frames straight into registered memory (spec: DATA-1, INV-REG-1), and
+/// acknowledges each once placed.
+fn data_receiver(
+    mut s: TcpStream,
+    table: &RegTable,
+    blocks: &[Arc<RamBlock>],
+    d: Deadlines,
+) -> String {
+    let mut applied: u64 = 0;
+    loop {
+        // An idle channel (between rounds) is normal; a frame, once begun, is bounded.
+        let mut hb = [0u8; DATA_HEADER_LEN];
+        hb[0] = match read_first_byte(&mut s) {
+            Ok(Some(b)) => b,
+            Ok(None) => return "closed by the source".into(),
+            Err(e) => return e.to_string(),
+        };
+        let deadline = Instant::now() + d.frame();
+        if let Err(e) = read_exact_by(&mut s, &mut hb[1..], deadline) {
+            return format!("data frame header: {e}");
+        }
+        // Checked and received under the table's read lock: the payload goes from the socket
+        // straight into memory, and an unregister waits until it has landed, which the frame
+        // deadline bounds (INV-REG-1, LIVE-3).
+        let fd = std::os::fd::AsFd::as_fd(&s);
+        let r = parse_data_header(&hb).and_then(|h| {
+            table
+                .with_write(h.rkey, h.remote_offset, h.len as u64, |block, off| {
+                    blocks[block as usize].recv_range(fd, off, h.len as u64, deadline)
+                })
+                .map_err(DataFrameError::from)
+        });
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return format!("data channel failed mid-frame: {e}"),
+            Err(e) => return format!("refused a data frame: {e}"),
+        }
+        applied += 1;
+        if let Err(e) = s.write_all(&applied.to_le_bytes()) {
+            return format!("acknowledging: {e}");
+        }
+    }
+}
+
+impl DestLink for DestTcp {
+    fn send(&mut self, conn: ConnId, frame: &[u8]) -> io::Result<()> {
+        // A handle of its own, so a slow send never holds the table.
+        let s = self
+            .conns
+            .lock()
+            .unwrap()
+            .get(&conn)
+            .map(|c| c.stream.try_clone());
+        match s {
+            Some(s) => s?.write_all(frame),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "connection gone",
+            )),
+        }
+    }
+
+    /// Ends what this side sends on `conn` (the peer reads everything sent, then the end),
+    /// and cuts the connection after `LINGER`, so a peer that never closes costs nothing more.
+    fn close(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.lock().unwrap().get_mut(&conn) {
+            if let Some(d) = c.decide.take() {
+                let _ = d.try_send(Decision::Refuse);
+            }
+            let _ = c.stream.shutdown(Shutdown::Write);
+            if let Ok(s) = c.stream.try_clone() {
+                let _ = self.reaper.send((Instant::now() + LINGER, s));
+            }
+        }
+    }
+
+    fn admit(&mut self, conn: ConnId, _channel: u8) -> io::Result<()> {
+        let mut conns = self.conns.lock().unwrap();
+        let decide = conns
+            .get_mut(&conn)
+            .and_then(|c| c.decide.take())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "connection gone"))?;
+        decide
+            .try_send(Decision::Admit)
+            .map_err(|_| io::Error::new(io::ErrorKind::NotConnected, "connection gone"))
+    }
+
+    fn register(&mut self, block: u16, offset: u64, len: u64) -> io::Result<u32> {
+        Ok(self
+            .table
+            .register(Region { block, offset, len }, self.salt))
+    }
+
+    fn unregister(&mut self, key: u32) -> bool {
+        self.table.unregister(key)
+    }
+
+    fn shutdown(&mut self) {
+        self.table.clear();
+        self.closing.store(true, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().values_mut() {
+            if let Some(d) = c.decide.take() {
+                let _ = d.try_send(Decision::Refuse);
+            }
+            let _ = c.stream.shutdown(Shutdown::Both);
+        }
+        // Wake the acceptor so it sees `closing`.
+        let _ = TcpStream::connect_timeout(&self.local, Duration::from_millis(200));
+    }
+
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+}

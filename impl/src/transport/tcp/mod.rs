@@ -1,0 +1,77 @@
+//! TCP transport (spec: section 1.3, "TCP binding"): one control connection carrying protocol
+//! frames, and one connection per data channel carrying one-sided writes as frames that the
+//! destination applies straight into registered memory, refusing anything an RDMA NIC would
+//! refuse (spec: DATA-1, INV-REG-1).
+//!
+//! Data connection, source to destination: DATA_HELLO (56 bytes, `wire::DataHello`), then data
+//! frames (`frames`). Destination to source, on the same connection: DATA_JOIN_ACK (8 bytes)
+//! once the session admitted the channel (spec: AUTH-6), then after each applied frame the
+//! cumulative number of frames applied as u64 LE. A write completes at the source only when
+//! its frames are acknowledged, so "complete" means "placed", as with RDMA (spec: RND-2).
+//!
+//! Every wait on the peer is bounded (spec: LIVE-2, LIVE-3): sockets carry the liveness
+//! options of [`tune`](super::tune), and a frame whose first byte arrived must arrive whole
+//! within the frame deadline.
+
+mod destination;
+pub mod frames;
+mod source;
+
+use std::io::{self, Read};
+use std::net::TcpStream;
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use rdmig_model::wire;
+
+pub use destination::DestTcp;
+pub use frames::*;
+pub use source::SourceTcp;
+
+use crate::memory::ram::wait_readable;
+
+/// Reads exactly `buf.len()` bytes, all of them by `deadline`.
+fn read_exact_by(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        wait_readable(s.as_fd(), deadline)?;
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Waits, without a bound, for the first byte of the next message: a silent peer is the
+/// machines' to time out (their idle and progress deadlines), and closing the socket ends
+/// the wait. `Ok(None)` is the end of the stream.
+fn read_first_byte(s: &mut TcpStream) -> io::Result<Option<u8>> {
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return Ok(None),
+            Ok(_) => return Ok(Some(b[0])),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads one control frame whose first byte is `first`: the rest by `frame` after it (spec:
+/// LIVE-3). A header that fails to decode is returned as-is, so the machine sees the
+/// malformed bytes and aborts.
+fn read_control_frame(s: &mut TcpStream, first: u8, frame: Duration) -> io::Result<Vec<u8>> {
+    let deadline = Instant::now() + frame;
+    let mut buf = vec![0u8; wire::HEADER_LEN];
+    buf[0] = first;
+    read_exact_by(s, &mut buf[1..], deadline)?;
+    if let Ok(h) = wire::decode_header(&buf) {
+        buf.resize(wire::HEADER_LEN + h.payload_len, 0);
+        read_exact_by(s, &mut buf[wire::HEADER_LEN..], deadline)?;
+    }
+    Ok(buf)
+}

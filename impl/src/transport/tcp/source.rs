@@ -1,0 +1,266 @@
+//! The source's end of the TCP binding: the control connection, and data connections opened
+//! one per channel when the machine asks (spec: AUTH-6).
+
+use std::io::{self, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdmig_model::wire::{self, DataHello};
+
+use super::{encode_data_header, DataHeader, MAX_DATA_FRAME};
+use super::{read_control_frame, read_exact_by, read_first_byte};
+use crate::memory::ram::RamBlock;
+use crate::transport::completions::ChannelCompletions;
+use crate::transport::{tune, Deadlines, SourceLink, SrcEvent, WriteReq};
+
+/// Writes queued per channel: deeper than the machine's per-channel window, which it never
+/// exceeds.
+const QUEUE_DEPTH: usize = 4096;
+
+/// The source's end: control connection plus data channels opened after authentication.
+pub struct SourceTcp {
+    addr: SocketAddr,
+    control: TcpStream,
+    events: Sender<SrcEvent>,
+    /// Per channel: the queue of its sending thread, once admitted.
+    channels: Arc<Mutex<Vec<Option<SyncSender<WriteReq>>>>>,
+    /// Every data connection, for shutdown.
+    streams: Arc<Mutex<Vec<TcpStream>>>,
+    blocks: Arc<Vec<Arc<RamBlock>>>,
+    /// Bytes per second per channel, 0 for unlimited.
+    rate: u64,
+    deadlines: Deadlines,
+}
+
+impl SourceTcp {
+    /// Connects the control channel; what happens arrives on `tx`. `max_bandwidth` (bytes per
+    /// second, 0 for none) is shared by the `channels` data channels.
+    pub fn connect(
+        addr: SocketAddr,
+        blocks: Arc<Vec<Arc<RamBlock>>>,
+        max_bandwidth: u64,
+        channels: u8,
+        deadlines: Deadlines,
+        tx: Sender<SrcEvent>,
+    ) -> io::Result<Self> {
+        let control = TcpStream::connect_timeout(&addr, deadlines.connect())?;
+        tune(&control, deadlines);
+        let reader = control.try_clone()?;
+        let events = tx.clone();
+        std::thread::spawn(move || control_reader(reader, events, deadlines));
+        Ok(SourceTcp {
+            addr,
+            control,
+            events: tx,
+            channels: Arc::new(Mutex::new(Vec::new())),
+            streams: Arc::new(Mutex::new(Vec::new())),
+            blocks,
+            rate: max_bandwidth / channels.max(1) as u64,
+            deadlines,
+        })
+    }
+}
+
+fn control_reader(mut s: TcpStream, events: Sender<SrcEvent>, d: Deadlines) {
+    loop {
+        let r = read_first_byte(&mut s).and_then(|first| match first {
+            None => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed by the peer",
+            )),
+            Some(b) => read_control_frame(&mut s, b, d.frame()),
+        });
+        match r {
+            Ok(f) => {
+                let bad = wire::decode_header(&f).is_err();
+                if events.send(SrcEvent::Control(f)).is_err() || bad {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = events.send(SrcEvent::ControlClosed(e.to_string()));
+                return;
+            }
+        }
+    }
+}
+
+impl SourceLink for SourceTcp {
+    fn send_control(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.control.write_all(frame)
+    }
+
+    fn open_data(&mut self, hello: DataHello) -> io::Result<()> {
+        let ch = hello.channel;
+        let (addr, d, rate) = (self.addr, self.deadlines, self.rate);
+        let (events, blocks) = (self.events.clone(), self.blocks.clone());
+        let (channels, streams) = (self.channels.clone(), self.streams.clone());
+        std::thread::spawn(move || {
+            let opened = join(addr, &hello, d).and_then(|s| {
+                let comps = Arc::new(ChannelCompletions::new());
+                let (tx, rx) = mpsc::sync_channel::<WriteReq>(QUEUE_DEPTH);
+                let (reader, writer) = (s.try_clone()?, s.try_clone()?);
+                streams.lock().unwrap().push(s);
+                let (ev, c) = (events.clone(), comps.clone());
+                std::thread::spawn(move || ack_reader(reader, ch, c, ev, d));
+                let ev = events.clone();
+                std::thread::spawn(move || data_sender(writer, ch, rx, comps, blocks, ev, rate));
+                let mut chans = channels.lock().unwrap();
+                if chans.len() <= ch as usize {
+                    chans.resize(ch as usize + 1, None);
+                }
+                chans[ch as usize] = Some(tx);
+                Ok(())
+            });
+            let _ = events.send(match opened {
+                Ok(()) => SrcEvent::DataOpened(ch),
+                Err(e) => SrcEvent::DataLost(ch, format!("opening data channel {ch}: {e}")),
+            });
+        });
+        Ok(())
+    }
+
+    fn post_write(&mut self, channel: u8, w: WriteReq) -> io::Result<()> {
+        let chans = self.channels.lock().unwrap();
+        let tx = chans
+            .get(channel as usize)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "data channel not open"))?;
+        tx.try_send(w)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "data channel closed"))
+    }
+
+    /// Closes every connection; the threads end on their own.
+    fn shutdown(&mut self) {
+        let _ = self.control.flush();
+        let _ = self.control.shutdown(Shutdown::Both);
+        for s in self.streams.lock().unwrap().iter() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        self.channels.lock().unwrap().clear();
+    }
+
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+}
+
+/// Connects a data channel and presents its DATA_HELLO; the destination's DATA_JOIN_ACK, within
+/// the connect deadline, admits it (spec: AUTH-6, LIVE-4).
+fn join(addr: SocketAddr, hello: &DataHello, d: Deadlines) -> io::Result<TcpStream> {
+    let deadline = Instant::now() + d.connect();
+    let mut s = TcpStream::connect_timeout(&addr, d.connect())?;
+    tune(&s, d);
+    s.write_all(&hello.encode())?;
+    let mut ack = [0u8; 8];
+    read_exact_by(&mut s, &mut ack, deadline).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("the destination did not admit the channel: {e}"),
+        )
+    })?;
+    if ack != wire::DATA_JOIN_ACK {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the destination answered the join with something else",
+        ));
+    }
+    Ok(s)
+}
+
+/// Completes writes from the destination's cumulative placement counts. Waiting for the next
+/// count is the machine's to bound (its progress deadline, spec: ERR-4); a count once begun
+/// must arrive whole within the frame deadline.
+fn ack_reader(
+    mut s: TcpStream,
+    ch: u8,
+    comps: Arc<ChannelCompletions>,
+    events: Sender<SrcEvent>,
+    d: Deadlines,
+) {
+    let mut acked = 0u64;
+    let lost = |why: String| SrcEvent::DataLost(ch, why);
+    loop {
+        let mut b = [0u8; 8];
+        let r = read_first_byte(&mut s).and_then(|first| match first {
+            None => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed by the peer",
+            )),
+            Some(x) => {
+                b[0] = x;
+                read_exact_by(&mut s, &mut b[1..], Instant::now() + d.frame())
+            }
+        });
+        if let Err(e) = r {
+            let _ = events.send(lost(format!("data channel {ch}: {e}")));
+            return;
+        }
+        let total = u64::from_le_bytes(b);
+        let Some(n) = total.checked_sub(acked) else {
+            let _ = events.send(lost("acknowledgement count went backwards".into()));
+            return;
+        };
+        match comps.acked(n) {
+            Ok(done) => {
+                acked = total;
+                for id in done {
+                    if events.send(SrcEvent::WriteDone(id)).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(_) => {
+                let _ = events.send(lost("acknowledgement for frames never sent".into()));
+                return;
+            }
+        }
+    }
+}
+
+fn data_sender(
+    s: TcpStream,
+    ch: u8,
+    rx: Receiver<WriteReq>,
+    comps: Arc<ChannelCompletions>,
+    blocks: Arc<Vec<Arc<RamBlock>>>,
+    events: Sender<SrcEvent>,
+    rate: u64,
+) {
+    let start = Instant::now();
+    let mut sent: u64 = 0;
+    while let Ok(w) = rx.recv() {
+        let mut done = 0u64;
+        while done < w.len {
+            let n = (w.len - done).min(MAX_DATA_FRAME as u64) as usize;
+            let last = done + n as u64 == w.len;
+            let h = DataHeader {
+                rkey: w.rkey,
+                remote_offset: w.remote_offset + done,
+                len: n as u32,
+            };
+            comps.posted(last.then_some(w.wr_id));
+            let fd = std::os::fd::AsFd::as_fd(&s);
+            if let Err(e) = blocks[w.block as usize].send_range(
+                fd,
+                &encode_data_header(&h),
+                w.offset + done,
+                n as u64,
+            ) {
+                let why = format!("data channel {ch} write failed: {e}");
+                let _ = events.send(SrcEvent::DataLost(ch, why));
+                return;
+            }
+            done += n as u64;
+            sent += n as u64;
+            if rate > 0 {
+                let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,393 @@
+//! Data channels: writes posted, placed by the destination NIC, completed.
+
+use super::*;
+
+impl Sim {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn post_write(
+        &mut self,
+        ch: usize,
+        wr_id: u64,
+        block: u16,
+        offset: u64,
+        len: u64,
+        rkey: u32,
+        remote_offset: u64,
+    ) -> R {
+        let negotiated = self.src.params().channels as usize;
+        let b = block as usize;
+        let page_log2 = self.guest.page_log2();
+        let mask = (1u64 << page_log2) - 1;
+        if ch >= negotiated || ch >= self.chans.len() {
+            return Err(self.fail(
+                "DATA-1",
+                format!("write on channel {ch}, but {negotiated} were negotiated"),
+            ));
+        }
+        if !self.chans[ch].joined {
+            return Err(self.fail(
+                "AUTH-6",
+                format!("write on channel {ch}, which the destination never admitted"),
+            ));
+        }
+        if b >= self.guest.mem.len()
+            || len == 0
+            || offset & mask != 0
+            || len & mask != 0
+            || (offset + len) >> page_log2 > self.guest.mem[b].len() as u64
+        {
+            return Err(self.fail(
+                "DATA-1",
+                format!("write of source block {block} [{offset}, +{len}) outside the block"),
+            ));
+        }
+        self.stats.writes_posted += 1;
+        self.stats.data_posted_bytes += len;
+        self.trace.rec(self.now, Tag::WritePosted, ch as u64, wr_id);
+        let c = self.costs.clone();
+        self.stats.cpu[SRC].requests_ns += c.wr_ns;
+        let round = self.stats.rounds.len().saturating_sub(1);
+        if !self.chans[ch].alive {
+            // A broken queue pair flushes new requests with an error.
+            self.push_cqe(
+                ch,
+                Cqe {
+                    at: self.now + c.latency_ns,
+                    wr_id,
+                    ok: false,
+                },
+            );
+            return Ok(());
+        }
+        // Channels beyond the cores share them.
+        let nch = self.chans.len() as u64;
+        let share = |t: u64| t * nch.max(c.cores) / c.cores;
+        let send_cpu = share(ns(len, c.send_fs_per_byte));
+        let chan = &mut self.chans[ch];
+        let s1 = self.now.max(chan.send_free);
+        let produced = s1 + c.wr_ns + send_cpu;
+        chan.send_free = produced;
+        self.stats.cpu[SRC].transport_ns += send_cpu;
+        // The link: one FIFO for all channels in this direction.
+        let wire_ns = c.wire_ns(len);
+        let l_start = (s1 + c.wr_ns).max(self.link_free);
+        if let Some(r) = self.stats.rounds.get_mut(round) {
+            if l_start > self.link_free && r.first_post_ns.is_some_and(|f| self.link_free >= f) {
+                let gap = l_start - self.link_free;
+                self.stats.idle_gap_ns[self.cause as usize] += gap;
+                r.gap_ns[self.cause as usize] += gap;
+            }
+        }
+        self.link_free = l_start + wire_ns;
+        self.stats.link_busy_ns += wire_ns;
+        let wire_bytes = c.wire_bytes(len);
+        self.stats.data_wire_bytes += wire_bytes;
+        if let Some(r) = self.stats.rounds.get_mut(round) {
+            r.first_post_ns.get_or_insert(self.now);
+            r.wire_ns += wire_ns;
+            r.header_ns += ns(wire_bytes - len, c.link_fs_per_byte);
+        }
+        let sent = self.link_free.max(produced);
+        let place = if c.rdma {
+            sent + c.latency_ns
+        } else {
+            // The receiving core copies into memory, faulting in untouched pages.
+            let untouched = if self.cfg.guest.dst_pretouched {
+                0
+            } else {
+                let d = self.dst_of_src[b] as usize;
+                let n = len >> page_log2;
+                (n - self.touched[d].count_range(offset >> page_log2, n)) << page_log2
+            };
+            let recv_cpu = share(ns(len, c.recv_fs_per_byte)) + ns(untouched, c.touch_fs_per_byte);
+            self.stats.cpu[DST].transport_ns += recv_cpu;
+            let chan = &mut self.chans[ch];
+            let s3 = (l_start + c.latency_ns).max(chan.recv_free);
+            let done = (s3 + recv_cpu).max(sent + c.latency_ns);
+            chan.recv_free = done;
+            done
+        };
+        let chan = &mut self.chans[ch];
+        let place = place.max(chan.last_place);
+        chan.last_place = place;
+        chan.inflight.push_back(Wr {
+            wr_id,
+            block,
+            offset,
+            len,
+            rkey,
+            remote_offset,
+            place_at: place,
+            round,
+        });
+        if chan.place_at.is_none() {
+            chan.place_at = Some(place);
+            self.push(place, Ev::Place(ch, place));
+        }
+        Ok(())
+    }
+
+    pub(super) fn place(&mut self, ch: usize) -> R {
+        // A silent channel places nothing until it heals (and never, if for good).
+        let silent_until = self.chans[ch].silence.until;
+        if silent_until > self.now {
+            if silent_until != u64::MAX {
+                self.chans[ch].place_at = Some(silent_until);
+                self.push(silent_until, Ev::Place(ch, silent_until));
+            }
+            return Ok(());
+        }
+        while let Some(w) = self.chans[ch].inflight.front() {
+            if w.place_at > self.now {
+                break;
+            }
+            let w = self.chans[ch].inflight.pop_front().expect("front exists");
+            self.land(ch, w)?;
+        }
+        if let Some(w) = self.chans[ch].inflight.front() {
+            let at = w.place_at;
+            self.chans[ch].place_at = Some(at);
+            self.push(at, Ev::Place(ch, at));
+        }
+        Ok(())
+    }
+
+    /// A write reaches the destination's NIC, which checks its key and range.
+    // spec: INV-REG-1, DATA-1, REG-5
+    pub(super) fn land(&mut self, ch: usize, w: Wr) -> R {
+        let placed = if self.crashed[DST] {
+            Err(Refusal::UnknownKey)
+        } else {
+            self.nic.place(w.rkey, w.remote_offset, w.len)
+        };
+        let ok = match placed {
+            Err(Refusal::UnknownKey) => {
+                if !self.crashed[DST] && !self.done(DST) {
+                    return Err(self.fail(
+                        "INV-REG-1",
+                        format!(
+                            "write wr{} (block {} offset {} len {}) uses rkey {:#x}, which is not registered, while the destination is live",
+                            w.wr_id, w.block, w.offset, w.len, w.rkey
+                        ),
+                    ));
+                }
+                false
+            }
+            Err(Refusal::OutOfBounds) => {
+                return Err(self.fail(
+                    "INV-REG-1",
+                    format!(
+                        "write wr{} [{}, +{}) beyond its registration",
+                        w.wr_id, w.remote_offset, w.len
+                    ),
+                ));
+            }
+            Ok((block, at)) => {
+                let page_log2 = self.guest.page_log2();
+                let want = self.dst_of_src[w.block as usize];
+                if block != want || at != w.offset {
+                    return Err(self.fail(
+                        "INV-MEM-1",
+                        format!(
+                            "write of source block {} offset {} lands at destination block {} offset {} (expected block {want})",
+                            w.block, w.offset, block, at
+                        ),
+                    ));
+                }
+                let (p0, n) = (
+                    (w.offset >> page_log2) as usize,
+                    (w.len >> page_log2) as usize,
+                );
+                let q0 = (at >> page_log2) as usize;
+                let lb = block as usize;
+                self.dmem[lb][q0..q0 + n]
+                    .copy_from_slice(&self.guest.mem[w.block as usize][p0..p0 + n]);
+                self.touched[lb].set_range(q0 as u64, n as u64);
+                self.stats.data_placed_bytes += w.len;
+                let bin = (self.now / BIN_NS) as usize;
+                if self.stats.bins.len() <= bin {
+                    self.stats.bins.resize(bin + 1, 0);
+                }
+                self.stats.bins[bin] += w.len;
+                if let Some(r) = self.stats.rounds.get_mut(w.round) {
+                    r.placed_bytes += w.len;
+                    r.last_place_ns = Some(self.now);
+                }
+                true
+            }
+        };
+        if ok {
+            self.trace.rec(self.now, Tag::WritePlaced, w.wr_id, w.len);
+        } else {
+            self.stats.writes_failed += 1;
+            self.trace.rec(self.now, Tag::WriteRejected, w.wr_id, 1);
+        }
+        let at = w.place_at + self.costs.latency_ns;
+        self.push_cqe(
+            ch,
+            Cqe {
+                at,
+                wr_id: w.wr_id,
+                ok,
+            },
+        );
+        Ok(())
+    }
+
+    pub(super) fn push_cqe(&mut self, ch: usize, mut e: Cqe) {
+        let chan = &mut self.chans[ch];
+        // Completions of one queue arrive in order.
+        e.at = e.at.max(chan.last_cqe);
+        chan.last_cqe = e.at;
+        chan.cq.push_back(e);
+        if chan.poll_at.is_none() {
+            let at = e.at + self.costs.cq_wakeup_ns + self.completion_delay();
+            self.chans[ch].poll_at = Some(at);
+            self.push(at, Ev::Poll(ch, at));
+        }
+    }
+
+    /// Extra delay before a poll: a delayed completion fault, or the reorder fault holding
+    /// completions back so that several are harvested (and shuffled) together.
+    pub(super) fn completion_delay(&mut self) -> u64 {
+        if !self.faults_active {
+            return 0;
+        }
+        let f = &self.cfg.faults;
+        let (delay_ppm, delay_max, reorder_ppm) = (
+            f.completion_delay_ppm,
+            f.completion_delay_max_ns,
+            f.reorder_ppm,
+        );
+        let mut d = 0;
+        if self.fault_rng.chance(delay_ppm) {
+            d = self.fault_rng.between(1, delay_max.max(1));
+            self.record_fault(FaultKind::CompletionDelay, d);
+        }
+        if self.fault_rng.chance(reorder_ppm) {
+            d += self.fault_rng.between(1, 50_000);
+        }
+        d
+    }
+
+    /// Harvests up to a batch of due completions and hands them to the source.
+    pub(super) fn poll(&mut self, ch: usize) -> R {
+        let mut batch = std::mem::take(&mut self.cqe_buf);
+        batch.clear();
+        while batch.len() < self.costs.cq_batch {
+            match self.chans[ch].cq.front() {
+                Some(e) if e.at <= self.now => {
+                    batch.push(*e);
+                    self.chans[ch].cq.pop_front();
+                }
+                _ => break,
+            }
+        }
+        if batch.len() > 1
+            && self.faults_active
+            && self.fault_rng.chance(self.cfg.faults.reorder_ppm)
+        {
+            self.fault_rng.shuffle(&mut batch);
+            self.record_fault(FaultKind::CompletionReorder, batch.len() as u64);
+        }
+        for e in batch.drain(..) {
+            let input = if e.ok {
+                SrcInput::WriteDone { wr_id: e.wr_id }
+            } else {
+                SrcInput::WriteFailed { wr_id: e.wr_id }
+            };
+            self.feed_src(input)?;
+        }
+        self.cqe_buf = batch;
+        if self.chans[ch].poll_at.is_none() {
+            if let Some(e) = self.chans[ch].cq.front().copied() {
+                let at = if e.at <= self.now {
+                    self.now
+                } else {
+                    e.at + self.costs.cq_wakeup_ns + self.completion_delay()
+                };
+                self.chans[ch].poll_at = Some(at);
+                self.push(at, Ev::Poll(ch, at));
+            }
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Opening and closing channels (spec: AUTH-6)
+
+    /// The source opens data channel `ch`: the connection and its DATA_HELLO reach the
+    /// listener one latency later (never, over a channel silent for good).
+    pub(super) fn open_data(&mut self, hello: DataHello) -> R {
+        let ch = hello.channel as usize;
+        if ch >= self.chans.len() {
+            return Err(self.fail(
+                "AUTH-6",
+                format!("the source opened channel {ch} of {}", self.chans.len()),
+            ));
+        }
+        if !self.chans[ch].alive {
+            self.push(self.now + self.costs.latency_ns, Ev::DetectData(SRC, ch));
+            return Ok(());
+        }
+        let at = (self.now + self.costs.latency_ns).max(self.chans[ch].silence.until);
+        if at == u64::MAX {
+            return Ok(());
+        }
+        let conn = data_conn(ch);
+        // A data connection never becomes a session, so its nonce is never used.
+        let nonce = [0u8; wire::NONCE_LEN];
+        self.push(at, Ev::Lsn(Box::new(LsnInput::Accepted { conn, nonce })));
+        self.push(
+            at,
+            Ev::Lsn(Box::new(LsnInput::DataHello {
+                conn,
+                hello: Ok(hello),
+            })),
+        );
+        Ok(())
+    }
+
+    /// The listener admitted `conn` as channel `ch`; the source learns it one latency later.
+    pub(super) fn admitted(&mut self, conn: ConnId, ch: usize) -> R {
+        if ch >= self.chans.len() || conn != data_conn(ch) || self.chans[ch].joined {
+            return Err(self.fail(
+                "AUTH-6",
+                format!("the destination admitted connection {conn} as channel {ch}"),
+            ));
+        }
+        self.chans[ch].joined = true;
+        let at = (self.now + self.costs.latency_ns).max(self.chans[ch].silence.until);
+        if at != u64::MAX {
+            self.push(
+                at,
+                Ev::Src(Box::new(SrcInput::DataOpened { channel: ch as u8 })),
+            );
+        }
+        Ok(())
+    }
+
+    /// The listener closed `conn`: its peer learns it after what was sent before.
+    pub(super) fn close_conn(&mut self, conn: ConnId) {
+        if conn == CTRL_CONN {
+            // The close follows the last frame on the connection (a FIN after the data).
+            let after = self.ctrl_ready(SRC, self.ctrl[DST].last_arrive.max(self.now));
+            self.ctrl_closed_at = Some(after);
+            if after != u64::MAX {
+                self.push(after + 1, Ev::Detect(SRC));
+            }
+        } else if let Some(ch) = (0..self.chans.len()).find(|&ch| data_conn(ch) == conn) {
+            // The destination closes its data connections after the control connection, so
+            // the source reads the outcome (ABORT, STARTED) before it sees them go.
+            let after_ctrl = self.ctrl_closed_at.map_or(0, |t| t.saturating_add(2));
+            let at = (self.now + self.costs.latency_ns)
+                .max(after_ctrl)
+                .max(self.chans[ch].silence.until);
+            if at != u64::MAX {
+                self.push(at, Ev::DetectData(SRC, ch));
+            }
+        } else {
+            self.strays.retain(|&c| c != conn);
+        }
+    }
+}
