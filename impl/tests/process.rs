@@ -1,152 +1,15 @@
 //! End-to-end tests with real processes over loopback TCP: a writing workload, a destination
 //! and a source, as an operator runs them; plus kill -9 and hostile-peer cases.
 
+mod common;
+
 use std::io::Write;
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_rdmig");
-
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn dir(tag: &str) -> Dir {
-    let d = std::env::temp_dir().join(format!("rdmig-test-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    Dir(d)
-}
-
-fn key(d: &Path, name: &str, content: &str) -> PathBuf {
-    let p = d.join(name);
-    std::fs::write(&p, content).unwrap();
-    p
-}
-
-fn wait_file(p: &Path) {
-    let t = Instant::now();
-    while !p.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "timed out waiting for {}",
-            p.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-struct Workload {
-    child: Child,
-    ram: PathBuf,
-    bitmap: PathBuf,
-}
-
-impl Drop for Workload {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn workload(d: &Path, size: &str, rate: &str) -> Workload {
-    let ram = d.join("src.ram");
-    let bitmap = d.join("src.dirty");
-    let ready = d.join("ready");
-    let child = Command::new(BIN)
-        .args(["workload", "--size", size, "--dirty-rate", rate])
-        .arg("--ram")
-        .arg(&ram)
-        .arg("--bitmap")
-        .arg(&bitmap)
-        .arg("--ready-file")
-        .arg(&ready)
-        .spawn()
-        .unwrap();
-    wait_file(&ready);
-    Workload { child, ram, bitmap }
-}
-
-fn recv(d: &Path, key: &Path, size: &str, extra: &[&str]) -> (Child, String, PathBuf) {
-    let addr_file = d.join("addr");
-    let _ = std::fs::remove_file(&addr_file);
-    let dst = d.join("dst.ram");
-    let child = Command::new(BIN)
-        .args([
-            "recv",
-            "--listen",
-            "127.0.0.1:0",
-            "--json",
-            "--idle-timeout",
-            "5",
-        ])
-        .arg("--psk-file")
-        .arg(key)
-        .arg("--addr-file")
-        .arg(&addr_file)
-        .arg("--ram")
-        .arg(format!("ram={}:{size}", dst.display()))
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_file(&addr_file);
-    (child, std::fs::read_to_string(&addr_file).unwrap(), dst)
-}
-
-fn send(addr: &str, key: &Path, w: &Workload, extra: &[&str]) -> Child {
-    Command::new(BIN)
-        .args(["send", "--connect", addr, "--json", "--idle-timeout", "5"])
-        .arg("--psk-file")
-        .arg(key)
-        .arg("--ram")
-        .arg(format!("ram={}", w.ram.display()))
-        .arg("--dirty-log")
-        .arg(format!("bitmap:{}", w.bitmap.display()))
-        .args(["--pid", &w.child.id().to_string()])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn report(o: &Output) -> serde_json::Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
-        panic!(
-            "no JSON report ({e}); stderr: {}",
-            String::from_utf8_lossy(&o.stderr)
-        )
-    })
-}
-
-fn digest(p: &Path) -> String {
-    let o = Command::new(BIN).arg("digest").arg(p).output().unwrap();
-    assert!(o.status.success());
-    String::from_utf8(o.stdout)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-fn state(pid: u32) -> char {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    s.rsplit_once(')')
-        .unwrap()
-        .1
-        .trim_start()
-        .chars()
-        .next()
-        .unwrap()
-}
+use common::*;
 
 fn live_migration(channels: &str, pin_all: bool) {
     let d = dir(&format!("live-{channels}-{pin_all}"));
@@ -256,15 +119,6 @@ fn sw_7_kill_source_destination_never_starts() {
     assert!(PathBuf::from(format!("{}.rdmig-incomplete", dst.display())).exists());
 }
 
-/// Sends SIGTERM to a child (the operator's cancel).
-fn terminate(c: &Child) {
-    let st = Command::new("kill")
-        .args(["-TERM", &c.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
-
 /// spec: AUTH-5, LIVE-5: a wrong key is rejected before any memory is registered or sent; it
 /// ends that connection only, and the destination listens on until the operator stops it.
 #[test]
@@ -280,7 +134,10 @@ fn auth_5_wrong_key_rejected_before_memory_is_exposed() {
     assert_eq!(sr["reason"], "AuthFailed", "{sr}");
     assert_eq!(sr["bytes"]["data"], 0);
     assert_eq!(s.status.code(), Some(2));
-    assert!(r.try_wait().unwrap().is_none(), "a wrong key ended the listening destination");
+    assert!(
+        r.try_wait().unwrap().is_none(),
+        "a wrong key ended the listening destination"
+    );
     terminate(&r);
     let r = r.wait_with_output().unwrap();
     let rr = report(&r);
@@ -303,7 +160,9 @@ fn wire_4_garbage_connection_does_not_end_the_destination() {
     let (r, addr, dst) = recv(&d.0, &k, "8MiB", &[]);
     let mut c = TcpStream::connect(addr.trim()).unwrap();
     c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let s = send(&addr, &k, &w, &["--verify"]).wait_with_output().unwrap();
+    let s = send(&addr, &k, &w, &["--verify"])
+        .wait_with_output()
+        .unwrap();
     let r = r.wait_with_output().unwrap();
     let (sr, rr) = (report(&s), report(&r));
     assert_eq!(sr["status"], "completed", "{sr}");

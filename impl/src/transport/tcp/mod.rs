@@ -75,3 +75,76 @@ fn read_control_frame(s: &mut TcpStream, first: u8, frame: Duration) -> io::Resu
     }
     Ok(buf)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::net::TcpListener;
+
+    /// A connected pair and a thread that writes `bytes` one per `gap` to its far end.
+    fn trickle(bytes: Vec<u8>, gap: Duration) -> TcpStream {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut w = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (r, _) = l.accept().unwrap();
+        std::thread::spawn(move || {
+            for b in bytes {
+                std::thread::sleep(gap);
+                if w.write_all(&[b]).is_err() {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_secs(5));
+        });
+        r
+    }
+
+    /// spec: LIVE-3: a control frame whose bytes keep coming, each within any per-read
+    /// timeout, is still cut off at the whole-frame deadline.
+    #[test]
+    fn live_3_trickling_control_frame_times_out_at_the_frame_deadline() {
+        let frame = wire::encode_to_vec(&wire::Frame {
+            credits: 1,
+            msg: wire::Message::Digests {
+                first_chunk: 0,
+                digests: vec![1; 8],
+            },
+        })
+        .unwrap();
+        let mut r = trickle(frame.clone(), Duration::from_millis(40));
+        let t = Instant::now();
+        let first = read_first_byte(&mut r).unwrap().unwrap();
+        let e = read_control_frame(&mut r, first, Duration::from_millis(200)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(
+            t.elapsed() < Duration::from_millis(600),
+            "{:?}",
+            t.elapsed()
+        );
+        // The same bytes sent at once arrive whole.
+        let mut r = trickle(frame.clone(), Duration::ZERO);
+        let first = read_first_byte(&mut r).unwrap().unwrap();
+        assert_eq!(
+            read_control_frame(&mut r, first, Duration::from_secs(5)).unwrap(),
+            frame
+        );
+    }
+
+    /// spec: LIVE-3: a data payload that trickles into registered memory is cut off at the
+    /// frame deadline too.
+    #[test]
+    fn live_3_trickling_data_payload_times_out_at_the_frame_deadline() {
+        let block = crate::memory::ram::RamBlock::anonymous("ram", 64 << 10, 12).unwrap();
+        let r = trickle(vec![7u8; 4096], Duration::from_millis(20));
+        let t = Instant::now();
+        let e = block
+            .recv_range(r.as_fd(), 0, 4096, t + Duration::from_millis(200))
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(
+            t.elapsed() < Duration::from_millis(600),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+}
