@@ -14,7 +14,7 @@ use rdmig_model::digest::digests;
 use rdmig_model::source::{Source, SourceConfig, SourceStats, SrcCommand, SrcInput, WriteCmd};
 use rdmig_model::table::{DstPhase, SrcPhase};
 use rdmig_model::types::*;
-use rdmig_model::wire::{self, BlockDesc, Frame};
+use rdmig_model::wire::{self, BlockDesc, Frame, Message};
 use rdmig_model::PageBitmap;
 
 use crate::env::{self, ByteMem, Nic, TestRng};
@@ -363,6 +363,11 @@ impl Pair {
     fn exec_src(&mut self, c: SrcCommand) {
         match c {
             SrcCommand::Send(f) => {
+                // spec: SW-6, LIVE-6: COMMIT leaves only once nothing may resume the workload.
+                assert!(
+                    f.msg != Message::Commit || self.relinquished,
+                    "COMMIT sent before RelinquishWorkload"
+                );
                 let b = self.encode(&f);
                 self.source_stream.push(b.clone());
                 self.s2d.push_back(b);

@@ -413,7 +413,7 @@ impl Destination {
         }
     }
 
-    /// A data channel asks to join with `hello` (spec: AUTH-6): admitted only after AUTH and
+    /// A data channel asks to join with `hello` (spec: AUTH-6, DATA-6): admitted only after AUTH and
     /// the block table, for this session, for a channel below the negotiated count that has
     /// not joined yet, with a token that verifies in constant time. Returns the channel.
     pub fn admit_data(&mut self, hello: &DataHello) -> Result<u8, Detail> {
@@ -533,6 +533,7 @@ impl Destination {
             DstInput::TransportFailed => {
                 self.abort(out, AbortReason::TransportFailed, Detail::TransportFailed)
             }
+            // spec: DATA-7
             DstInput::DataLost { .. } => {
                 if matches!(self.state, State::Receiving(_)) {
                     self.abort(out, AbortReason::TransportFailed, Detail::DataChannelLost)

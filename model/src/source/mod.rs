@@ -192,7 +192,7 @@ pub struct WriteCmd {
 pub enum SrcCommand {
     Send(Frame),
     /// Open data channel `channel` and present `hello` (spec: AUTH-6); answer
-    /// `SrcInput::DataOpened` once the destination admitted it, `TransportFailed` otherwise.
+    /// `SrcInput::DataOpened` once the destination admitted it, `DataLost` otherwise (spec: DATA-5).
     OpenData {
         hello: wire::DataHello,
     },
@@ -682,7 +682,7 @@ impl Source {
                 self.abort(out, AbortReason::TransportFailed, Detail::TransportFailed)
             }
             SrcInput::DataLost { .. } => {
-                // spec: ERR-3: the data channels matter until the final round is placed.
+                // spec: DATA-7, ERR-3: the data channels matter until the final round is placed.
                 if matches!(self.state, State::AwaitTableAck(_) | State::Transfer(..)) {
                     self.abort(out, AbortReason::TransportFailed, Detail::DataChannelLost)
                 }
@@ -881,7 +881,7 @@ impl Source {
         }
         let t = Transfer::new(&self.geo, &s.params, s.pin_budget, &rkeys);
         out.stats.setup_done_ms = Some(self.link.now);
-        // spec: AUTH-3, AUTH-6: data channels open only after the table is acknowledged, each
+        // spec: AUTH-3, AUTH-6, DATA-5: data channels open only after the table is acknowledged, each
         // with a token bound to this session and the destination's nonce.
         for channel in 0..s.params.channels {
             let token = auth::data_token(

@@ -21,18 +21,18 @@ pub const P_SW6: &str = "SW-6 the source never resumes once in doubt";
 pub const P_RELINQUISH: &str = "SW-6 COMMIT leaves only after the source relinquished its workload";
 pub const P_OWN2: &str = "INV-OWN-2 an aborted migration leaves the source running";
 pub const P_GUARD: &str =
-    "INV-OWN-2 a source that dies before relinquishing its workload leaves it running";
+    "INV-GUARD-1 a source that dies before relinquishing its workload leaves it running";
 pub const P_FC: &str = "INV-FC-1 frames outstanding never exceed the receiver's window";
 pub const P_FC3: &str = "FC-3 the last credit is spent only by a frame that grants credits";
 pub const P_PIN: &str = "INV-PIN-1 registered bytes never exceed the pin budget";
 pub const P_DOUBT: &str = "INV-DOUBT-1 in doubt only after COMMIT, before STARTED, on a failure";
 pub const P_DOUBT_HOSTILE: &str = "INV-DOUBT-1 in doubt only after COMMIT, before STARTED";
-pub const P_STRAY: &str = "LIVE-5 only the source's own connection becomes the session";
+pub const P_STRAY: &str = "INV-ADMIT-1 only the source's own connection becomes the session";
 pub const P_SANE: &str = "machine assertions and driver checks hold";
 pub const P_HONEST: &str =
-    "an honest pair never ends in ProtocolViolation, DigestMismatch, BlockMismatch or LocalError";
+    "INV-HONEST-1 an honest pair never ends in ProtocolViolation, DigestMismatch, BlockMismatch or LocalError";
 pub const P_LIVE_CLEAN: &str = "LIVE without faults both sides complete";
-pub const P_LIVE_END: &str = "LIVE both sides eventually reach an outcome";
+pub const P_LIVE_END: &str = "INV-LIVE-1 both sides eventually reach an outcome";
 pub const P_DONE: &str = "sometimes a migration completes";
 pub const P_DONE_ROUNDS: &str = "sometimes a migration completes after 2 pre-copy rounds";
 pub const P_DONE_EVICT: &str = "sometimes a migration completes after an eviction";
