@@ -6,6 +6,8 @@
 //! See `world::Sim` for the world model, `config::SimConfig` for what a run depends on, and
 //! `report::Report` for what it measures.
 
+#![forbid(unsafe_code)]
+
 pub mod bench;
 pub mod bits;
 pub mod config;

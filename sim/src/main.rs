@@ -1,5 +1,7 @@
 //! `rdmig-sim`: run, compare, sweep and swarm-test rdmig migrations on simulated hardware.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
