@@ -15,16 +15,10 @@ fn fuzz_replay_tcp_data_frame() {
     }
     assert!(n >= 5, "tcp_data_frame seed corpus missing");
     // A deterministic random smoke on top of the corpus.
-    let mut x = 0x1234_5678_9abc_def1u64;
+    let mut rng = rdmig_check::rng::Rng::new(0x1234_5678_9abc_def1);
     for _ in 0..2000 {
-        let data: Vec<u8> = (0..(x % 300) as usize)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let mut data = vec![0u8; rng.below(300) as usize];
+        rng.fill(&mut data);
         rdmig::transport::tcp::fuzz_data_frames(&data);
     }
 }

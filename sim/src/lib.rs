@@ -16,10 +16,12 @@ pub mod guest;
 pub mod plot;
 pub mod profile;
 pub mod report;
-pub mod rng;
 pub mod trace;
 pub mod units;
 pub mod world;
+
+/// The one generator of every test world (checker, pair, simulator): `rdmig_check::rng`.
+pub use rdmig_check::rng;
 
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};

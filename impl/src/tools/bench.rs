@@ -114,18 +114,15 @@ pub fn bench(size: u64, dir: Option<PathBuf>) -> Result<ExitCode, String> {
         let src_path = d.join("src.ram");
         let src = crate::memory::ram::RamBlock::create("bench", &src_path, size, 12)
             .map_err(|e| e.to_string())?;
-        let mut page = vec![0u8; 1 << 20];
+        // Every page written once by the workload's generator: no zero pages to elide.
+        let mut chunk = vec![0u8; 1 << 20];
         let mut off = 0u64;
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
         while off < size {
-            for w in page.chunks_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
+            for (i, page) in chunk.chunks_mut(4096).enumerate() {
+                crate::tools::workload::page_content(7, (off >> 12) + i as u64, 1, page);
             }
-            let n = (size - off).min(page.len() as u64) as usize;
-            src.write(off, &page[..n]);
+            let n = (size - off).min(chunk.len() as u64) as usize;
+            src.write(off, &chunk[..n]);
             off += n as u64;
         }
         println!(

@@ -172,7 +172,11 @@ mod tests {
         w.pause().unwrap();
         assert_eq!(process_state(child.id() as i32), Some('T'));
         w.resume().unwrap();
-        std::thread::sleep(Duration::from_millis(50));
+        // SIGCONT is delivered asynchronously: the state leaves 'T' soon after.
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while process_state(child.id() as i32) == Some('T') && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert_ne!(process_state(child.id() as i32), Some('T'));
         child.kill().unwrap();
         child.wait().unwrap();

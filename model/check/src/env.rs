@@ -169,23 +169,6 @@ impl<T: Copy + Default + PartialEq> Pages for Versions<'_, T> {
     }
 }
 
-/// A deterministic, seedable generator for test environments (xorshift64*).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct TestRng(u64);
-
-impl TestRng {
-    pub fn new(seed: u64) -> TestRng {
-        TestRng(seed | 1)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        let s = &mut self.0;
-        *s ^= *s >> 12;
-        *s ^= *s << 25;
-        *s ^= *s >> 27;
-        s.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

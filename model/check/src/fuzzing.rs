@@ -512,19 +512,17 @@ pub fn source_session(data: &[u8]) {
                 wr_id: inflight.first().copied().unwrap_or(0),
             },
             SrcEvent::Dirty { seed } => {
-                let mut x = seed | 1;
+                let mut rng = crate::rng::Rng::new(seed);
                 let mut dirty = Vec::new();
                 let mut zero = Vec::new();
                 for b in &geo.blocks {
                     let mut d = PageBitmap::new(b.pages);
                     let mut z = PageBitmap::new(b.pages);
                     for p in 0..b.pages {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        if x.is_multiple_of(3) {
+                        // A third of the pages dirty, a seventh of those zero.
+                        if rng.below(3) == 0 {
                             d.set(p);
-                            if x.is_multiple_of(7) {
+                            if rng.below(7) == 0 {
                                 z.set(p);
                             }
                         }

@@ -11,3 +11,4 @@ pub mod check;
 pub mod env;
 pub mod fuzzing;
 pub mod pair;
+pub mod rng;

@@ -17,7 +17,8 @@ use rdmig_model::types::*;
 use rdmig_model::wire::{self, BlockDesc, Frame, Message};
 use rdmig_model::PageBitmap;
 
-use crate::env::{self, ByteMem, Nic, TestRng};
+use crate::env::{self, ByteMem, Nic};
+use crate::rng::Rng;
 
 /// Guest behaviour while the source workload runs.
 #[derive(Debug, Clone, Copy)]
@@ -73,7 +74,7 @@ pub struct Pair {
     device_state: Vec<u8>,
     received_state: Vec<u8>,
     guest: Guest,
-    rng: TestRng,
+    rng: Rng,
     now: Millis,
     pub report: PairReport,
     pub src_stats: SourceStats,
@@ -118,7 +119,7 @@ impl Pair {
             .collect();
         let src = Source::new(scfg, [7; wire::NONCE_LEN])?;
         let dst = Destination::new(dcfg, [9; wire::NONCE_LEN])?;
-        let mut rng = TestRng::new(guest.seed);
+        let mut rng = Rng::new(guest.seed);
         let src_mem: Vec<Vec<u8>> = blocks
             .iter()
             .map(|b| {

@@ -207,12 +207,9 @@ fn sw_7_trace_of_a_completed_migration_is_readable() {
 /// (a port another process holds makes that attempt's server fail, not the test).
 #[test]
 fn explorer_serves_status_and_states() {
-    let mut seed = std::process::id() as u64 ^ 0x9e37_79b9;
+    let mut rng = rdmig_check::rng::Rng::new(std::process::id() as u64);
     for _ in 0..20 {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let port = 20_000 + (seed >> 33) as u16 % 30_000;
+        let port = rng.between(20_000, 49_999) as u16;
         let server = std::thread::spawn(move || {
             ProtocolModel::new(CheckConfig::small())
                 .checker()

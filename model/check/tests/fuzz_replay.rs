@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use arbitrary::{Arbitrary, Unstructured};
 use rdmig_check::fuzzing;
+use rdmig_check::rng::Rng;
 use rdmig_model::wire::Frame;
 
 fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
@@ -35,20 +36,10 @@ fn replay(target: &str, f: impl Fn(&[u8])) -> usize {
 }
 
 fn smoke(seed: u64, count: usize, max_len: usize, f: impl Fn(&[u8])) {
-    let mut x = seed;
+    let mut rng = Rng::new(seed);
     for _ in 0..count {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let len = (x % max_len as u64) as usize;
-        let data: Vec<u8> = (0..len)
-            .map(|i| {
-                let y = x
-                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                    .rotate_left(i as u32 % 64);
-                (y >> 24) as u8
-            })
-            .collect();
+        let mut data = vec![0u8; rng.below(max_len as u64) as usize];
+        rng.fill(&mut data);
         f(&data);
     }
 }

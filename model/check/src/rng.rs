@@ -1,4 +1,5 @@
-//! The one seeded generator behind every random choice of a run.
+//! The one seeded generator of every test world: the simulator's runs, the in-memory pair's
+//! guest, the fuzz smoke tests and the process tests.
 //!
 //! A run draws nothing from the operating system and reads no clock: the seed is expanded
 //! into a xoshiro256** state, and independent streams (configuration, guest, fabric, faults,
@@ -7,7 +8,7 @@
 //! guest writes, while everything still follows from the one seed.
 
 /// xoshiro256**: small, fast, and identical on every platform.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Rng {
     s: [u64; 4],
 }
