@@ -241,15 +241,16 @@ impl SendWindow {
     }
 }
 
+/// A buffer and its registration (which holds the buffer).
 struct RegBuf {
     mr: Mr,
-    buf: DmaBuf,
+    buf: Arc<DmaBuf>,
 }
 
 impl RegBuf {
     fn new(dev: &Arc<Device>, len: usize, access: MrAccess) -> io::Result<RegBuf> {
-        let buf = DmaBuf::new(len);
-        let mr = Mr::register(dev, buf.ptr(), len as u64, access, false)?;
+        let buf = Arc::new(DmaBuf::new(len));
+        let mr = Mr::on_buf(dev, &buf, access)?;
         Ok(RegBuf { mr, buf })
     }
 }
@@ -293,10 +294,16 @@ impl Control {
         Ok(c)
     }
 
+    /// Posts receive slot `slot`. Called only for a slot nobody holds: at setup, and after
+    /// its frame was copied out.
     fn post_recv(&self, slot: usize) -> io::Result<()> {
         let addr = self.recv.buf.ptr().wrapping_add(slot * FRAME);
-        self.qp
-            .post_recv(&self.recv.mr, addr, FRAME as u32, slot as u64)
+        // SAFETY: slot `slot` is not posted and nobody reads it until its completion (the
+        // completion handler copies it out, then posts it again).
+        unsafe {
+            self.qp
+                .post_recv(&self.recv.mr, addr, FRAME as u32, slot as u64)
+        }
     }
 
     fn send(&self, frame: &[u8]) -> io::Result<()> {
@@ -329,17 +336,22 @@ impl Control {
             free = self.freed.wait_timeout(free, left).unwrap().0;
         };
         drop(free);
-        self.send.buf.write(slot * FRAME, frame);
-        let r = self.qp.post_send(
-            &self.send.mr,
-            &[SendWr {
-                wr_id: slot as u64,
-                addr: self.send.buf.ptr().wrapping_add(slot * FRAME),
-                len: frame.len() as u32,
-                signalled: true,
-                write: None,
-            }],
-        );
+        // SAFETY: `slot` came off the free list, so no send uses it until its completion
+        // returns it; it is written before the post and not again until then.
+        unsafe { self.send.buf.write(slot * FRAME, frame) };
+        // SAFETY: as above: the slot stays unwritten until its completion frees it.
+        let r = unsafe {
+            self.qp.post_send(
+                &self.send.mr,
+                &[SendWr {
+                    wr_id: slot as u64,
+                    addr: self.send.buf.ptr().wrapping_add(slot * FRAME),
+                    len: frame.len() as u32,
+                    signalled: true,
+                    write: None,
+                }],
+            )
+        };
         if r.is_err() {
             self.release(slot);
         }
@@ -458,10 +470,13 @@ impl Shared {
             return;
         }
         let slot = c.wr_id as usize;
-        let bytes = ctl
-            .recv
-            .buf
-            .read(slot * FRAME, (c.byte_len as usize).min(FRAME));
+        // SAFETY: the receive of `slot` completed and the slot is posted again only below, so
+        // the NIC no longer writes it and nobody else reads it.
+        let bytes = unsafe {
+            ctl.recv
+                .buf
+                .read(slot * FRAME, (c.byte_len as usize).min(FRAME))
+        };
         (self.events)(Note::Control(bytes));
         if let Err(e) = ctl.post_recv(slot) {
             if !ctl.failed.swap(true, Ordering::SeqCst) {
@@ -602,9 +617,10 @@ impl SourceVerbs {
         let mut mrs = Vec::new();
         for b in blocks.iter() {
             // Least privilege: the NIC only reads source memory (spec 5.3).
-            mrs.push(Mr::register(
+            mrs.push(Mr::on_block(
                 &dev,
-                b.as_ptr(),
+                b,
+                0,
                 b.len(),
                 MrAccess::LocalRead,
                 false,
@@ -791,7 +807,11 @@ impl SourceLink for SourceVerbs {
         }
         // Accounted before posting, under the lock, so the completion always finds it.
         win.posted(w.wr_id, n);
-        let r = d.qp.post_send(&self.mrs[w.block as usize], &wrs);
+        // SAFETY: the ranges are source memory inside the block's region (checked by
+        // post_send). The workload may write them while the NIC reads: that is the protocol's
+        // premise (the page is dirty and resent, spec section 11), and no Rust reference into
+        // the mapping exists.
+        let r = unsafe { d.qp.post_send(&self.mrs[w.block as usize], &wrs) };
         if r.is_err() {
             win.inflight.pop_back();
             win.used -= n;
@@ -1047,19 +1067,7 @@ impl DestLink for DestVerbs {
             .blocks
             .get(block as usize)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no such block"))?;
-        if len == 0 || offset.checked_add(len).is_none_or(|e| e > b.len()) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "registration outside the block",
-            ));
-        }
-        let mr = Mr::register(
-            &self.base.dev,
-            b.as_ptr().wrapping_add(offset as usize),
-            len,
-            MrAccess::RemoteWrite,
-            true,
-        )?;
+        let mr = Mr::on_block(&self.base.dev, b, offset, len, MrAccess::RemoteWrite, true)?;
         let key = mr.rkey();
         if self.regs.contains_key(&key) {
             return Err(io::Error::other(

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use ibverbs_sys as ffi;
 
+use crate::memory::ram::RamBlock;
+
 /// One GID table entry of a port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GidInfo {
@@ -620,9 +622,12 @@ impl Qp {
         let _ = self.modify(&mut a, ffi::ibv_qp_attr_mask::IBV_QP_STATE);
     }
 
-    /// Posts a receive of `len` bytes at `addr` of `mr`. The caller keeps the buffer alive
-    /// and untouched until its completion.
-    pub fn post_recv(&self, mr: &Mr, addr: *mut u8, len: u32, wr_id: u64) -> io::Result<()> {
+    /// Posts a receive of `len` bytes at `addr` of `mr` (checked to lie inside it).
+    ///
+    /// # Safety
+    /// Until the receive completes (or the queue pair is destroyed), nothing else may read or
+    /// write `[addr, addr+len)`: the NIC writes it at any moment.
+    pub unsafe fn post_recv(&self, mr: &Mr, addr: *mut u8, len: u32, wr_id: u64) -> io::Result<()> {
         assert!(mr.contains(addr as u64, len as u64));
         let mut sge = ffi::ibv_sge {
             addr: addr as u64,
@@ -637,7 +642,8 @@ impl Qp {
         };
         let mut bad: *mut ffi::ibv_recv_wr = std::ptr::null_mut();
         // SAFETY: valid QP; the work request and its SGE live across the call (the provider
-        // copies them); the buffer lies inside `mr` (asserted) and outlives the receive.
+        // copies them); the buffer lies inside `mr` (asserted), which holds its memory, and
+        // nobody else touches it until the completion (the caller's contract).
         let rc = unsafe {
             let ctx = (*self.qp).context;
             ((*ctx).ops.post_recv.expect("provider implements post_recv"))(
@@ -652,9 +658,14 @@ impl Qp {
 
     /// Posts a chain of sends: each `(wr_id, local addr, len, signalled, write target)`.
     /// A write target `(remote_addr, rkey)` makes it an RDMA WRITE, `None` a SEND. Every
-    /// local range must lie in `mr`, and stay alive until its completion (or a later
-    /// signalled one on this QP).
-    pub fn post_send(&self, mr: &Mr, wrs: &[SendWr]) -> io::Result<()> {
+    /// local range must lie in `mr` (checked); `mr` keeps its memory mapped.
+    ///
+    /// # Safety
+    /// Until the completion of each work request (or of a later signalled one on this queue
+    /// pair), nothing may write its local range: the NIC reads it at any moment. (Source memory
+    /// written concurrently by the workload is the exception the protocol allows for: such a
+    /// page is dirty and sent again, spec section 11.)
+    pub unsafe fn post_send(&self, mr: &Mr, wrs: &[SendWr]) -> io::Result<()> {
         if wrs.is_empty() {
             return Ok(());
         }
@@ -703,7 +714,8 @@ impl Qp {
         }
         let mut bad: *mut ffi::ibv_send_wr = std::ptr::null_mut();
         // SAFETY: valid QP; the chain and SGEs live across the call (the provider copies
-        // them); every local range lies inside `mr` (asserted above).
+        // them); every local range lies inside `mr` (asserted above), which holds its memory;
+        // the caller keeps the ranges unwritten until the completions.
         let rc = unsafe {
             let ctx = (*self.qp).context;
             ((*ctx).ops.post_send.expect("provider implements post_send"))(self.qp, base, &mut bad)
@@ -744,11 +756,22 @@ pub enum MrAccess {
     RemoteWrite,
 }
 
+/// What keeps a memory region's bytes mapped. A region holds its backing, and its `Drop`
+/// deregisters before the fields drop, so the memory outlives the registration by
+/// construction: no field order or caller discipline is involved.
+pub enum Backing {
+    /// A RAM block (source memory read by the NIC, or destination memory written by the peer).
+    Block(Arc<RamBlock>),
+    /// A send or receive buffer.
+    Buf(Arc<DmaBuf>),
+}
+
 /// A registered memory region; deregistered on drop.
 pub struct Mr {
     mr: *mut ffi::ibv_mr,
     base: u64,
     len: u64,
+    _backing: Backing,
     _dev: Arc<Device>,
 }
 
@@ -758,17 +781,50 @@ unsafe impl Send for Mr {}
 unsafe impl Sync for Mr {}
 
 impl Mr {
-    /// Registers `[addr, addr+len)`. With `zero_based`, the region's remote addresses start at
-    /// 0 (remote offsets are relative to the registration, spec section 1.3), else they are
-    /// the local virtual addresses.
-    ///
-    /// The caller guarantees the range stays mapped for the life of the region.
-    pub fn register(
+    /// Registers `[offset, offset+len)` of `block`. With `zero_based`, the region's remote
+    /// addresses start at 0 (remote offsets are relative to the registration, spec section
+    /// 1.3), else they are the local virtual addresses. A range outside the block is an error.
+    pub fn on_block(
+        dev: &Arc<Device>,
+        block: &Arc<RamBlock>,
+        offset: u64,
+        len: u64,
+        access: MrAccess,
+        zero_based: bool,
+    ) -> io::Result<Mr> {
+        if len == 0 || offset.checked_add(len).is_none_or(|e| e > block.len()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "registration outside the block",
+            ));
+        }
+        let addr = block.as_ptr().wrapping_add(offset as usize);
+        let backing = Backing::Block(block.clone());
+        // SAFETY: the range lies inside the block's mapping (checked above), and the region
+        // holds the block, so the mapping lives until after deregistration. RamBlock never
+        // hands out references into its mapping, so the NIC reading it, or the peer writing it
+        // under RemoteWrite, never races a Rust reference.
+        unsafe { Self::register(dev, addr, len, access, zero_based, backing) }
+    }
+
+    /// Registers all of `buf` (virtual addresses, not zero-based).
+    pub fn on_buf(dev: &Arc<Device>, buf: &Arc<DmaBuf>, access: MrAccess) -> io::Result<Mr> {
+        let (addr, len) = (buf.ptr(), buf.len() as u64);
+        // SAFETY: the whole allocation, held by the region until after deregistration; a
+        // DmaBuf is only ever accessed through raw copies.
+        unsafe { Self::register(dev, addr, len, access, false, Backing::Buf(buf.clone())) }
+    }
+
+    /// # Safety
+    /// `[addr, addr+len)` must stay mapped while `backing` lives, and no Rust reference into
+    /// it may exist while the region lives (the NIC reads or writes it at any time).
+    unsafe fn register(
         dev: &Arc<Device>,
         addr: *mut u8,
         len: u64,
         access: MrAccess,
         zero_based: bool,
+        backing: Backing,
     ) -> io::Result<Mr> {
         use ffi::ibv_access_flags as A;
         let flags = match access {
@@ -778,7 +834,7 @@ impl Mr {
         };
         let iova = if zero_based { 0 } else { addr as u64 };
         // SAFETY: valid PD; the kernel pins the range and fails cleanly on a bad one; the
-        // caller keeps it mapped while the region lives.
+        // caller keeps it mapped while `backing`, which the region holds, lives.
         let mr = unsafe { ffi::ibv_reg_mr_iova2(dev.pd, addr.cast(), len as usize, iova, flags) };
         if mr.is_null() {
             return Err(io::Error::last_os_error());
@@ -787,6 +843,7 @@ impl Mr {
             mr,
             base: addr as u64,
             len,
+            _backing: backing,
             _dev: dev.clone(),
         })
     }
@@ -818,15 +875,17 @@ impl Drop for Mr {
 }
 
 /// Page-aligned heap memory for send and receive buffers, accessed only by raw copies (the
-/// NIC reads or writes it concurrently, so no Rust reference into it is ever made).
+/// NIC reads or writes it concurrently, so no Rust reference into it is ever made). Which
+/// slot is whose is the caller's to track, so the copies are `unsafe fn`s with that contract.
 pub struct DmaBuf {
     ptr: *mut u8,
     len: usize,
 }
 
-// SAFETY: owned allocation, only copied through raw pointers.
+// SAFETY: an owned allocation, only ever accessed through raw copies whose callers promise
+// exclusive use of the range (see `write` and `read`).
 unsafe impl Send for DmaBuf {}
-// SAFETY: as above; callers coordinate which slot is in use (slot ownership).
+// SAFETY: as above: shared access hands out no references, and every copy is `unsafe`.
 unsafe impl Sync for DmaBuf {}
 
 impl DmaBuf {
@@ -847,20 +906,32 @@ impl DmaBuf {
         self.ptr
     }
 
-    /// Copies `data` to `offset`. The caller owns that range (no work request uses it).
-    pub fn write(&self, offset: usize, data: &[u8]) {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Copies `data` to `offset` (bounds checked).
+    ///
+    /// # Safety
+    /// The caller has exclusive use of `[offset, offset+data.len())`: no work request uses it
+    /// and no other thread reads or writes it during the copy.
+    pub unsafe fn write(&self, offset: usize, data: &[u8]) {
         assert!(offset
             .checked_add(data.len())
             .is_some_and(|e| e <= self.len));
-        // SAFETY: in bounds (asserted); the range is not in use by the NIC (caller).
+        // SAFETY: in bounds (asserted); exclusive use of the range (the caller's contract).
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(offset), data.len()) }
     }
 
-    /// Copies `len` bytes at `offset` out. The caller owns that range (its receive completed).
-    pub fn read(&self, offset: usize, len: usize) -> Vec<u8> {
+    /// Copies `len` bytes at `offset` out (bounds checked).
+    ///
+    /// # Safety
+    /// The caller has exclusive use of the range: the NIC finished writing it (its receive
+    /// completed and it is not posted again yet) and no other thread writes it.
+    pub unsafe fn read(&self, offset: usize, len: usize) -> Vec<u8> {
         assert!(offset.checked_add(len).is_some_and(|e| e <= self.len));
         let mut v = vec![0u8; len];
-        // SAFETY: in bounds (asserted); the NIC finished writing it (caller).
+        // SAFETY: in bounds (asserted); nobody writes the range (the caller's contract).
         unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(offset), v.as_mut_ptr(), len) };
         v
     }
