@@ -3,39 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-/// Parses `4096`, `64k`, `1MiB`, `2G`, `256MB` (binary units for K/M/G/T with or without
-/// `iB`; `MB`/`GB` as written by people mean the same here).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
-    let mult: u64 = match unit
-        .trim()
-        .to_ascii_lowercase()
-        .trim_end_matches("ib")
-        .trim_end_matches('b')
-    {
-        "" => 1,
-        "k" => 1 << 10,
-        "m" => 1 << 20,
-        "g" => 1 << 30,
-        "t" => 1 << 40,
-        _ => return Err(format!("bad size unit in {s:?}")),
-    };
-    let v = n * mult as f64;
-    if !(0.0..1.8e19).contains(&v) {
-        return Err(format!("size {s:?} out of range"));
-    }
-    Ok(v as u64)
-}
-
-/// Parses a rate like `200MB/s` or `1.5GB/s` into bytes per second.
-pub fn parse_rate(s: &str) -> Result<u64, String> {
-    parse_size(s.trim_end_matches("/s"))
-}
+pub use rdmig_model::units::{parse_rate, parse_size};
 
 /// `NAME=PATH` (source) or `NAME=PATH:SIZE` (destination).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,10 +81,10 @@ mod tests {
     fn sizes_and_rates() {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size("1MiB"), Ok(1 << 20));
-        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("256MB"), Ok(256_000_000));
         assert_eq!(parse_size("64GiB"), Ok(64 << 30));
-        assert_eq!(parse_size("1.5k"), Ok(1536));
-        assert_eq!(parse_rate("200MB/s"), Ok(200 << 20));
+        assert_eq!(parse_size("1.5KiB"), Ok(1536));
+        assert_eq!(parse_rate("200MB/s"), Ok(200_000_000));
         assert!(parse_size("12 parsecs").is_err());
         assert!(parse_size("").is_err());
     }

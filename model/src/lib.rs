@@ -27,6 +27,7 @@ pub mod listener;
 pub mod source;
 pub mod table;
 pub mod types;
+pub mod units;
 pub mod wire;
 
 pub use credits::{Credits, INITIAL_CREDITS};
