@@ -37,6 +37,10 @@ fn check(profile: &str, seeds: std::ops::Range<u64>) -> rdmig_sim::SwarmSummary 
 fn swarm_rdma_800_seeds() {
     let s = check("rdma-100g", 1..801);
     assert_eq!(s.runs, 800);
+    eprintln!(
+        "rdma swarm outcomes {:?} faults {:?}",
+        s.outcomes, s.faults_hit
+    );
     // The swarm reaches both ends: completions and aborts, and most fault kinds strike.
     assert!(
         s.outcomes.get("completed").copied().unwrap_or(0) > 100,
@@ -54,10 +58,20 @@ fn swarm_rdma_800_seeds() {
     );
     let kinds: BTreeSet<_> = s.faults_hit.keys().collect();
     assert!(kinds.len() >= 7, "{kinds:?}");
+    // The real environment's faults strike too: links that go silent, stray connections and
+    // hostile peers (spec: LIVE-1, LIVE-5), each in a good number of runs.
+    for kind in ["silence", "stray", "hostile", "source-crash"] {
+        let n = s.faults_hit.get(kind).copied().unwrap_or(0);
+        assert!(n >= 10, "{kind} struck in {n} runs: {:?}", s.faults_hit);
+    }
 }
 
 #[test]
 fn swarm_tcp_200_seeds() {
     let s = check("tcp-25g", 1001..1201);
     assert_eq!(s.runs, 200);
+    eprintln!(
+        "tcp swarm outcomes {:?} faults {:?}",
+        s.outcomes, s.faults_hit
+    );
 }

@@ -43,6 +43,20 @@ start_recv() { # start_recv PORT KEYFILE
 	while [ ! -s addr ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 }
 
+# bounded PID SECONDS: waits for a background process at most SECONDS; a process still
+# running then is a hang (every wait of rdmig is bounded): its stderr is shown, it is killed,
+# and the exit status is 124.
+bounded() {
+	i=0
+	while kill -0 "$1" 2>/dev/null && [ $i -lt $(($2 * 10)) ]; do sleep 0.1; i=$((i + 1)); done
+	if kill -0 "$1" 2>/dev/null; then
+		echo "RXE-HANG pid $1 still running after $2 s"
+		kill -9 "$1"; wait "$1" 2>/dev/null
+		return 124
+	fi
+	wait "$1"
+}
+
 # run_case NAME PORT EXTRA-SEND-ARGS...: a complete migration, checked and verified.
 run_case() {
 	name=$1; port=$2; shift 2
@@ -50,16 +64,16 @@ run_case() {
 	start_recv $port key
 	t0=$(date +%s)
 	args=$(echo "$*" | sed "s/@WPID@/$WPID/g")
-	rdmig send --connect $IP:$port --transport rdma --psk-file key --json --verify \
-		--ram ram=/dev/shm/src.ram --pid $WPID --downtime-limit 100 $args >src.json 2>src.err
-	src=$?
-	wait $RPID; dst=$?
+	RDMIG_LOG=info rdmig send --connect $IP:$port --transport rdma --psk-file key --json --verify \
+		--ram ram=/dev/shm/src.ram --pid $WPID --downtime-limit 100 $args >src.json 2>src.err &
+	bounded $! 90; src=$?
+	bounded $RPID 40; dst=$?
 	t1=$(date +%s)
 	kill -9 $WPID 2>/dev/null; wait $WPID 2>/dev/null
 	ok=0
 	[ $src -eq 0 ] && [ $dst -eq 0 ] && [ "$(field verified src.json)" = true ] && ok=1
 	echo "RXE-RESULT case=$name ok=$ok status=$(field status src.json) dst_status=$(field status dst.json) verified=$(field verified src.json) reason=$(field reason src.json) detail=\"$(field detail src.json)\" dst_detail=\"$(field detail dst.json)\" rounds=$(grep -c '"round":' src.json) throughput_mb_s=$(field throughput_mb_s src.json) downtime_ms=$(field downtime_ms src.json) wall_s=$((t1 - t0)) transport=$(field transport src.json)"
-	[ $ok -eq 1 ] || { tail -5 src.err dst.err; }
+	[ $ok -eq 1 ] || { tail -15 src.err; tail -8 dst.err; }
 	rm -f /dev/shm/src.ram* /dev/shm/dst.ram*
 }
 
@@ -67,16 +81,23 @@ run_case dynamic-1ch 7001 --channels 1 --dirty-log bitmap:/dev/shm/src.ram.dirty
 run_case pinall-2ch 7002 --channels 2 --pin-all --dirty-log bitmap:/dev/shm/src.ram.dirty
 run_case soft-dirty 7003 --channels 1 --dirty-log soft-dirty:@WPID@
 
-# Wrong key: the destination holds another key; the source must abort with AuthFailed.
+# Wrong key: the destination holds another key; the source must abort with AuthFailed, and
+# the destination, a server, keeps listening (a failed handshake ends that connection only)
+# until the operator stops it with SIGTERM (exit 2, Cancelled).
 start_workload /dev/shm/src.ram 5
 start_recv 7004 otherkey
 rdmig send --connect $IP:7004 --transport rdma --psk-file key --json \
-	--ram ram=/dev/shm/src.ram --pid $WPID --dirty-log bitmap:/dev/shm/src.ram.dirty >src.json 2>src.err
-src=$?
-wait $RPID; dst=$?
+	--ram ram=/dev/shm/src.ram --pid $WPID --dirty-log bitmap:/dev/shm/src.ram.dirty >src.json 2>src.err &
+bounded $! 60; src=$?
+listening=0
+kill -0 $RPID 2>/dev/null && listening=1
+kill -TERM $RPID
+bounded $RPID 10; dst=$?
 ok=0
-[ $src -eq 2 ] && [ "$(field reason src.json)" = AuthFailed ] && [ "$(field reason dst.json)" = AuthFailed ] && ok=1
-echo "RXE-RESULT case=wrong-key ok=$ok src_exit=$src dst_exit=$dst src_reason=$(field reason src.json) dst_reason=$(field reason dst.json)"
+[ $src -eq 2 ] && [ "$(field reason src.json)" = AuthFailed ] && [ $listening -eq 1 ] &&
+	[ $dst -eq 2 ] && [ "$(field reason dst.json)" = Cancelled ] && ok=1
+echo "RXE-RESULT case=wrong-key ok=$ok src_exit=$src dst_exit=$dst src_reason=$(field reason src.json) dst_listening=$listening dst_reason=$(field reason dst.json)"
+[ $ok -eq 1 ] || { tail -5 src.err dst.err; }
 kill -9 $WPID 2>/dev/null; wait $WPID 2>/dev/null
 rm -f /dev/shm/src.ram* /dev/shm/dst.ram*
 
@@ -91,7 +112,7 @@ SPID=$!
 sleep 2
 kill -9 $RPID
 t0=$(date +%s)
-wait $SPID; src=$?
+bounded $SPID 60; src=$?
 t1=$(date +%s)
 sleep 0.5
 state=$(awk '/^State:/ {print $2}' /proc/$WPID/status)
@@ -118,9 +139,9 @@ SIZE=64MiB
 start_workload /dev/shm/src.ram 0
 start_recv 7006 key
 rdmig send --connect $IP:7006 --transport rdma --psk-file key --json --pin-all --no-zero-elision \
-	--ram ram=/dev/shm/src.ram --pid $WPID --dirty-log none >src.json 2>src.err
-src=$?
-wait $RPID
+	--ram ram=/dev/shm/src.ram --pid $WPID --dirty-log none >src.json 2>src.err &
+bounded $! 120; src=$?
+bounded $RPID 40
 tp=$(field throughput_mb_s src.json)
 ok=0
 [ $src -eq 0 ] && [ -n "$ibbw" ] && ok=1

@@ -1,13 +1,13 @@
 //! The destination driver: runs the listener machine (and the session it binds) over a
 //! transport, the destination memory and the workload.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdmig_model::destination::{DstCommand, DstInput};
-use rdmig_model::listener::{LsnCommand, LsnInput, LsnOut};
+use rdmig_model::listener::{ConnId, LsnCommand, LsnInput, LsnOut};
 use rdmig_model::wire::{self, DataHello, DigestAlg};
 use rdmig_model::*;
 
@@ -71,6 +71,32 @@ struct Driver<L: DestLink> {
     pending: VecDeque<LsnInput>,
     /// The session's parameters, once negotiated.
     params: Option<wire::Params>,
+    /// Connections accepted and not yet closed, to check the transport's event order.
+    open: HashSet<ConnId>,
+}
+
+impl<L: DestLink> Driver<L> {
+    /// The transport reports `Accepted` before anything else of a connection (see
+    /// [`DstEvent`]); an event of a connection it never reported is a transport bug, which
+    /// the listener would answer by closing a legitimate connection.
+    fn check_order(&mut self, e: &DstEvent) {
+        let conn = match *e {
+            DstEvent::Accepted(c) => {
+                self.open.insert(c);
+                return;
+            }
+            DstEvent::Closed(c, _) => {
+                self.open.remove(&c);
+                return;
+            }
+            DstEvent::Frame(c, _) | DstEvent::DataHello(c, _) => c,
+            DstEvent::Signal(_) => return,
+        };
+        if !self.open.contains(&conn) {
+            tracing::error!("transport bug: an event of connection {conn} before its accept");
+            debug_assert!(false, "event of connection {conn} before its accept");
+        }
+    }
 }
 
 impl<L: DestLink> Driver<L> {
@@ -167,13 +193,17 @@ pub fn run_destination(link: impl DestLink, rx: Receiver<DstEvent>, run: DestRun
         run,
         pending: VecDeque::new(),
         params: None,
+        open: HashSet::new(),
     };
     let mut out = LsnOut::new();
     while lsn.outcome().is_none() {
         let input = match d.pending.pop_front() {
             Some(i) => i,
             None => match wait(&rx, &clock, lsn.timers().next()) {
-                Wake::Event(e) => to_input(e),
+                Wake::Event(e) => {
+                    d.check_order(&e);
+                    to_input(e)
+                }
                 Wake::Timer(k) => LsnInput::Timer(k),
                 Wake::Gone => LsnInput::Cancel,
             },

@@ -34,6 +34,10 @@ pub enum SrcEvent {
 }
 
 /// What a destination-side transport tells the driver.
+///
+/// Per connection, `Accepted` comes before every other event of that connection (the
+/// listener closes a connection it does not know): a transport whose events come from
+/// several threads reports the accept before the peer can send anything.
 #[derive(Debug)]
 pub enum DstEvent {
     /// A connection was accepted.

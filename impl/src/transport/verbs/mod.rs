@@ -952,12 +952,18 @@ impl Bootstrap {
             return;
         }
         let ctl = &self.shared.control.qp;
-        // Ready to receive before the source learns our endpoint.
-        let connected = ctl
-            .connect(&remote)
-            .and_then(|_| s.write_all(&connect_msg(&ctl.endpoint())));
-        if let Err(e) = connected {
+        // Ready to receive before the source learns our endpoint, and the connection reported
+        // accepted before that too: its first frame (HELLO) can complete on the poller thread
+        // as soon as the source has our endpoint, and the listener must already know the
+        // connection (an input for an unknown connection closes it).
+        if let Err(e) = ctl.connect(&remote) {
             tracing::warn!("connecting the control queue pair: {e}");
+            return;
+        }
+        if self.events.send(DstEvent::Accepted(CONTROL_CONN)).is_err() {
+            return;
+        }
+        if let Err(e) = s.write_all(&connect_msg(&ctl.endpoint())) {
             let _ = self
                 .events
                 .send(DstEvent::Closed(CONTROL_CONN, e.to_string()));
@@ -965,9 +971,6 @@ impl Bootstrap {
         }
         if let Ok(c) = s.try_clone() {
             *slot.lock().unwrap() = Some(c);
-        }
-        if self.events.send(DstEvent::Accepted(CONTROL_CONN)).is_err() {
-            return;
         }
         self.joins(s);
     }
