@@ -350,7 +350,9 @@ impl Message {
     }
 
     /// Checks every field against the spec's bounds; encoding and decoding both apply it, so
-    /// anything that encodes also decodes (spec: WIRE-5).
+    /// anything that encodes also decodes (spec: WIRE-5). One arm per message type, in the
+    /// order of spec section 2.4, so each arm reads against its layout table: its length is
+    /// the number of messages, not nesting.
     pub fn validate(&self) -> Result<(), WireError> {
         use Message::*;
         match self {
@@ -935,6 +937,9 @@ fn get_rkeys(r: &mut Reader, max: usize) -> Result<Vec<u32>, WireError> {
     Ok(v)
 }
 
+/// Decodes the payload of a frame of type `code`. One arm per message type, in the order of
+/// spec section 2.4 (the same order as `encode_payload`), so each arm reads against its layout
+/// table: its length is the number of messages, not nesting.
 fn decode_payload(code: u8, payload: &[u8]) -> Result<Message, WireError> {
     let mut r = Reader {
         buf: payload,
@@ -1078,7 +1083,8 @@ fn decode_payload(code: u8, payload: &[u8]) -> Result<Message, WireError> {
 }
 
 /// One frame of every message type with representative field values: the reference set for
-/// the byte-layout snapshots in tests and for fuzzing seed corpora.
+/// the byte-layout snapshots in tests and for fuzzing seed corpora. A flat list, one entry
+/// per message type.
 pub fn sample_frames() -> Vec<Frame> {
     let params = Params {
         chunk_log2: 20,

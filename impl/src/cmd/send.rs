@@ -176,20 +176,8 @@ pub fn send(a: SendArgs) -> Result<ExitCode, String> {
     });
     let mut tracker = super::open_dirty_log(&dirty_log, writer_pid, &blocks, a.common.threads)?;
     let (workload, resume) = workload(&a, &qemu)?;
-    let guard = match resume {
-        Some(r) => {
-            let exe = std::env::current_exe().map_err(|e| format!("locating rdmig: {e}"))?;
-            Some(Guard::spawn(&exe, &r).map_err(|e| format!("starting the guard: {e}"))?)
-        }
-        None => None,
-    };
-    let progress: Option<Box<dyn Progress>> = if std::io::stderr().is_terminal() && !a.common.json {
-        let pb = indicatif::ProgressBar::new_spinner();
-        pb.enable_steady_tick(Duration::from_millis(200));
-        Some(Box::new(Bar(pb)))
-    } else {
-        None
-    };
+    let guard = resume.map(|r| spawn_guard(&r)).transpose()?;
+    let progress = progress_bar(a.common.json);
     let deadlines = Deadlines::new(Duration::from_secs(a.common.idle_timeout));
     let (tx, rx) = mpsc::channel();
     transport::watch_signals(tx.clone(), SrcEvent::Signal)
@@ -239,17 +227,37 @@ pub fn send(a: SendArgs) -> Result<ExitCode, String> {
         restore.0 = None;
     }
     if let Some(q) = &qemu {
-        report.guest = Some(match report.status {
-            Status::Completed if a.qemu_quit => match q.quit() {
-                Ok(()) => "quit".into(),
-                Err(e) => format!("stopped (quit failed: {e})"),
-            },
-            Status::Completed => "stopped".into(),
-            Status::InDoubt => {
-                "stopped (in doubt: check the destination before continuing it)".into()
-            }
-            Status::Aborted => "resumed".into(),
-        });
+        report.guest = Some(guest_after(q, report.status, a.qemu_quit));
     }
     Ok(finish(&report, a.common.json))
+}
+
+/// The guard that resumes the workload should this process die while it is paused (spec:
+/// LIVE-6).
+fn spawn_guard(resume: &Resume) -> Result<Guard, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("locating rdmig: {e}"))?;
+    Guard::spawn(&exe, resume).map_err(|e| format!("starting the guard: {e}"))
+}
+
+/// A spinner on an interactive terminal, none for scripts and JSON output.
+fn progress_bar(json: bool) -> Option<Box<dyn Progress>> {
+    if !std::io::stderr().is_terminal() || json {
+        return None;
+    }
+    let pb = indicatif::ProgressBar::new_spinner();
+    pb.enable_steady_tick(Duration::from_millis(200));
+    Some(Box::new(Bar(pb)))
+}
+
+/// What became of the source QEMU guest.
+fn guest_after(q: &QemuSource, status: Status, quit: bool) -> String {
+    match status {
+        Status::Completed if quit => match q.quit() {
+            Ok(()) => "quit".into(),
+            Err(e) => format!("stopped (quit failed: {e})"),
+        },
+        Status::Completed => "stopped".into(),
+        Status::InDoubt => "stopped (in doubt: check the destination before continuing it)".into(),
+        Status::Aborted => "resumed".into(),
+    }
 }

@@ -123,70 +123,11 @@ impl<L: SourceLink> Driver<'_, L> {
                     self.link_failed();
                 }
             }
-            SrcCommand::ScanDirty { all } => {
-                let t = Instant::now();
-                let scanned = (self.run.scan)(all);
-                tracing::info!("dirty scan (all: {all}) took {:?}", t.elapsed());
-                self.pending.push_back(match scanned {
-                    Ok(scan) => SrcInput::Dirty(scan),
-                    Err(e) => {
-                        tracing::error!("dirty tracking failed: {e}");
-                        SrcInput::WorkloadFailed
-                    }
-                });
-            }
-            SrcCommand::PauseWorkload => {
-                // Armed first: should this process die once the workload is paused, the guard
-                // resumes it (spec: INV-OWN-2).
-                if let Some(g) = self.run.guard.as_mut() {
-                    if let Err(e) = g.arm() {
-                        tracing::warn!("arming the guard: {e}");
-                    }
-                }
-                let t = Instant::now();
-                let r = self.run.workload.pause();
-                tracing::info!("pausing the workload took {:?}", t.elapsed());
-                self.pending.push_back(match r {
-                    Ok(out) => {
-                        self.paused_state = out;
-                        SrcInput::WorkloadPaused
-                    }
-                    Err(e) => {
-                        tracing::error!("pausing the workload: {e}");
-                        SrcInput::WorkloadFailed
-                    }
-                });
-            }
-            SrcCommand::ResumeWorkload => {
-                if let Err(e) = self.run.workload.resume() {
-                    tracing::error!("resuming the workload: {e}");
-                }
-                if let Some(g) = self.run.guard.as_mut() {
-                    let _ = g.release();
-                }
-            }
-            SrcCommand::RelinquishWorkload => {
-                // Written before COMMIT is handed to the transport (spec: SW-6).
-                if let Some(g) = self.run.guard.as_mut() {
-                    if let Err(e) = g.disarm() {
-                        // A guard that cannot be told is gone, and resumes nothing.
-                        tracing::warn!("disarming the guard: {e}");
-                    }
-                }
-            }
-            SrcCommand::CaptureDeviceState => {
-                let state = match &self.run.state_in {
-                    Some(p) => match std::fs::read(p) {
-                        Ok(b) => SrcInput::DeviceState(b),
-                        Err(e) => {
-                            tracing::error!("reading device state {}: {e}", p.display());
-                            SrcInput::WorkloadFailed
-                        }
-                    },
-                    None => SrcInput::DeviceState(std::mem::take(&mut self.paused_state)),
-                };
-                self.pending.push_back(state);
-            }
+            SrcCommand::ScanDirty { all } => self.scan(all),
+            SrcCommand::PauseWorkload => self.pause(),
+            SrcCommand::ResumeWorkload => self.resume(),
+            SrcCommand::RelinquishWorkload => self.relinquish(),
+            SrcCommand::CaptureDeviceState => self.capture_state(),
             SrcCommand::ComputeDigests => {
                 let t = Instant::now();
                 let d = chunk_digests(&self.run.blocks, self.chunk_log2, self.run.threads);
@@ -195,6 +136,75 @@ impl<L: SourceLink> Driver<'_, L> {
             }
             SrcCommand::Finish(_) => {}
         }
+    }
+
+    fn scan(&mut self, all: bool) {
+        let t = Instant::now();
+        let scanned = (self.run.scan)(all);
+        tracing::info!("dirty scan (all: {all}) took {:?}", t.elapsed());
+        self.pending.push_back(match scanned {
+            Ok(scan) => SrcInput::Dirty(scan),
+            Err(e) => {
+                tracing::error!("dirty tracking failed: {e}");
+                SrcInput::WorkloadFailed
+            }
+        });
+    }
+
+    fn pause(&mut self) {
+        // Armed first: should this process die once the workload is paused, the guard
+        // resumes it (spec: LIVE-6).
+        if let Some(g) = self.run.guard.as_mut() {
+            if let Err(e) = g.arm() {
+                tracing::warn!("arming the guard: {e}");
+            }
+        }
+        let t = Instant::now();
+        let r = self.run.workload.pause();
+        tracing::info!("pausing the workload took {:?}", t.elapsed());
+        self.pending.push_back(match r {
+            Ok(out) => {
+                self.paused_state = out;
+                SrcInput::WorkloadPaused
+            }
+            Err(e) => {
+                tracing::error!("pausing the workload: {e}");
+                SrcInput::WorkloadFailed
+            }
+        });
+    }
+
+    fn resume(&mut self) {
+        if let Err(e) = self.run.workload.resume() {
+            tracing::error!("resuming the workload: {e}");
+        }
+        if let Some(g) = self.run.guard.as_mut() {
+            let _ = g.release();
+        }
+    }
+
+    fn relinquish(&mut self) {
+        // Written before COMMIT is handed to the transport (spec: SW-6, LIVE-6).
+        if let Some(g) = self.run.guard.as_mut() {
+            if let Err(e) = g.disarm() {
+                // A guard that cannot be told is gone, and resumes nothing.
+                tracing::warn!("disarming the guard: {e}");
+            }
+        }
+    }
+
+    fn capture_state(&mut self) {
+        let state = match &self.run.state_in {
+            Some(p) => match std::fs::read(p) {
+                Ok(b) => SrcInput::DeviceState(b),
+                Err(e) => {
+                    tracing::error!("reading device state {}: {e}", p.display());
+                    SrcInput::WorkloadFailed
+                }
+            },
+            None => SrcInput::DeviceState(std::mem::take(&mut self.paused_state)),
+        };
+        self.pending.push_back(state);
     }
 }
 

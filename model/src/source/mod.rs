@@ -592,24 +592,7 @@ impl Source {
 
     fn on_input(&mut self, input: SrcInput, out: &mut SrcOut) {
         match input {
-            SrcInput::Start => {
-                if !matches!(self.state, State::Idle) {
-                    return self.abort(out, AbortReason::LocalError, Detail::StartTwice);
-                }
-                self.started_at = self.link.now;
-                out.stats.started_at_ms = Some(self.link.now);
-                let hello = Message::Hello(Hello {
-                    version_min: wire::PROTOCOL_VERSION,
-                    version_max: wire::PROTOCOL_VERSION,
-                    session_id: self.cfg.session_id,
-                    params: self.cfg.params,
-                    credit_window: self.cfg.credit_window,
-                    nonce: self.nonce,
-                });
-                self.link.outbox.push_back(hello);
-                self.link.credits.announce_window();
-                self.go(State::AwaitHelloAck, Event::Start); // spec: HS-1
-            }
+            SrcInput::Start => self.on_start(out),
             SrcInput::Frame(f) => self.on_frame(f, out),
             SrcInput::Malformed(_) => {
                 self.abort(out, AbortReason::ProtocolViolation, Detail::Malformed)
@@ -620,64 +603,19 @@ impl Source {
                 self.abort(out, AbortReason::TransportFailed, Detail::WriteFailed)
             }
             SrcInput::Dirty(scan) => self.on_dirty(scan, out),
-            SrcInput::WorkloadPaused => {
-                let State::Transfer(_, t) = &mut self.state else {
-                    return self.abort(out, AbortReason::LocalError, Detail::Unrequested);
-                };
-                if t.sub != Sub::Pausing || t.final_scan {
-                    return self.abort(out, AbortReason::LocalError, Detail::Unrequested);
-                }
-                t.final_scan = true;
-                t.sub = Sub::Scanning;
-                out.stats.paused_at_ms = Some(self.link.now);
-                out.cmds.push(SrcCommand::ScanDirty { all: false }); // spec: SW-1
-                check_source(SrcPhase::Pausing, Event::WorkloadPaused, SrcPhase::Scanning);
-            }
+            SrcInput::WorkloadPaused => self.on_paused(out),
             SrcInput::WorkloadFailed => {
                 self.abort(out, AbortReason::WorkloadFailed, Detail::PauseFailed)
             }
-            SrcInput::DeviceState(blob) => {
-                let State::Finalizing(_, tail) = &mut self.state else {
-                    return self.abort(out, AbortReason::LocalError, Detail::Unrequested);
-                };
-                if tail.device_state.is_some() {
-                    return self.abort(out, AbortReason::LocalError, Detail::Unrequested);
-                }
-                if blob.len() > wire::MAX_DEVICE_STATE as usize {
-                    // spec: SW-3
-                    return self.abort(out, AbortReason::LocalError, Detail::StateTooLarge);
-                }
-                tail.device_state = Some(blob);
-            }
-            SrcInput::Digests(d) => {
-                let total = self.geo.total_chunks as usize;
-                let State::Finalizing(s, tail) = &mut self.state else {
-                    return self.abort(out, AbortReason::LocalError, Detail::Unrequested);
-                };
-                if tail.digests.is_some() || s.params.digest == DigestAlg::None {
-                    return self.abort(out, AbortReason::LocalError, Detail::Unrequested);
-                }
-                if d.len() != total {
-                    return self.abort(out, AbortReason::LocalError, Detail::DigestCount);
-                }
-                tail.digests = Some(d);
-            }
+            SrcInput::DeviceState(blob) => self.on_device_state(blob, out),
+            SrcInput::Digests(d) => self.on_digests(d, out),
             SrcInput::Timer(SrcTimer::Progress) => {
                 if self.waiting() {
                     // spec: ERR-4
                     self.abort(out, AbortReason::Timeout, Detail::NoProgress);
                 }
             }
-            SrcInput::Timer(SrcTimer::Keepalive) => {
-                if matches!(self.state, State::Idle) {
-                    return;
-                }
-                if self.link.outbox.is_empty() && self.link.credits.can_send() {
-                    self.link.send(Message::Nop, out); // spec: ERR-5
-                } else {
-                    self.link.last_send = self.link.now;
-                }
-            }
+            SrcInput::Timer(SrcTimer::Keepalive) => self.on_keepalive(out),
             SrcInput::TransportFailed => {
                 self.abort(out, AbortReason::TransportFailed, Detail::TransportFailed)
             }
@@ -690,6 +628,78 @@ impl Source {
             // spec: SW-6: after COMMIT left, a cancel stops the wait for STARTED and ends in
             // doubt; nothing is resumed.
             SrcInput::Cancel => self.abort(out, AbortReason::Cancelled, Detail::Cancelled),
+        }
+    }
+
+    fn on_start(&mut self, out: &mut SrcOut) {
+        if !matches!(self.state, State::Idle) {
+            return self.abort(out, AbortReason::LocalError, Detail::StartTwice);
+        }
+        self.started_at = self.link.now;
+        out.stats.started_at_ms = Some(self.link.now);
+        let hello = Message::Hello(Hello {
+            version_min: wire::PROTOCOL_VERSION,
+            version_max: wire::PROTOCOL_VERSION,
+            session_id: self.cfg.session_id,
+            params: self.cfg.params,
+            credit_window: self.cfg.credit_window,
+            nonce: self.nonce,
+        });
+        self.link.outbox.push_back(hello);
+        self.link.credits.announce_window();
+        self.go(State::AwaitHelloAck, Event::Start); // spec: HS-1
+    }
+
+    fn on_paused(&mut self, out: &mut SrcOut) {
+        let State::Transfer(_, t) = &mut self.state else {
+            return self.abort(out, AbortReason::LocalError, Detail::Unrequested);
+        };
+        if t.sub != Sub::Pausing || t.final_scan {
+            return self.abort(out, AbortReason::LocalError, Detail::Unrequested);
+        }
+        t.final_scan = true;
+        t.sub = Sub::Scanning;
+        out.stats.paused_at_ms = Some(self.link.now);
+        out.cmds.push(SrcCommand::ScanDirty { all: false }); // spec: SW-1
+        check_source(SrcPhase::Pausing, Event::WorkloadPaused, SrcPhase::Scanning);
+    }
+
+    fn on_device_state(&mut self, blob: Vec<u8>, out: &mut SrcOut) {
+        let State::Finalizing(_, tail) = &mut self.state else {
+            return self.abort(out, AbortReason::LocalError, Detail::Unrequested);
+        };
+        if tail.device_state.is_some() {
+            return self.abort(out, AbortReason::LocalError, Detail::Unrequested);
+        }
+        if blob.len() > wire::MAX_DEVICE_STATE as usize {
+            // spec: SW-3
+            return self.abort(out, AbortReason::LocalError, Detail::StateTooLarge);
+        }
+        tail.device_state = Some(blob);
+    }
+
+    fn on_digests(&mut self, d: Vec<u64>, out: &mut SrcOut) {
+        let total = self.geo.total_chunks as usize;
+        let State::Finalizing(s, tail) = &mut self.state else {
+            return self.abort(out, AbortReason::LocalError, Detail::Unrequested);
+        };
+        if tail.digests.is_some() || s.params.digest == DigestAlg::None {
+            return self.abort(out, AbortReason::LocalError, Detail::Unrequested);
+        }
+        if d.len() != total {
+            return self.abort(out, AbortReason::LocalError, Detail::DigestCount);
+        }
+        tail.digests = Some(d);
+    }
+
+    fn on_keepalive(&mut self, out: &mut SrcOut) {
+        if matches!(self.state, State::Idle) {
+            return;
+        }
+        if self.link.outbox.is_empty() && self.link.credits.can_send() {
+            self.link.send(Message::Nop, out); // spec: ERR-5
+        } else {
+            self.link.last_send = self.link.now;
         }
     }
 

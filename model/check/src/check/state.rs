@@ -230,6 +230,28 @@ impl State {
     /// A few lines describing the state, for traces.
     pub fn summary(&self) -> String {
         let mut s = String::new();
+        self.write_sides(&mut s);
+        self.write_links(&mut s);
+        let _ = writeln!(
+            s,
+            "  mem src {:?} dst {:?} snapshot {:?}",
+            self.src_mem, self.dst_mem, self.snapshot
+        );
+        let _ = write!(
+            s,
+            "  budgets: faults {} guest {} keepalives {} hostile {} strays {:?} | observed: {}",
+            self.faults_left,
+            self.guest_left,
+            self.keepalives_left,
+            self.hostile_left,
+            self.strays_left,
+            self.observed().join(", ")
+        );
+        s
+    }
+
+    /// Both machines: phase or outcome, round, registrations, workload.
+    fn write_sides(&self, s: &mut String) {
         let side = |outcome: Option<Outcome>, crashed: bool, phase: String| {
             if crashed {
                 "CRASHED".to_string()
@@ -262,6 +284,10 @@ impl State {
             self.lsn.session().map_or(0, |d| d.registered_bytes()),
             if self.dst_running { "RUNNING" } else { "stopped" },
         );
+    }
+
+    /// What is in flight: frames, data writes, joins, completions, driver work, the NIC.
+    fn write_links(&self, s: &mut String) {
         let frames = |q: &VecDeque<Vec<u8>>| {
             q.iter()
                 .map(|b| frame_brief(b))
@@ -318,11 +344,10 @@ impl State {
             self.lsn.handshaking(),
             self.strays_open
         );
-        let _ = writeln!(
-            s,
-            "  mem src {:?} dst {:?} snapshot {:?}",
-            self.src_mem, self.dst_mem, self.snapshot
-        );
+    }
+
+    /// The observations set so far (upper case: a property violation).
+    fn observed(&self) -> Vec<String> {
         let o = &self.obs;
         let mut seen: Vec<String> = [
             (o.commit_sent, "COMMIT sent"),
@@ -356,17 +381,7 @@ impl State {
         if let Some(p) = &o.panic {
             seen.push(format!("PANIC: {p}"));
         }
-        let _ = write!(
-            s,
-            "  budgets: faults {} guest {} keepalives {} hostile {} strays {:?} | observed: {}",
-            self.faults_left,
-            self.guest_left,
-            self.keepalives_left,
-            self.hostile_left,
-            self.strays_left,
-            seen.join(", ")
-        );
-        s
+        seen
     }
 }
 
