@@ -15,6 +15,19 @@ pub struct RoundReport {
     pub duration_ms: u64,
 }
 
+/// One step of a migration and how long it took: local work the driver timed (scans, the
+/// pause, digests, the destination's load and start) and the waits on the protocol between
+/// them (a round's transfer, PREPARE to PREPARED, ...).
+#[derive(Debug, Clone, Serialize, Default, PartialEq, Eq)]
+pub struct PhaseReport {
+    pub name: String,
+    /// Milliseconds since this side started.
+    pub start_ms: u64,
+    pub duration_ms: u64,
+    /// Inside the downtime (the source workload paused).
+    pub downtime: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Bytes {
     pub data: u64,
@@ -59,6 +72,8 @@ pub struct Report {
     pub downtime_ms: Option<u64>,
     pub memory_bytes: u64,
     pub rounds: Vec<RoundReport>,
+    /// Where the time went, in order (spec section 7 names the steps).
+    pub phases: Vec<PhaseReport>,
     pub bytes: Bytes,
     /// Data bytes per second over the whole migration, in MB/s.
     pub throughput_mb_s: f64,
@@ -149,6 +164,18 @@ impl Report {
                     r.zero_pages,
                     r.data_bytes >> 20,
                     r.duration_ms
+                );
+            }
+        }
+        if !self.phases.is_empty() {
+            s += "\n  where the time went (* inside the downtime):";
+            for p in &self.phases {
+                s += &format!(
+                    "\n    {:>6} ms {:>6} ms{} {}",
+                    p.start_ms,
+                    p.duration_ms,
+                    if p.downtime { "*" } else { " " },
+                    p.name
                 );
             }
         }

@@ -13,7 +13,7 @@ use rdmig_model::*;
 
 use super::{wait, Clock, Wake};
 use crate::memory::ram::{chunk_digests, RamBlock};
-use crate::report::{Report, Status};
+use crate::report::{PhaseReport, Report, Status};
 use crate::transport::{DestLink, DstEvent};
 use crate::vmm::control::{DestWorkload, StateSink};
 
@@ -73,9 +73,30 @@ struct Driver<L: DestLink> {
     params: Option<wire::Params>,
     /// Connections accepted and not yet closed, to check the transport's event order.
     open: HashSet<ConnId>,
+    /// When the driver started (the listener's clock counts from here too).
+    t0: Instant,
+    /// Local work timed by the driver, in order.
+    timeline: Vec<PhaseReport>,
 }
 
 impl<L: DestLink> Driver<L> {
+    /// Runs `f` and records it as phase `name`; at the destination everything after the
+    /// final round is inside the source's downtime.
+    fn timed<T>(&mut self, name: &str, f: impl FnOnce(&mut Self) -> T) -> T {
+        let start = self.t0.elapsed().as_millis() as u64;
+        let t = Instant::now();
+        let r = f(self);
+        let ms = t.elapsed().as_millis() as u64;
+        tracing::info!("{name} took {ms} ms");
+        self.timeline.push(PhaseReport {
+            name: name.to_string(),
+            start_ms: start,
+            duration_ms: ms,
+            downtime: true,
+        });
+        r
+    }
+
     /// The transport reports `Accepted` before anything else of a connection (see
     /// [`DstEvent`]); an event of a connection it never reported is a transport bug, which
     /// the listener would answer by closing a legitimate connection.
@@ -148,26 +169,20 @@ impl<L: DestLink> Driver<L> {
             }
             DstCommand::StoreDeviceState { offset, data } => self.run.state.store(offset, &data),
             DstCommand::ComputeDigests => {
-                let t = Instant::now();
                 let log2 = self.params.map_or(20, |p| p.chunk_log2);
-                let d = chunk_digests(&self.run.blocks, log2, self.run.threads);
-                tracing::info!("digests took {:?}", t.elapsed());
+                let d = self.timed("digests of received memory", |d| {
+                    chunk_digests(&d.run.blocks, log2, d.run.threads)
+                });
                 self.local(DstInput::Digests(d));
             }
             DstCommand::StartWorkload => {
-                let t = Instant::now();
-                let started = self
-                    .run
-                    .state
-                    .persist()
-                    .map_err(|e| e.to_string())
-                    .and_then(|_| {
-                        self.run
-                            .workload
-                            .start(&self.run.state.data)
-                            .map_err(|e| e.to_string())
-                    });
-                tracing::info!("starting the workload took {:?}", t.elapsed());
+                let started = self.timed("load device state and start the workload", |d| {
+                    d.run.state.persist().map_err(|e| e.to_string())?;
+                    d.run
+                        .workload
+                        .start(&d.run.state.data)
+                        .map_err(|e| e.to_string())
+                });
                 match started {
                     Ok(()) => self.local(DstInput::WorkloadStarted),
                     Err(e) => {
@@ -194,6 +209,8 @@ pub fn run_destination(link: impl DestLink, rx: Receiver<DstEvent>, run: DestRun
         pending: VecDeque::new(),
         params: None,
         open: HashSet::new(),
+        t0: Instant::now(),
+        timeline: Vec::new(),
     };
     let mut out = LsnOut::new();
     while lsn.outcome().is_none() {
@@ -258,5 +275,41 @@ fn report<L: DestLink>(
         r.status == Status::Completed && params.is_some_and(|p| p.digest != DigestAlg::None);
     r.bytes.zero_pages = st.zero_pages;
     r.bytes.control_frames = st.control_frames_received;
+    r.phases = d.timeline.clone();
+    let mut span = |name: &str, a: Option<Millis>, b: Option<Millis>, downtime: bool| {
+        if let (Some(a), Some(b)) = (a, b) {
+            r.phases.push(PhaseReport {
+                name: name.to_string(),
+                start_ms: a,
+                duration_ms: b.saturating_sub(a),
+                downtime,
+            });
+        }
+    };
+    span(
+        "listening until the source proved its key",
+        Some(0),
+        st.authenticated_ms,
+        false,
+    );
+    span(
+        "receiving rounds",
+        st.authenticated_ms,
+        st.final_round_ms,
+        false,
+    );
+    span(
+        "device state and digests received",
+        st.final_round_ms,
+        st.prepare_ms,
+        true,
+    );
+    span(
+        "PREPARE to COMMIT (verification, vote)",
+        st.prepare_ms,
+        st.commit_ms,
+        true,
+    );
+    r.phases.sort_by_key(|p| p.start_ms);
     r
 }

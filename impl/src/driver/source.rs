@@ -12,7 +12,7 @@ use rdmig_model::*;
 
 use super::{wait, Clock, Wake};
 use crate::memory::ram::{chunk_digests, RamBlock};
-use crate::report::{Report, RoundReport, Status};
+use crate::report::{PhaseReport, Report, RoundReport, Status};
 use crate::transport::{SourceLink, SrcEvent, WriteReq};
 use crate::vmm::control::SourceWorkload;
 use crate::vmm::guard::Guard;
@@ -84,9 +84,30 @@ struct Driver<'a, L: SourceLink> {
     paused_state: Vec<u8>,
     control_bytes: u64,
     chunk_log2: u8,
+    /// Local work timed by the driver, in order.
+    timeline: Vec<PhaseReport>,
+    /// Dirty scans run so far, to name them.
+    scans: u32,
+    paused: bool,
 }
 
 impl<L: SourceLink> Driver<'_, L> {
+    /// Runs `f` and records it as phase `name`.
+    fn timed<T>(&mut self, name: String, f: impl FnOnce(&mut Self) -> T) -> T {
+        let start = self.clock.now();
+        let t = Instant::now();
+        let r = f(self);
+        let ms = t.elapsed().as_millis() as u64;
+        tracing::info!("{name} took {ms} ms");
+        self.timeline.push(PhaseReport {
+            name,
+            start_ms: start,
+            duration_ms: ms,
+            downtime: self.paused,
+        });
+        r
+    }
+
     fn link_failed(&mut self) {
         if !self.link_down {
             self.link_down = true;
@@ -129,9 +150,9 @@ impl<L: SourceLink> Driver<'_, L> {
             SrcCommand::RelinquishWorkload => self.relinquish(),
             SrcCommand::CaptureDeviceState => self.capture_state(),
             SrcCommand::ComputeDigests => {
-                let t = Instant::now();
-                let d = chunk_digests(&self.run.blocks, self.chunk_log2, self.run.threads);
-                tracing::info!("digests took {:?}", t.elapsed());
+                let d = self.timed("digests of source memory".into(), |d| {
+                    chunk_digests(&d.run.blocks, d.chunk_log2, d.run.threads)
+                });
                 self.pending.push_back(SrcInput::Digests(d));
             }
             SrcCommand::Finish(_) => {}
@@ -139,9 +160,13 @@ impl<L: SourceLink> Driver<'_, L> {
     }
 
     fn scan(&mut self, all: bool) {
-        let t = Instant::now();
-        let scanned = (self.run.scan)(all);
-        tracing::info!("dirty scan (all: {all}) took {:?}", t.elapsed());
+        self.scans += 1;
+        let name = match (self.scans, self.paused) {
+            (_, true) => "final dirty scan".to_string(),
+            (1, _) => "first dirty scan".to_string(),
+            (n, _) => format!("dirty scan {n}"),
+        };
+        let scanned = self.timed(name, |d| (d.run.scan)(all));
         self.pending.push_back(match scanned {
             Ok(scan) => SrcInput::Dirty(scan),
             Err(e) => {
@@ -159,9 +184,11 @@ impl<L: SourceLink> Driver<'_, L> {
                 tracing::warn!("arming the guard: {e}");
             }
         }
-        let t = Instant::now();
-        let r = self.run.workload.pause();
-        tracing::info!("pausing the workload took {:?}", t.elapsed());
+        // The workload stops at the start of this step: it is downtime.
+        self.paused = true;
+        let r = self.timed("pause (and device state save)".into(), |d| {
+            d.run.workload.pause()
+        });
         self.pending.push_back(match r {
             Ok(out) => {
                 self.paused_state = out;
@@ -175,6 +202,7 @@ impl<L: SourceLink> Driver<'_, L> {
     }
 
     fn resume(&mut self) {
+        self.paused = false;
         if let Err(e) = self.run.workload.resume() {
             tracing::error!("resuming the workload: {e}");
         }
@@ -226,6 +254,9 @@ pub fn run_source(link: impl SourceLink, rx: Receiver<SrcEvent>, mut run: Source
         link_down: false,
         paused_state: Vec::new(),
         control_bytes: 0,
+        timeline: Vec::new(),
+        scans: 0,
+        paused: false,
     };
     let mut out = SrcOut::new();
     let mut last_round = 0;
@@ -262,6 +293,61 @@ pub fn run_source(link: impl SourceLink, rx: Receiver<SrcEvent>, mut run: Source
     }
     d.link.shutdown();
     report(&src, &out.stats, &d, memory, clock.now())
+}
+
+/// The source's timeline: the driver's timed local work, and the protocol's steps between
+/// the machine's timestamps.
+fn phases(
+    st: &rdmig_model::source::SourceStats,
+    local: &[PhaseReport],
+    end: Millis,
+) -> Vec<PhaseReport> {
+    let mut v: Vec<PhaseReport> = local.to_vec();
+    let paused = local
+        .iter()
+        .find(|p| p.name.starts_with("pause"))
+        .map(|p| p.start_ms);
+    let mut span = |name: &str, a: Option<Millis>, b: Option<Millis>| {
+        if let (Some(a), Some(b)) = (a, b) {
+            v.push(PhaseReport {
+                name: name.to_string(),
+                start_ms: a,
+                duration_ms: b.saturating_sub(a),
+                downtime: paused.is_some_and(|p| a >= p),
+            });
+        }
+    };
+    span("handshake", st.started_at_ms, st.setup_done_ms);
+    span("data channels join", st.setup_done_ms, st.channels_open_ms);
+    for r in &st.rounds {
+        let name = if r.last {
+            "final round".to_string()
+        } else {
+            format!("round {} transfer", r.round)
+        };
+        span(
+            &name,
+            Some(r.started_ms),
+            Some(r.started_ms + r.duration_ms),
+        );
+    }
+    span(
+        "device state and digests sent",
+        st.final_round_acked_ms,
+        st.prepare_sent_ms,
+    );
+    span(
+        "prepare (destination checks and verifies)",
+        st.prepare_sent_ms,
+        st.commit_sent_ms.or(Some(end)),
+    );
+    span(
+        "commit (destination loads and starts)",
+        st.commit_sent_ms,
+        st.finished_at_ms.or(Some(end)),
+    );
+    v.sort_by_key(|p| p.start_ms);
+    v
 }
 
 fn rounds(stats: &[RoundStats]) -> Vec<RoundReport> {
@@ -302,8 +388,18 @@ fn report<L: SourceLink>(
         ..Default::default()
     };
     r.set_outcome(src.outcome());
+    r.phases = phases(st, &d.timeline, total_ms);
     if r.status == Status::Completed {
-        r.downtime_ms = st.paused_at_ms.zip(st.finished_at_ms).map(|(p, f)| f - p);
+        // From the moment the pause was requested: stopping the workload is downtime too.
+        let paused = d
+            .timeline
+            .iter()
+            .find(|p| p.name.starts_with("pause"))
+            .map(|p| p.start_ms)
+            .or(st.paused_at_ms);
+        r.downtime_ms = paused
+            .zip(st.finished_at_ms)
+            .map(|(p, f)| f.saturating_sub(p));
     } else {
         r.verified = false;
     }
