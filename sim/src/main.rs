@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
 
 use rdmig_sim::faults::FaultKind;
 use rdmig_sim::guest::{GuestConfig, Pattern};
@@ -13,7 +14,7 @@ use rdmig_sim::plot::{self, Series};
 use rdmig_sim::profile::{Profile, PROFILE_NAMES};
 use rdmig_sim::rng::parse_seed;
 use rdmig_sim::units::{fmt_bytes, parse_rate, parse_size};
-use rdmig_sim::{bench, run, swarm, Report, SimConfig};
+use rdmig_sim::{bench, run, swarm, Report, RunResult, SimConfig, SwarmSummary};
 
 /// Deterministic simulator for rdmig live migration: the production source and destination
 /// state machines against simulated RDMA/TCP hardware, a simulated guest and injected faults,
@@ -352,72 +353,24 @@ fn real_main() -> Result<ExitCode, String> {
             plot_dir,
             trace_tail,
         } => {
-            let seed = parse_seed(&seed)?;
-            let mut cfg = w.config(seed, &w.profile)?;
-            cfg.trace_tail = trace_tail;
-            if drawn {
-                cfg = SimConfig::swarm(seed, &cfg);
-            } else if let Some(k) = &fault {
-                let kind =
-                    FaultKind::parse(k).ok_or_else(|| format!("unknown fault kind {k:?}"))?;
-                cfg = cfg.with_fault(kind);
-            } else if faults {
-                cfg = cfg.with_random_faults();
-            }
-            let res = run(cfg)?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&res.report).map_err(|e| e.to_string())?
-                );
-            } else {
-                print!("{}", res.report.summary());
-            }
-            if let Some(d) = plot_dir {
-                write_plots(&res.report, &d)?;
-            }
-            if let Some(f) = res.failure {
-                eprint!("{f}");
-                let extra = if drawn {
-                    " --swarm".to_string()
-                } else if let Some(k) = fault {
-                    format!(" --fault {k}")
-                } else if faults {
-                    " --faults".to_string()
-                } else {
-                    String::new()
-                };
-                eprintln!("replay: rdmig-sim run --seed {seed}{extra} {}", w.args());
-                return Ok(ExitCode::FAILURE);
-            }
-            Ok(ExitCode::SUCCESS)
+            let choice = FaultChoice {
+                drawn,
+                fault,
+                faults,
+            };
+            let out = RunOutput {
+                json,
+                plot_dir,
+                trace_tail,
+            };
+            cmd_run(parse_seed(&seed)?, &w, &choice, &out)
         }
         Cmd::Compare {
             profiles,
             seed,
             w,
             json,
-        } => {
-            let seed = parse_seed(&seed)?;
-            let mut reports = Vec::new();
-            for p in &profiles {
-                let res = run(w.config(seed, p)?)?;
-                if let Some(f) = &res.failure {
-                    eprint!("{f}");
-                    return Ok(ExitCode::FAILURE);
-                }
-                reports.push(res.report);
-            }
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&reports).map_err(|e| e.to_string())?
-                );
-            } else {
-                print!("{}", bench::compare_table(&reports));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        } => cmd_compare(parse_seed(&seed)?, &profiles, &w, json),
         Cmd::Sweep {
             profiles,
             dirty_from,
@@ -428,125 +381,17 @@ fn real_main() -> Result<ExitCode, String> {
             out,
             json,
         } => {
+            // The seed is parsed before the rates, so a command with both wrong names the seed.
             let seed = parse_seed(&seed)?;
-            let (lo, hi) = (parse_rate(&dirty_from)?, parse_rate(&dirty_to)?);
-            let steps = steps.max(2);
-            let mut total = Vec::new();
-            let mut down = Vec::new();
-            let mut rows = Vec::new();
-            println!(
-                "{:<12} {:>12} {:>24} {:>11} {:>13} {:>7}",
-                "profile", "dirty", "outcome", "total s", "downtime ms", "rounds"
-            );
-            for p in &profiles {
-                let mut t = Series {
-                    label: p.clone(),
-                    points: Vec::new(),
-                };
-                let mut d = Series {
-                    label: p.clone(),
-                    points: Vec::new(),
-                };
-                for i in 0..steps {
-                    let rate = lo + (hi - lo) * i as u64 / (steps - 1) as u64;
-                    let mut cfg = w.config(seed, p)?;
-                    cfg.guest.dirty_bytes_per_s = rate;
-                    let res = run(cfg)?;
-                    if let Some(f) = &res.failure {
-                        eprint!("{f}");
-                        return Ok(ExitCode::FAILURE);
-                    }
-                    let r = res.report;
-                    let x = rate as f64 / 1e9;
-                    println!(
-                        "{:<12} {:>10.2}GB/s {:>24} {:>11.3} {:>13} {:>7}",
-                        p,
-                        x,
-                        r.outcome.class,
-                        r.total_ms / 1e3,
-                        r.downtime_ms
-                            .map(|v| format!("{v:.1}"))
-                            .unwrap_or_else(|| "-".into()),
-                        r.rounds.len()
-                    );
-                    if r.outcome.class == "completed" {
-                        t.points.push((x, r.total_ms / 1e3));
-                        if let Some(dt) = r.downtime_ms {
-                            d.points.push((x, dt));
-                        }
-                    }
-                    rows.push(r);
-                }
-                total.push(t);
-                down.push(d);
-            }
-            plot::sweep(&total, &down, &out)?;
-            eprintln!("wrote {}", out.display());
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?
-                );
-            }
-            Ok(ExitCode::SUCCESS)
+            let rates = DirtyRates::parse(&dirty_from, &dirty_to, steps)?;
+            cmd_sweep(seed, &profiles, &rates, &w, &out, json)
         }
         Cmd::Swarm {
             seeds,
             start,
             w,
             verbose,
-        } => {
-            let base = w.config(start, &w.profile)?;
-            // Machines' own assertions surface as PANIC failures with their seed; the default
-            // hook would print each one mid-table.
-            std::panic::set_hook(Box::new(|_| {}));
-            let s = swarm(&base, start..start + seeds, |cfg, res| {
-                if verbose || res.failure.is_some() {
-                    println!(
-                        "seed {:>8}  {:>10}  {:<40} faults [{}]{}",
-                        cfg.seed,
-                        fmt_bytes(cfg.guest.ram_bytes),
-                        res.report.outcome.class,
-                        res.report
-                            .faults_injected
-                            .keys()
-                            .copied()
-                            .collect::<Vec<_>>()
-                            .join(","),
-                        if res.failure.is_some() {
-                            "  FAILED"
-                        } else {
-                            ""
-                        }
-                    );
-                }
-            });
-            let _ = std::panic::take_hook();
-            println!("{} runs, {} events", s.runs, s.events);
-            println!("outcomes:");
-            for (k, n) in &s.outcomes {
-                println!("  {n:>6}  {k}");
-            }
-            println!("runs in which each fault struck:");
-            for (k, n) in &s.faults_hit {
-                println!("  {n:>6}  {k}");
-            }
-            if s.failures.is_empty() {
-                println!("no invariant violated");
-                Ok(ExitCode::SUCCESS)
-            } else {
-                println!("{} FAILING SEEDS:", s.failures.len());
-                for (_, f) in &s.failures {
-                    print!("{f}");
-                    println!(
-                        "replay: rdmig-sim run --seed {} --swarm {}",
-                        f.seed,
-                        w.args()
-                    );
-                }
-                Ok(ExitCode::FAILURE)
-            }
-        }
+        } => cmd_swarm(start, seeds, &w, verbose),
         Cmd::Bench {
             quick,
             runs,
@@ -556,12 +401,316 @@ fn real_main() -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Profiles => {
-            for n in PROFILE_NAMES {
-                let p = Profile::named(n).expect("listed");
-                println!("{n}:");
-                print!("{}", p.describe());
-            }
+            print_profiles();
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Prints `v` as pretty JSON on stdout.
+fn print_json<T: Serialize + ?Sized>(v: &T) -> Result<(), String> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).map_err(|e| e.to_string())?
+    );
+    Ok(())
+}
+
+/// Runs `cfg` to its report; a violated invariant is printed and gives `None`, so that the
+/// commands that run many configurations stop at the first.
+fn run_checked(cfg: SimConfig) -> Result<Option<Report>, String> {
+    let res = run(cfg)?;
+    if let Some(f) = &res.failure {
+        eprint!("{f}");
+        return Ok(None);
+    }
+    Ok(Some(res.report))
+}
+
+// ---------------------------------------------------------------------------------------------
+// run
+
+/// Which faults `run` injects. The flags are checked in this order and the first set wins, so
+/// `--swarm` (whose drawn configuration includes its faults) overrides the other two.
+struct FaultChoice {
+    /// `--swarm`: the whole configuration drawn from the seed.
+    drawn: bool,
+    /// `--fault KIND`: only this kind, often.
+    fault: Option<String>,
+    /// `--faults`: faults drawn from the seed.
+    faults: bool,
+}
+
+impl FaultChoice {
+    fn apply(&self, seed: u64, cfg: SimConfig) -> Result<SimConfig, String> {
+        Ok(if self.drawn {
+            SimConfig::swarm(seed, &cfg)
+        } else if let Some(k) = &self.fault {
+            let kind = FaultKind::parse(k).ok_or_else(|| format!("unknown fault kind {k:?}"))?;
+            cfg.with_fault(kind)
+        } else if self.faults {
+            cfg.with_random_faults()
+        } else {
+            cfg
+        })
+    }
+
+    /// The flag that makes the same choice again, for the replay command.
+    fn replay_flag(&self) -> String {
+        if self.drawn {
+            " --swarm".to_string()
+        } else if let Some(k) = &self.fault {
+            format!(" --fault {k}")
+        } else if self.faults {
+            " --faults".to_string()
+        } else {
+            String::new()
+        }
+    }
+}
+
+/// How `run` reports: JSON or the summary, the plots, and how much trace a failure shows.
+struct RunOutput {
+    json: bool,
+    plot_dir: Option<PathBuf>,
+    trace_tail: usize,
+}
+
+/// `run`: one migration and its report; on a violated invariant, the failure and the command
+/// that replays it.
+fn cmd_run(
+    seed: u64,
+    w: &Workload,
+    choice: &FaultChoice,
+    out: &RunOutput,
+) -> Result<ExitCode, String> {
+    let mut cfg = w.config(seed, &w.profile)?;
+    cfg.trace_tail = out.trace_tail;
+    let res = run(choice.apply(seed, cfg)?)?;
+    if out.json {
+        print_json(&res.report)?;
+    } else {
+        print!("{}", res.report.summary());
+    }
+    if let Some(d) = &out.plot_dir {
+        write_plots(&res.report, d)?;
+    }
+    if let Some(f) = res.failure {
+        eprint!("{f}");
+        eprintln!(
+            "replay: rdmig-sim run --seed {seed}{} {}",
+            choice.replay_flag(),
+            w.args()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+// ---------------------------------------------------------------------------------------------
+// compare and sweep
+
+/// `compare`: the same workload on each profile, side by side.
+fn cmd_compare(
+    seed: u64,
+    profiles: &[String],
+    w: &Workload,
+    json: bool,
+) -> Result<ExitCode, String> {
+    let mut reports = Vec::new();
+    for p in profiles {
+        let Some(r) = run_checked(w.config(seed, p)?)? else {
+            return Ok(ExitCode::FAILURE);
+        };
+        reports.push(r);
+    }
+    if json {
+        print_json(&reports)?;
+    } else {
+        print!("{}", bench::compare_table(&reports));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The dirty rates a sweep visits: `steps` (at least two) evenly spaced from `lo` to `hi`,
+/// both ends included.
+struct DirtyRates {
+    lo: u64,
+    hi: u64,
+    steps: u32,
+}
+
+impl DirtyRates {
+    fn parse(from: &str, to: &str, steps: u32) -> Result<DirtyRates, String> {
+        Ok(DirtyRates {
+            lo: parse_rate(from)?,
+            hi: parse_rate(to)?,
+            steps: steps.max(2),
+        })
+    }
+
+    fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..self.steps)
+            .map(move |i| self.lo + (self.hi - self.lo) * i as u64 / (self.steps - 1) as u64)
+    }
+}
+
+/// `sweep`: a table row per profile and rate, then the SVG (and the reports as JSON).
+fn cmd_sweep(
+    seed: u64,
+    profiles: &[String],
+    rates: &DirtyRates,
+    w: &Workload,
+    out: &Path,
+    json: bool,
+) -> Result<ExitCode, String> {
+    let mut total = Vec::new();
+    let mut down = Vec::new();
+    let mut rows = Vec::new();
+    println!(
+        "{:<12} {:>12} {:>24} {:>11} {:>13} {:>7}",
+        "profile", "dirty", "outcome", "total s", "downtime ms", "rounds"
+    );
+    for p in profiles {
+        let Some((t, d)) = sweep_profile(seed, p, rates, w, &mut rows)? else {
+            return Ok(ExitCode::FAILURE);
+        };
+        total.push(t);
+        down.push(d);
+    }
+    plot::sweep(&total, &down, out)?;
+    eprintln!("wrote {}", out.display());
+    if json {
+        print_json(&rows)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One profile of a sweep: prints a row per rate and appends its report to `rows`. Returns
+/// the total-time and downtime series, which plot completed runs only (an aborted run's times
+/// say nothing about the rate), or `None` at the first violated invariant.
+fn sweep_profile(
+    seed: u64,
+    profile: &str,
+    rates: &DirtyRates,
+    w: &Workload,
+    rows: &mut Vec<Report>,
+) -> Result<Option<(Series, Series)>, String> {
+    let mut t = Series {
+        label: profile.to_string(),
+        points: Vec::new(),
+    };
+    let mut d = Series {
+        label: profile.to_string(),
+        points: Vec::new(),
+    };
+    for rate in rates.iter() {
+        let mut cfg = w.config(seed, profile)?;
+        cfg.guest.dirty_bytes_per_s = rate;
+        let Some(r) = run_checked(cfg)? else {
+            return Ok(None);
+        };
+        let x = rate as f64 / 1e9;
+        print_sweep_row(profile, x, &r);
+        if r.outcome.class == "completed" {
+            t.points.push((x, r.total_ms / 1e3));
+            if let Some(dt) = r.downtime_ms {
+                d.points.push((x, dt));
+            }
+        }
+        rows.push(r);
+    }
+    Ok(Some((t, d)))
+}
+
+/// One row of the sweep table, at `gbps` gigabytes per second dirtied.
+fn print_sweep_row(profile: &str, gbps: f64, r: &Report) {
+    println!(
+        "{:<12} {:>10.2}GB/s {:>24} {:>11.3} {:>13} {:>7}",
+        profile,
+        gbps,
+        r.outcome.class,
+        r.total_ms / 1e3,
+        r.downtime_ms
+            .map(|v| format!("{v:.1}"))
+            .unwrap_or_else(|| "-".into()),
+        r.rounds.len()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// swarm and profiles
+
+/// `swarm`: `seeds` runs from `start` with drawn configurations; the outcome counts, and every
+/// failing seed with its replay command.
+fn cmd_swarm(start: u64, seeds: u64, w: &Workload, verbose: bool) -> Result<ExitCode, String> {
+    let base = w.config(start, &w.profile)?;
+    // Machines' own assertions surface as PANIC failures with their seed; the default
+    // hook would print each one mid-table.
+    std::panic::set_hook(Box::new(|_| {}));
+    let s = swarm(&base, start..start + seeds, |cfg, res| {
+        if verbose || res.failure.is_some() {
+            print_swarm_run(cfg, res);
+        }
+    });
+    let _ = std::panic::take_hook();
+    print_swarm_counts(&s);
+    if s.failures.is_empty() {
+        println!("no invariant violated");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("{} FAILING SEEDS:", s.failures.len());
+        for (_, f) in &s.failures {
+            print!("{f}");
+            println!(
+                "replay: rdmig-sim run --seed {} --swarm {}",
+                f.seed,
+                w.args()
+            );
+        }
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// One line of the swarm table: the seed, its drawn RAM, the outcome and the faults that struck.
+fn print_swarm_run(cfg: &SimConfig, res: &RunResult) {
+    println!(
+        "seed {:>8}  {:>10}  {:<40} faults [{}]{}",
+        cfg.seed,
+        fmt_bytes(cfg.guest.ram_bytes),
+        res.report.outcome.class,
+        res.report
+            .faults_injected
+            .keys()
+            .copied()
+            .collect::<Vec<_>>()
+            .join(","),
+        if res.failure.is_some() {
+            "  FAILED"
+        } else {
+            ""
+        }
+    );
+}
+
+/// The swarm's totals: runs, events, runs per outcome, and runs in which each fault struck.
+fn print_swarm_counts(s: &SwarmSummary) {
+    println!("{} runs, {} events", s.runs, s.events);
+    println!("outcomes:");
+    for (k, n) in &s.outcomes {
+        println!("  {n:>6}  {k}");
+    }
+    println!("runs in which each fault struck:");
+    for (k, n) in &s.faults_hit {
+        println!("  {n:>6}  {k}");
+    }
+}
+
+/// `profiles`: every transport profile with its parameters.
+fn print_profiles() {
+    for n in PROFILE_NAMES {
+        let p = Profile::named(n).expect("listed");
+        println!("{n}:");
+        print!("{}", p.describe());
     }
 }

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::profile::Transport;
 use crate::units::{fmt_bytes, ms};
-use crate::world::{outcome_name, Cpu, Sim, BIN_NS, CAUSES, DST, SRC};
+use crate::world::{outcome_name, Cpu, Sim, Stats, BIN_NS, CAUSES, DST, SRC};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct OutcomeReport {
@@ -193,64 +193,8 @@ impl Report {
     pub fn of(sim: &Sim) -> Report {
         let cfg = &sim.cfg;
         let st = &sim.stats;
-        let s_out = sim.src.outcome();
-        let d_out = sim.lsn.outcome();
         let page_log2 = cfg.guest.page_log2;
-        let end = st
-            .finished_ns
-            .iter()
-            .flatten()
-            .copied()
-            .max()
-            .unwrap_or(sim.now_ns());
-        let end = end.max(1);
-        let mut injected = BTreeMap::new();
-        for (_, k, _) in &st.faults {
-            *injected.entry(k.name()).or_insert(0) += 1;
-        }
-        let rounds = sim
-            .src_stats
-            .rounds
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let t = st.rounds.get(i);
-                let dur = t.and_then(|t| t.end_ns.map(|e| e - t.start_ns));
-                RoundReport {
-                    round: r.round,
-                    last: r.last,
-                    dirty_bytes: r.dirty_pages << page_log2,
-                    zero_bytes: r.zero_pages << page_log2,
-                    sent_bytes: r.data_bytes,
-                    writes: r.writes,
-                    duration_ms: dur.map(ms),
-                    throughput_gbps: dur
-                        .filter(|&d| d > 0)
-                        .map(|d| r.data_bytes as f64 * 8.0 / d as f64),
-                }
-            })
-            .collect();
-        let final_ack = st.rounds.last().and_then(|r| r.end_ns);
-        let downtime = Downtime {
-            final_round_ms: st
-                .paused_ns
-                .zip(final_ack)
-                .filter(|(p, a)| a >= p)
-                .map(|(p, a)| ms(a - p)),
-            verify_ms: final_ack
-                .zip(st.commit_sent_ns)
-                .map(|(a, c)| ms(c.saturating_sub(a))),
-            commit_to_start_ms: st
-                .commit_sent_ns
-                .zip(st.dst_started_ns)
-                .map(|(c, s)| ms(s - c)),
-        };
-        let mut idle = BTreeMap::new();
-        for (i, name) in CAUSES.iter().enumerate() {
-            if st.idle_gap_ns[i] > 0 {
-                idle.insert(*name, ms(st.idle_gap_ns[i]));
-            }
-        }
+        let end = end_ns(sim);
         Report {
             seed: cfg.seed,
             profile: cfg.profile.name.clone(),
@@ -270,54 +214,22 @@ impl Report {
             channels: sim.src.params().channels,
             pin_budget_bytes: cfg.pin_budget(),
             faults_enabled: cfg.faults.kinds().iter().map(|k| k.name()).collect(),
-            faults_injected: injected,
-            outcome: OutcomeReport {
-                class: classify(s_out, d_out, [sim.crashed(SRC), sim.crashed(DST)]),
-                source: outcome_name(s_out, sim.crashed(SRC)),
-                destination: match (d_out, sim.crashed(DST), sim.lsn.session()) {
-                    (None, false, None) => "listening (no session)".into(),
-                    (d, crashed, _) => outcome_name(d, crashed),
-                },
-                source_detail: detail(s_out),
-                destination_detail: detail(d_out),
-            },
+            faults_injected: faults_injected(st),
+            outcome: outcome_report(sim),
             total_ms: ms(end),
             setup_ms: st.setup_done_ns.map(ms),
             downtime_ms: st.paused_ns.zip(st.dst_started_ns).map(|(p, s)| ms(s - p)),
-            downtime,
+            downtime: downtime_parts(st),
             predicted_downtime_ms: st.predicted_downtime_ns.map(ms),
             downtime_limit_ms: cfg.migration.downtime_limit_ms,
-            bytes: Bytes {
-                data_payload: st.data_placed_bytes,
-                data_wire: st.data_wire_bytes,
-                zero_pages: sim.src_stats.zero_pages,
-                zero_page_bytes: sim.src_stats.zero_pages << page_log2,
-                zero_frame_bytes: st.zero_frame_bytes,
-                zero_frames: st.zero_frames,
-                control_bytes: st.control_bytes,
-                control_frames: st.control_frames,
-                frames_lost: st.frames_lost,
-            },
-            rounds,
-            registration: Registration {
-                requests: sim.src_stats.reg_requests,
-                chunks: sim.src_stats.reg_chunks,
-                unreg_requests: sim.src_stats.unreg_requests,
-                unreg_chunks: sim.src_stats.unreg_chunks,
-                registrations: st.registrations,
-                max_registered_bytes: sim.dst_stats.max_registered_bytes,
-                busy_ms: ms(st.reg_busy_ns),
-            },
+            bytes: byte_counts(sim),
+            rounds: round_reports(sim),
+            registration: registration_report(sim),
             cpu_source: (&st.cpu[SRC]).into(),
             cpu_destination: (&st.cpu[DST]).into(),
-            // Writes queued behind the end of the run never reached the wire.
-            link_utilisation: st
-                .link_busy_ns
-                .saturating_sub(sim.link_free_ns().saturating_sub(end))
-                as f64
-                / end as f64,
+            link_utilisation: link_utilisation(sim, end),
             effective_throughput_gbps: st.data_placed_bytes as f64 * 8.0 / end as f64,
-            idle_gaps_ms: idle,
+            idle_gaps_ms: idle_gaps(st),
             memory_verified: st.memory_verified,
             guest_pages_written: st.guest_pages_written,
             events: sim.trace.events,
@@ -338,6 +250,15 @@ impl Report {
             s += &l;
             s.push('\n');
         };
+        self.summarise_setup(&mut line);
+        self.summarise_outcome(&mut line);
+        self.summarise_traffic(&mut line);
+        self.summarise_costs(&mut line);
+        s
+    }
+
+    /// What ran: the guest and link, the protocol's settings, and the faults (if any).
+    fn summarise_setup(&self, line: &mut impl FnMut(String)) {
         line(format!(
             "seed {}  profile {} ({:?}, {} Gb/s)  guest {} pages of {}  dirty {}/s {}  zero {:.0}%",
             self.seed,
@@ -376,6 +297,10 @@ impl Report {
                 }
             ));
         }
+    }
+
+    /// How it ended: each side's outcome, the times, and the downtime's parts if it had any.
+    fn summarise_outcome(&self, line: &mut impl FnMut(String)) {
         let o = &self.outcome;
         line(format!(
             "outcome {}  (source {}{}, destination {}{})",
@@ -407,6 +332,10 @@ impl Report {
                 opt_ms(self.downtime.commit_to_start_ms)
             ));
         }
+    }
+
+    /// What crossed the wire: bytes by kind, registration traffic, and a line per round.
+    fn summarise_traffic(&self, line: &mut impl FnMut(String)) {
         let b = &self.bytes;
         line(format!(
             "wire: data {} placed ({} posted, with headers), zero {} pages = {} elided in {} ZERO frames ({}), control {} in {} frames{}",
@@ -434,22 +363,13 @@ impl Report {
             self.registration.busy_ms
         ));
         for r in &self.rounds {
-            line(format!(
-                "  round {:>3}{} dirty {:>12} zero {:>12} sent {:>12} in {:>6} writes, {} ms{}",
-                r.round,
-                if r.last { "*" } else { " " },
-                fmt_bytes(r.dirty_bytes),
-                fmt_bytes(r.zero_bytes),
-                fmt_bytes(r.sent_bytes),
-                r.writes,
-                r.duration_ms
-                    .map(|d| format!("{d:.3}"))
-                    .unwrap_or_else(|| "-".into()),
-                r.throughput_gbps
-                    .map(|g| format!(", {g:.1} Gb/s"))
-                    .unwrap_or_default()
-            ));
+            line(round_line(r));
         }
+    }
+
+    /// What it cost: CPU on each side, how busy the link was and why it idled, and the
+    /// verification and trace that make the run checkable.
+    fn summarise_costs(&self, line: &mut impl FnMut(String)) {
         line(format!(
             "cpu: source {:.4} s (transport {:.4}, requests {:.4}, scan {:.4}, digests {:.4}), destination {:.4} s (transport {:.4}, registration {:.4}, zero fill {:.4}, digests {:.4})",
             self.cpu_source.total_s,
@@ -487,8 +407,157 @@ impl Report {
             "trace: {} events, digest {}",
             self.events, self.trace_digest
         ));
-        s
     }
+}
+
+/// One round of the summary; `*` marks the final round.
+fn round_line(r: &RoundReport) -> String {
+    format!(
+        "  round {:>3}{} dirty {:>12} zero {:>12} sent {:>12} in {:>6} writes, {} ms{}",
+        r.round,
+        if r.last { "*" } else { " " },
+        fmt_bytes(r.dirty_bytes),
+        fmt_bytes(r.zero_bytes),
+        fmt_bytes(r.sent_bytes),
+        r.writes,
+        r.duration_ms
+            .map(|d| format!("{d:.3}"))
+            .unwrap_or_else(|| "-".into()),
+        r.throughput_gbps
+            .map(|g| format!(", {g:.1} Gb/s"))
+            .unwrap_or_default()
+    )
+}
+
+/// When the run ended: the last side's outcome, or now if a side never reached one. At least
+/// 1 ns, as rates divide by it.
+fn end_ns(sim: &Sim) -> u64 {
+    let end = sim
+        .stats
+        .finished_ns
+        .iter()
+        .flatten()
+        .copied()
+        .max()
+        .unwrap_or(sim.now_ns());
+    end.max(1)
+}
+
+/// How many times each fault kind struck.
+fn faults_injected(st: &Stats) -> BTreeMap<&'static str, u64> {
+    let mut injected = BTreeMap::new();
+    for (_, k, _) in &st.faults {
+        *injected.entry(k.name()).or_insert(0) += 1;
+    }
+    injected
+}
+
+fn outcome_report(sim: &Sim) -> OutcomeReport {
+    let s_out = sim.src.outcome();
+    let d_out = sim.lsn.outcome();
+    OutcomeReport {
+        class: classify(s_out, d_out, [sim.crashed(SRC), sim.crashed(DST)]),
+        source: outcome_name(s_out, sim.crashed(SRC)),
+        destination: match (d_out, sim.crashed(DST), sim.lsn.session()) {
+            (None, false, None) => "listening (no session)".into(),
+            (d, crashed, _) => outcome_name(d, crashed),
+        },
+        source_detail: detail(s_out),
+        destination_detail: detail(d_out),
+    }
+}
+
+/// The downtime's parts, each present only if both events that bound it happened.
+fn downtime_parts(st: &Stats) -> Downtime {
+    let final_ack = st.rounds.last().and_then(|r| r.end_ns);
+    Downtime {
+        final_round_ms: st
+            .paused_ns
+            .zip(final_ack)
+            .filter(|(p, a)| a >= p)
+            .map(|(p, a)| ms(a - p)),
+        verify_ms: final_ack
+            .zip(st.commit_sent_ns)
+            .map(|(a, c)| ms(c.saturating_sub(a))),
+        commit_to_start_ms: st
+            .commit_sent_ns
+            .zip(st.dst_started_ns)
+            .map(|(c, s)| ms(s - c)),
+    }
+}
+
+fn byte_counts(sim: &Sim) -> Bytes {
+    let st = &sim.stats;
+    Bytes {
+        data_payload: st.data_placed_bytes,
+        data_wire: st.data_wire_bytes,
+        zero_pages: sim.src_stats.zero_pages,
+        zero_page_bytes: sim.src_stats.zero_pages << sim.cfg.guest.page_log2,
+        zero_frame_bytes: st.zero_frame_bytes,
+        zero_frames: st.zero_frames,
+        control_bytes: st.control_bytes,
+        control_frames: st.control_frames,
+        frames_lost: st.frames_lost,
+    }
+}
+
+/// Each round as the source counted it, timed by the simulator (a round the run cut short
+/// has no duration).
+fn round_reports(sim: &Sim) -> Vec<RoundReport> {
+    let page_log2 = sim.cfg.guest.page_log2;
+    sim.src_stats
+        .rounds
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let t = sim.stats.rounds.get(i);
+            let dur = t.and_then(|t| t.end_ns.map(|e| e - t.start_ns));
+            RoundReport {
+                round: r.round,
+                last: r.last,
+                dirty_bytes: r.dirty_pages << page_log2,
+                zero_bytes: r.zero_pages << page_log2,
+                sent_bytes: r.data_bytes,
+                writes: r.writes,
+                duration_ms: dur.map(ms),
+                throughput_gbps: dur
+                    .filter(|&d| d > 0)
+                    .map(|d| r.data_bytes as f64 * 8.0 / d as f64),
+            }
+        })
+        .collect()
+}
+
+fn registration_report(sim: &Sim) -> Registration {
+    Registration {
+        requests: sim.src_stats.reg_requests,
+        chunks: sim.src_stats.reg_chunks,
+        unreg_requests: sim.src_stats.unreg_requests,
+        unreg_chunks: sim.src_stats.unreg_chunks,
+        registrations: sim.stats.registrations,
+        max_registered_bytes: sim.dst_stats.max_registered_bytes,
+        busy_ms: ms(sim.stats.reg_busy_ns),
+    }
+}
+
+/// Time the link transmitted over the run's `end`.
+fn link_utilisation(sim: &Sim, end: u64) -> f64 {
+    // Writes queued behind the end of the run never reached the wire.
+    sim.stats
+        .link_busy_ns
+        .saturating_sub(sim.link_free_ns().saturating_sub(end)) as f64
+        / end as f64
+}
+
+/// Idle gaps by the cause that ended them, only the causes that occurred.
+fn idle_gaps(st: &Stats) -> BTreeMap<&'static str, f64> {
+    let mut idle = BTreeMap::new();
+    for (i, name) in CAUSES.iter().enumerate() {
+        if st.idle_gap_ns[i] > 0 {
+            idle.insert(*name, ms(st.idle_gap_ns[i]));
+        }
+    }
+    idle
 }
 
 fn opt_ms(v: Option<f64>) -> String {

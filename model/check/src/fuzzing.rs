@@ -275,105 +275,51 @@ impl DstOracle {
     }
 }
 
-/// `destination_session`: a malicious source against the destination, from a fresh start or
-/// from a recorded mid-migration state.
-pub fn destination_session(data: &[u8]) {
-    let rec = recording();
-    let mut u = Unstructured::new(data);
-    let start = u.int_in_range(0..=rec.dst_snapshots.len() - 1).unwrap_or(0);
-    let (mut d, mut cursor) = rec.dst_snapshots[start].clone();
-    let (_, dcfg) = configs(RegMode::Dynamic);
-    let mut oracle = DstOracle {
-        blocks: dcfg.blocks,
-        nic: BTreeMap::new(),
-        pending: Vec::new(),
-        next_rkey: 0x1_0000,
-        commit_fed: false,
-        finished: d.outcome().is_some(),
-    };
-    let mut now = 0;
-    for _ in 0..256 {
-        let Ok(ev) = DstEvent::arbitrary(&mut u) else {
-            break;
-        };
-        now += 1;
-        let mut rejected = false;
-        let input = match ev {
-            DstEvent::Frame(f) => DstInput::Frame(f),
-            DstEvent::Raw(bytes) => {
-                let (i, r) = decode_input(&bytes);
-                rejected = r;
-                dst_input(i)
-            }
-            DstEvent::Recorded | DstEvent::Mutated { .. } => {
-                let mutate = match ev {
-                    DstEvent::Mutated { at, value } => Some((at, value)),
-                    _ => None,
-                };
-                let Some((i, r)) = recorded(&rec.source_stream, &mut cursor, mutate) else {
-                    continue;
-                };
-                rejected = r;
-                dst_input(i)
-            }
-            DstEvent::Registered { which } => {
-                if oracle.pending.is_empty() {
-                    continue;
-                }
-                let target = oracle.pending.remove(which as usize % oracle.pending.len());
-                let rkey = oracle.next_rkey;
-                oracle.next_rkey += 1;
-                let (block, off, len) = match target {
-                    RegTarget::Block(b) => (b, 0, oracle.blocks[b as usize].length),
-                    RegTarget::Chunk(c) => {
-                        let o = (c.chunk as u64) << 14;
-                        (
-                            c.block,
-                            o,
-                            (1u64 << 14).min(oracle.blocks[c.block as usize].length - o),
-                        )
-                    }
-                };
-                oracle.nic.insert(rkey, (target, block, off, len));
-                DstInput::Registered { target, rkey }
-            }
-            DstEvent::RegisterFailed => DstInput::RegisterFailed {
-                target: oracle
-                    .pending
-                    .first()
-                    .copied()
-                    .unwrap_or(RegTarget::Block(0)),
-            },
-            DstEvent::Digests { correct } => {
-                DstInput::Digests(vec![u64::from(!correct); total_chunks()])
-            }
-            DstEvent::WorkloadStarted => DstInput::WorkloadStarted,
-            DstEvent::WorkloadFailed => DstInput::WorkloadFailed,
-            DstEvent::Timer(idle) => DstInput::Timer(if idle {
-                DstTimer::Idle
-            } else {
-                DstTimer::Keepalive
-            }),
-            DstEvent::TransportFailed => DstInput::TransportFailed,
-            DstEvent::Cancel => DstInput::Cancel,
-            DstEvent::DataHello(h) => {
-                admit_checked(&mut d, &h);
-                continue;
-            }
-            DstEvent::DataHelloKeyed { channel } => {
-                let session_id = d.session_id().unwrap_or(0);
-                let h = DataHello {
-                    session_id,
-                    channel,
-                    token: auth::data_token(Some(KEY), session_id, channel, &RECORDING_DST_NONCE),
-                };
-                admit_checked(&mut d, &h);
-                continue;
+impl DstOracle {
+    /// An oracle for destination `d`, fresh or a recorded snapshot. It knows none of a
+    /// snapshot's registrations: their keys lie below the range it grants (see `feed`).
+    fn new(d: &Destination) -> DstOracle {
+        let (_, dcfg) = configs(RegMode::Dynamic);
+        DstOracle {
+            blocks: dcfg.blocks,
+            nic: BTreeMap::new(),
+            pending: Vec::new(),
+            next_rkey: 0x1_0000,
+            commit_fed: false,
+            finished: d.outcome().is_some(),
+        }
+    }
+
+    /// The driver finishes the `which`-th pending registration: the NIC grants the next key
+    /// over the block or chunk. `None` if nothing is pending.
+    fn registered(&mut self, which: u8) -> Option<DstInput> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let target = self.pending.remove(which as usize % self.pending.len());
+        let rkey = self.next_rkey;
+        self.next_rkey += 1;
+        let (block, off, len) = match target {
+            RegTarget::Block(b) => (b, 0, self.blocks[b as usize].length),
+            RegTarget::Chunk(c) => {
+                let o = (c.chunk as u64) << 14;
+                (
+                    c.block,
+                    o,
+                    (1u64 << 14).min(self.blocks[c.block as usize].length - o),
+                )
             }
         };
+        self.nic.insert(rkey, (target, block, off, len));
+        Some(DstInput::Registered { target, rkey })
+    }
+
+    /// Feeds `input` to the destination and checks the commands it answers with. `rejected`:
+    /// the driver could not decode the input, which must end a session still under way.
+    fn feed(&mut self, d: &mut Destination, now: u64, input: DstInput, rejected: bool) {
         if let DstInput::Frame(f) = &input {
             if f.msg == Message::Commit {
-                oracle.commit_fed = true;
+                self.commit_fed = true;
             }
         }
         // Once committed (Starting) the destination deliberately ignores what the source sends.
@@ -385,8 +331,97 @@ pub fn destination_session(data: &[u8]) {
             .into_iter()
             .filter(|c| !matches!(c, DstCommand::Unregister { rkey, .. } if *rkey < 0x1_0000))
             .collect();
-        oracle.check(&d, &cmds, rejected && !was_done);
+        self.check(d, &cmds, rejected && !was_done);
     }
+}
+
+/// `destination_session`: a malicious source against the destination, from a fresh start or
+/// from a recorded mid-migration state.
+pub fn destination_session(data: &[u8]) {
+    let rec = recording();
+    let mut u = Unstructured::new(data);
+    let start = u.int_in_range(0..=rec.dst_snapshots.len() - 1).unwrap_or(0);
+    let (mut d, mut cursor) = rec.dst_snapshots[start].clone();
+    let mut oracle = DstOracle::new(&d);
+    let mut now = 0;
+    for _ in 0..256 {
+        let Ok(ev) = DstEvent::arbitrary(&mut u) else {
+            break;
+        };
+        now += 1;
+        let Some((input, rejected)) =
+            dst_event_input(ev, &mut d, &mut oracle, &rec.source_stream, &mut cursor)
+        else {
+            continue;
+        };
+        oracle.feed(&mut d, now, input, rejected);
+    }
+}
+
+/// The destination's input for event `ev`, and whether the driver rejected its bytes. `None`
+/// when there is nothing to feed: the recorded `stream` is exhausted, no registration is
+/// pending, or the event was a data channel's join, which the destination answers directly
+/// (checked here).
+fn dst_event_input(
+    ev: DstEvent,
+    d: &mut Destination,
+    oracle: &mut DstOracle,
+    stream: &[Vec<u8>],
+    cursor: &mut usize,
+) -> Option<(DstInput, bool)> {
+    let mut rejected = false;
+    let input = match ev {
+        DstEvent::Frame(f) => DstInput::Frame(f),
+        DstEvent::Raw(bytes) => {
+            let (i, r) = decode_input(&bytes);
+            rejected = r;
+            dst_input(i)
+        }
+        DstEvent::Recorded | DstEvent::Mutated { .. } => {
+            let mutate = match ev {
+                DstEvent::Mutated { at, value } => Some((at, value)),
+                _ => None,
+            };
+            let (i, r) = recorded(stream, cursor, mutate)?;
+            rejected = r;
+            dst_input(i)
+        }
+        DstEvent::Registered { which } => oracle.registered(which)?,
+        DstEvent::RegisterFailed => DstInput::RegisterFailed {
+            target: oracle
+                .pending
+                .first()
+                .copied()
+                .unwrap_or(RegTarget::Block(0)),
+        },
+        DstEvent::Digests { correct } => {
+            DstInput::Digests(vec![u64::from(!correct); total_chunks()])
+        }
+        DstEvent::WorkloadStarted => DstInput::WorkloadStarted,
+        DstEvent::WorkloadFailed => DstInput::WorkloadFailed,
+        DstEvent::Timer(idle) => DstInput::Timer(if idle {
+            DstTimer::Idle
+        } else {
+            DstTimer::Keepalive
+        }),
+        DstEvent::TransportFailed => DstInput::TransportFailed,
+        DstEvent::Cancel => DstInput::Cancel,
+        DstEvent::DataHello(h) => {
+            admit_checked(d, &h);
+            return None;
+        }
+        DstEvent::DataHelloKeyed { channel } => {
+            let session_id = d.session_id().unwrap_or(0);
+            let h = DataHello {
+                session_id,
+                channel,
+                token: auth::data_token(Some(KEY), session_id, channel, &RECORDING_DST_NONCE),
+            };
+            admit_checked(d, &h);
+            return None;
+        }
+    };
+    Some((input, rejected))
 }
 
 /// The nonce the recording's destination drew (`Pair::new`).
@@ -456,21 +491,30 @@ pub enum SrcEvent {
     },
 }
 
+/// What the source oracle tracks: the keys the destination granted, the writes in flight, and
+/// who holds the workload.
+struct SrcOracle {
+    geo: Geometry,
+    /// The session starts from a recorded snapshot past the handshake, so it holds keys
+    /// granted before it that the oracle never saw.
+    mid_migration: bool,
+    keys: BTreeSet<u32>,
+    pin_all: bool,
+    inflight: Vec<u64>,
+    seen_wr: BTreeSet<u64>,
+    finished: bool,
+    commit_sent: bool,
+    relinquished: bool,
+    table_acked: bool,
+}
+
 /// `source_session`: a malicious destination against the source.
 pub fn source_session(data: &[u8]) {
     let rec = recording();
     let mut u = Unstructured::new(data);
     let start = u.int_in_range(0..=rec.src_snapshots.len() - 1).unwrap_or(0);
     let (mut s, mut cursor) = rec.src_snapshots[start].clone();
-    let geo = s.geometry().clone();
-    let mut keys: BTreeSet<u32> = BTreeSet::new();
-    let mut pin_all = s.params().mode == RegMode::PinAll;
-    let mut inflight: Vec<u64> = Vec::new();
-    let mut seen_wr = BTreeSet::new();
-    let mut finished = s.outcome().is_some();
-    let mut commit_sent = s.commit_sent();
-    let mut relinquished = commit_sent;
-    let mut table_acked = start > 0;
+    let mut oracle = SrcOracle::new(&s, start > 0);
     let mut now = 0;
     if start == 0 {
         s.step(0, SrcInput::Start);
@@ -480,8 +524,64 @@ pub fn source_session(data: &[u8]) {
             break;
         };
         now += 1;
+        let Some((input, rejected)) = oracle.input(ev, &rec.dest_stream, &mut cursor) else {
+            continue;
+        };
+        oracle.feed(&mut s, now, input, rejected);
+    }
+}
+
+/// A well-formed dirty scan of `geo` drawn from `seed`.
+fn dirty_scan(geo: &Geometry, seed: u64) -> DirtyScan {
+    let mut rng = crate::rng::Rng::new(seed);
+    let mut dirty = Vec::new();
+    let mut zero = Vec::new();
+    for b in &geo.blocks {
+        let mut d = PageBitmap::new(b.pages);
+        let mut z = PageBitmap::new(b.pages);
+        for p in 0..b.pages {
+            // A third of the pages dirty, a seventh of those zero.
+            if rng.below(3) == 0 {
+                d.set(p);
+                if rng.below(7) == 0 {
+                    z.set(p);
+                }
+            }
+        }
+        dirty.push(d);
+        zero.push(z);
+    }
+    DirtyScan { dirty, zero }
+}
+
+impl SrcOracle {
+    /// An oracle for source `s` as it is before the session's first input.
+    fn new(s: &Source, mid_migration: bool) -> SrcOracle {
+        let commit_sent = s.commit_sent();
+        SrcOracle {
+            geo: s.geometry().clone(),
+            mid_migration,
+            keys: BTreeSet::new(),
+            pin_all: s.params().mode == RegMode::PinAll,
+            inflight: Vec::new(),
+            seen_wr: BTreeSet::new(),
+            finished: s.outcome().is_some(),
+            commit_sent,
+            relinquished: commit_sent,
+            table_acked: mid_migration,
+        }
+    }
+
+    /// The source's input for event `ev`, and whether the driver rejected its bytes. `None`
+    /// when there is nothing to feed: the recorded `stream` is exhausted, or no write is in
+    /// flight to complete.
+    fn input(
+        &mut self,
+        ev: SrcEvent,
+        stream: &[Vec<u8>],
+        cursor: &mut usize,
+    ) -> Option<(SrcInput, bool)> {
         let mut rejected = false;
-        let mut peer_abort = false;
         let input = match ev {
             SrcEvent::Frame(f) => SrcInput::Frame(f),
             SrcEvent::Raw(bytes) => {
@@ -494,48 +594,26 @@ pub fn source_session(data: &[u8]) {
                     SrcEvent::Mutated { at, value } => Some((at, value)),
                     _ => None,
                 };
-                let Some((i, r)) = recorded(&rec.dest_stream, &mut cursor, mutate) else {
-                    continue;
-                };
+                let (i, r) = recorded(stream, cursor, mutate)?;
                 rejected = r;
                 src_input(i)
             }
             SrcEvent::WriteDone { which } => {
-                if inflight.is_empty() {
-                    continue;
+                if self.inflight.is_empty() {
+                    return None;
                 }
                 SrcInput::WriteDone {
-                    wr_id: inflight.remove(which as usize % inflight.len()),
+                    wr_id: self.inflight.remove(which as usize % self.inflight.len()),
                 }
             }
             SrcEvent::WriteFailed => SrcInput::WriteFailed {
-                wr_id: inflight.first().copied().unwrap_or(0),
+                wr_id: self.inflight.first().copied().unwrap_or(0),
             },
-            SrcEvent::Dirty { seed } => {
-                let mut rng = crate::rng::Rng::new(seed);
-                let mut dirty = Vec::new();
-                let mut zero = Vec::new();
-                for b in &geo.blocks {
-                    let mut d = PageBitmap::new(b.pages);
-                    let mut z = PageBitmap::new(b.pages);
-                    for p in 0..b.pages {
-                        // A third of the pages dirty, a seventh of those zero.
-                        if rng.below(3) == 0 {
-                            d.set(p);
-                            if rng.below(7) == 0 {
-                                z.set(p);
-                            }
-                        }
-                    }
-                    dirty.push(d);
-                    zero.push(z);
-                }
-                SrcInput::Dirty(DirtyScan { dirty, zero })
-            }
+            SrcEvent::Dirty { seed } => SrcInput::Dirty(dirty_scan(&self.geo, seed)),
             SrcEvent::Paused => SrcInput::WorkloadPaused,
             SrcEvent::WorkloadFailed => SrcInput::WorkloadFailed,
             SrcEvent::DeviceState { len } => SrcInput::DeviceState(vec![7; len as usize]),
-            SrcEvent::Digests => SrcInput::Digests(vec![1; geo.total_chunks as usize]),
+            SrcEvent::Digests => SrcInput::Digests(vec![1; self.geo.total_chunks as usize]),
             SrcEvent::Timer(idle) => SrcInput::Timer(if idle {
                 SrcTimer::Progress
             } else {
@@ -545,90 +623,112 @@ pub fn source_session(data: &[u8]) {
             SrcEvent::Cancel => SrcInput::Cancel,
             SrcEvent::DataOpened { channel } => SrcInput::DataOpened { channel },
         };
-        if let SrcInput::Frame(f) = &input {
-            match &f.msg {
-                Message::RegResult { rkeys, .. } => keys.extend(rkeys),
-                Message::BlockTableAck { rkeys } => keys.extend(rkeys),
-                Message::HelloAck(a) => pin_all = a.params.mode == RegMode::PinAll,
-                Message::Abort { .. } => peer_abort = true,
-                _ => {}
-            }
-        }
+        Some((input, rejected))
+    }
+
+    /// Feeds `input` to the source and checks every command it answers with. `rejected`: the
+    /// driver could not decode the input, which must end a session still under way.
+    fn feed(&mut self, s: &mut Source, now: u64, input: SrcInput, rejected: bool) {
+        let peer_abort = self.observe(&input);
         let was_done = s.outcome().is_some();
         let phase_before = s.phase();
         let cmds = s.step(now, input);
         if phase_before == SrcPhase::AwaitTableAck && s.phase() == SrcPhase::Scanning {
-            table_acked = true;
+            self.table_acked = true;
         }
         for c in &cmds {
-            assert!(!finished, "command after Finish: {c:?}");
-            match c {
-                SrcCommand::PostWrite(rdmig_model::WriteCmd {
-                    wr_id,
-                    block,
-                    offset,
-                    len,
-                    rkey,
-                    remote_offset,
-                    channel,
-                }) => {
-                    assert!(
-                        table_acked,
-                        "AUTH-3: write before the block table was acknowledged"
-                    );
-                    let b = &geo.blocks[*block as usize];
-                    assert!(
-                        offset + len <= b.length,
-                        "write reads outside the local block"
-                    );
-                    assert!(
-                        start > 0 || keys.contains(rkey),
-                        "REG-5: write with a key never granted"
-                    );
-                    let limit = if pin_all { b.length } else { geo.chunk_size() };
-                    assert!(
-                        remote_offset + len <= limit,
-                        "write beyond the registration"
-                    );
-                    assert!((*channel as usize) < 16);
-                    assert!(seen_wr.insert(*wr_id), "work request id reused");
-                    inflight.push(*wr_id);
-                }
-                SrcCommand::ResumeWorkload => {
-                    assert!(!commit_sent || peer_abort, "SW-6: resumed after COMMIT");
-                    assert!(
-                        !relinquished || peer_abort,
-                        "SW-6: resumed after giving it up"
-                    );
-                }
-                SrcCommand::RelinquishWorkload => relinquished = true,
-                SrcCommand::Send(f) => {
-                    wire::encode_to_vec(f).expect("source sent an invalid frame");
-                    if f.msg == Message::Commit {
-                        assert!(
-                            relinquished,
-                            "SW-6: COMMIT before relinquishing the workload"
-                        );
-                        commit_sent = true;
-                    }
-                }
-                SrcCommand::OpenData { hello } => {
-                    assert!(
-                        table_acked,
-                        "AUTH-3: data channel before the block table was acknowledged"
-                    );
-                    assert!(hello.channel < s.params().channels);
-                }
-                SrcCommand::Finish(_) => finished = true,
-                SrcCommand::ScanDirty { .. }
-                | SrcCommand::PauseWorkload
-                | SrcCommand::CaptureDeviceState
-                | SrcCommand::ComputeDigests => {}
-            }
+            self.check(s, c, peer_abort);
         }
         if rejected && !was_done {
-            assert!(finished, "a malformed frame did not end the session");
+            assert!(self.finished, "a malformed frame did not end the session");
         }
+    }
+
+    /// Learns what a frame from the destination grants: keys, and the registration mode.
+    /// Returns whether the frame is the destination's ABORT.
+    fn observe(&mut self, input: &SrcInput) -> bool {
+        if let SrcInput::Frame(f) = input {
+            match &f.msg {
+                Message::RegResult { rkeys, .. } => self.keys.extend(rkeys),
+                Message::BlockTableAck { rkeys } => self.keys.extend(rkeys),
+                Message::HelloAck(a) => self.pin_all = a.params.mode == RegMode::PinAll,
+                Message::Abort { .. } => return true,
+                _ => {}
+            }
+        }
+        false
+    }
+
+    /// One command of the source; `peer_abort`: the destination aborted in the input that
+    /// caused it, which allows taking the workload back even after COMMIT.
+    fn check(&mut self, s: &Source, c: &SrcCommand, peer_abort: bool) {
+        assert!(!self.finished, "command after Finish: {c:?}");
+        match c {
+            SrcCommand::PostWrite(w) => self.check_write(w),
+            SrcCommand::ResumeWorkload => {
+                assert!(
+                    !self.commit_sent || peer_abort,
+                    "SW-6: resumed after COMMIT"
+                );
+                assert!(
+                    !self.relinquished || peer_abort,
+                    "SW-6: resumed after giving it up"
+                );
+            }
+            SrcCommand::RelinquishWorkload => self.relinquished = true,
+            SrcCommand::Send(f) => {
+                wire::encode_to_vec(f).expect("source sent an invalid frame");
+                if f.msg == Message::Commit {
+                    assert!(
+                        self.relinquished,
+                        "SW-6: COMMIT before relinquishing the workload"
+                    );
+                    self.commit_sent = true;
+                }
+            }
+            SrcCommand::OpenData { hello } => {
+                assert!(
+                    self.table_acked,
+                    "AUTH-3: data channel before the block table was acknowledged"
+                );
+                assert!(hello.channel < s.params().channels);
+            }
+            SrcCommand::Finish(_) => self.finished = true,
+            SrcCommand::ScanDirty { .. }
+            | SrcCommand::PauseWorkload
+            | SrcCommand::CaptureDeviceState
+            | SrcCommand::ComputeDigests => {}
+        }
+    }
+
+    /// A write reads within its local block and writes within a registration the destination
+    /// granted, on a fresh work request id (spec: AUTH-3, REG-5).
+    fn check_write(&mut self, w: &rdmig_model::WriteCmd) {
+        assert!(
+            self.table_acked,
+            "AUTH-3: write before the block table was acknowledged"
+        );
+        let b = &self.geo.blocks[w.block as usize];
+        assert!(
+            w.offset + w.len <= b.length,
+            "write reads outside the local block"
+        );
+        assert!(
+            self.mid_migration || self.keys.contains(&w.rkey),
+            "REG-5: write with a key never granted"
+        );
+        let limit = if self.pin_all {
+            b.length
+        } else {
+            self.geo.chunk_size()
+        };
+        assert!(
+            w.remote_offset + w.len <= limit,
+            "write beyond the registration"
+        );
+        assert!((w.channel as usize) < 16);
+        assert!(self.seen_wr.insert(w.wr_id), "work request id reused");
+        self.inflight.push(w.wr_id);
     }
 }
 

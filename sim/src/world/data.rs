@@ -3,6 +3,9 @@
 use super::*;
 
 impl Sim {
+    /// The source posts a write: checked against what was negotiated and declared, then
+    /// timed through the three stages it occupies (the sending core or WQE engine, the link,
+    /// and for TCP the receiving core) and queued for placement.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn post_write(
         &mut self,
@@ -14,6 +17,54 @@ impl Sim {
         rkey: u32,
         remote_offset: u64,
     ) -> R {
+        self.check_write(ch, block, offset, len)?;
+        self.stats.writes_posted += 1;
+        self.stats.data_posted_bytes += len;
+        self.trace.rec(self.now, Tag::WritePosted, ch as u64, wr_id);
+        self.stats.cpu[SRC].requests_ns += self.costs.wr_ns;
+        let round = self.stats.rounds.len().saturating_sub(1);
+        if !self.chans[ch].alive {
+            // A broken queue pair flushes new requests with an error.
+            self.push_cqe(
+                ch,
+                Cqe {
+                    at: self.now + self.costs.latency_ns,
+                    wr_id,
+                    ok: false,
+                },
+            );
+            return Ok(());
+        }
+        let (s1, produced) = self.occupy_sender(ch, len);
+        // The stages pipeline: the link may start once the request is processed and cannot
+        // finish before the sender has produced the last byte.
+        let l_start = self.occupy_link(round, s1 + self.costs.wr_ns, len);
+        let sent = self.link_free.max(produced);
+        let place = if self.costs.rdma {
+            sent + self.costs.latency_ns
+        } else {
+            let untouched = self.untouched_bytes(block, offset, len);
+            self.occupy_receiver(ch, len, untouched, l_start, sent)
+        };
+        self.queue_placement(
+            ch,
+            Wr {
+                wr_id,
+                block,
+                offset,
+                len,
+                rkey,
+                remote_offset,
+                place_at: place,
+                round,
+            },
+        );
+        Ok(())
+    }
+
+    /// A write on a channel that was negotiated and admitted, of whole pages within a source
+    /// block.
+    fn check_write(&self, ch: usize, block: u16, offset: u64, len: u64) -> R {
         let negotiated = self.src.params().channels as usize;
         let b = block as usize;
         let page_log2 = self.guest.page_log2();
@@ -41,36 +92,35 @@ impl Sim {
                 format!("write of source block {block} [{offset}, +{len}) outside the block"),
             ));
         }
-        self.stats.writes_posted += 1;
-        self.stats.data_posted_bytes += len;
-        self.trace.rec(self.now, Tag::WritePosted, ch as u64, wr_id);
-        let c = self.costs.clone();
-        self.stats.cpu[SRC].requests_ns += c.wr_ns;
-        let round = self.stats.rounds.len().saturating_sub(1);
-        if !self.chans[ch].alive {
-            // A broken queue pair flushes new requests with an error.
-            self.push_cqe(
-                ch,
-                Cqe {
-                    at: self.now + c.latency_ns,
-                    wr_id,
-                    ok: false,
-                },
-            );
-            return Ok(());
-        }
-        // Channels beyond the cores share them.
+        Ok(())
+    }
+
+    /// CPU time `t` as one channel sees it: channels beyond the cores share them.
+    fn core_share(&self, t: u64) -> u64 {
         let nch = self.chans.len() as u64;
-        let share = |t: u64| t * nch.max(c.cores) / c.cores;
-        let send_cpu = share(ns(len, c.send_fs_per_byte));
+        t * nch.max(self.costs.cores) / self.costs.cores
+    }
+
+    /// The sending stage (NIC WQE engine, or the sending core) takes the write when it is
+    /// free. Returns when it took it, and when it has produced all of it (the link cannot
+    /// finish sending before then).
+    fn occupy_sender(&mut self, ch: usize, len: u64) -> (u64, u64) {
+        let send_cpu = self.core_share(ns(len, self.costs.send_fs_per_byte));
+        let wr_ns = self.costs.wr_ns;
         let chan = &mut self.chans[ch];
         let s1 = self.now.max(chan.send_free);
-        let produced = s1 + c.wr_ns + send_cpu;
+        let produced = s1 + wr_ns + send_cpu;
         chan.send_free = produced;
         self.stats.cpu[SRC].transport_ns += send_cpu;
-        // The link: one FIFO for all channels in this direction.
-        let wire_ns = c.wire_ns(len);
-        let l_start = (s1 + c.wr_ns).max(self.link_free);
+        (s1, produced)
+    }
+
+    /// The link: one FIFO for all channels in this direction. The write starts on it at
+    /// `ready` or when it frees up, whichever is later; returns that start. An idle stretch
+    /// within a round (after its first write) is charged to the current cause.
+    fn occupy_link(&mut self, round: usize, ready: u64, len: u64) -> u64 {
+        let wire_ns = self.costs.wire_ns(len);
+        let l_start = ready.max(self.link_free);
         if let Some(r) = self.stats.rounds.get_mut(round) {
             if l_start > self.link_free && r.first_post_ns.is_some_and(|f| self.link_free >= f) {
                 let gap = l_start - self.link_free;
@@ -80,51 +130,64 @@ impl Sim {
         }
         self.link_free = l_start + wire_ns;
         self.stats.link_busy_ns += wire_ns;
-        let wire_bytes = c.wire_bytes(len);
+        let wire_bytes = self.costs.wire_bytes(len);
         self.stats.data_wire_bytes += wire_bytes;
         if let Some(r) = self.stats.rounds.get_mut(round) {
             r.first_post_ns.get_or_insert(self.now);
             r.wire_ns += wire_ns;
-            r.header_ns += ns(wire_bytes - len, c.link_fs_per_byte);
+            r.header_ns += ns(wire_bytes - len, self.costs.link_fs_per_byte);
         }
-        let sent = self.link_free.max(produced);
-        let place = if c.rdma {
-            sent + c.latency_ns
-        } else {
-            // The receiving core copies into memory, faulting in untouched pages.
-            let untouched = if self.cfg.guest.dst_pretouched {
-                0
-            } else {
-                let d = self.dst_of_src[b] as usize;
-                let n = len >> page_log2;
-                (n - self.touched[d].count_range(offset >> page_log2, n)) << page_log2
-            };
-            let recv_cpu = share(ns(len, c.recv_fs_per_byte)) + ns(untouched, c.touch_fs_per_byte);
-            self.stats.cpu[DST].transport_ns += recv_cpu;
-            let chan = &mut self.chans[ch];
-            let s3 = (l_start + c.latency_ns).max(chan.recv_free);
-            let done = (s3 + recv_cpu).max(sent + c.latency_ns);
-            chan.recv_free = done;
-            done
-        };
+        l_start
+    }
+
+    /// Bytes of the destination pages a write of source `block` lands on that were never
+    /// touched (each costs a fault when first written).
+    fn untouched_bytes(&self, block: u16, offset: u64, len: u64) -> u64 {
+        if self.cfg.guest.dst_pretouched {
+            return 0;
+        }
+        let page_log2 = self.guest.page_log2();
+        let d = self.dst_of_src[block as usize] as usize;
+        let n = len >> page_log2;
+        (n - self.touched[d].count_range(offset >> page_log2, n)) << page_log2
+    }
+
+    /// TCP: the receiving core copies into memory, faulting in untouched pages. It starts
+    /// when the first bytes arrive (one latency after `l_start`) and it is free, and cannot
+    /// finish before the last bytes arrive (one latency after `sent`). Returns when the write
+    /// is placed.
+    fn occupy_receiver(
+        &mut self,
+        ch: usize,
+        len: u64,
+        untouched: u64,
+        l_start: u64,
+        sent: u64,
+    ) -> u64 {
+        let c = &self.costs;
+        let recv_cpu =
+            self.core_share(ns(len, c.recv_fs_per_byte)) + ns(untouched, c.touch_fs_per_byte);
+        let latency_ns = c.latency_ns;
+        self.stats.cpu[DST].transport_ns += recv_cpu;
         let chan = &mut self.chans[ch];
-        let place = place.max(chan.last_place);
-        chan.last_place = place;
-        chan.inflight.push_back(Wr {
-            wr_id,
-            block,
-            offset,
-            len,
-            rkey,
-            remote_offset,
-            place_at: place,
-            round,
-        });
+        let s3 = (l_start + latency_ns).max(chan.recv_free);
+        let done = (s3 + recv_cpu).max(sent + latency_ns);
+        chan.recv_free = done;
+        done
+    }
+
+    /// Queues `w` for placement on `ch`, no earlier than the write before it (a queue pair
+    /// places in order), and arms the channel's placement event if none is pending.
+    fn queue_placement(&mut self, ch: usize, mut w: Wr) {
+        let chan = &mut self.chans[ch];
+        w.place_at = w.place_at.max(chan.last_place);
+        chan.last_place = w.place_at;
+        let place = w.place_at;
+        chan.inflight.push_back(w);
         if chan.place_at.is_none() {
             chan.place_at = Some(place);
             self.push(place, Ev::Place(ch, place));
         }
-        Ok(())
     }
 
     pub(super) fn place(&mut self, ch: usize) -> R {

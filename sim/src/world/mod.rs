@@ -44,10 +44,12 @@ mod hostile;
 mod machines;
 mod outcomes;
 mod registration;
+mod setup;
 mod stats;
 mod timers;
 
 pub use hostile::Inject;
+use setup::{BlockLayout, SessionKeys};
 use stats::R;
 pub use stats::*;
 
@@ -245,179 +247,19 @@ impl Sim {
     pub fn new(cfg: SimConfig) -> Result<Sim, String> {
         cfg.validate()?;
         let mut st = Streams::new(cfg.seed);
-        let blocks = cfg.guest.layout(&mut st.guest);
-        let mut dst_blocks = blocks.clone();
-        if cfg.migration.permute_dst_blocks {
-            st.guest.shuffle(&mut dst_blocks);
-        }
-        let src_of_dst: Vec<usize> = dst_blocks
-            .iter()
-            .map(|d| rdmig_model::wire::block_index(&blocks, &d.name).expect("same names"))
-            .collect();
-        let mut dst_of_src = vec![0u16; blocks.len()];
-        for (d, &s) in src_of_dst.iter().enumerate() {
-            dst_of_src[s] = d as u16;
-        }
+        // Each stream's draws keep a fixed order (guest: the layout, the device state, then
+        // the guest's own stream; keys: the session's secrets), so a seed names one world.
+        let layout = BlockLayout::draw(&cfg, &mut st.guest);
         let mut device_state = vec![0u8; cfg.guest.device_state_bytes as usize];
         st.guest.fill(&mut device_state);
-        let guest = Guest::new(&cfg.guest, &blocks, st.guest.fork());
-
-        let m = &cfg.migration;
-        let mut key = vec![0u8; 32];
-        st.keys.fill(&mut key);
-        let session_id = st.keys.next_u64();
-        let mut src_nonce = [0u8; wire::NONCE_LEN];
-        let mut dst_nonce = [0u8; wire::NONCE_LEN];
-        st.keys.fill(&mut src_nonce);
-        st.keys.fill(&mut dst_nonce);
-        let src_psk = m.authenticate.then(|| key.clone());
-        let dst_psk = if cfg.faults.wrong_key {
-            let mut other = vec![0u8; 32];
-            st.keys.fill(&mut other);
-            Some(other)
-        } else {
-            src_psk.clone()
-        };
-        let channels = cfg.channels();
-        let mut scfg = SourceConfig::with_defaults(session_id, blocks.clone(), src_psk);
-        scfg.params = Params {
-            chunk_log2: m.chunk_log2,
-            mode: if m.pin_all {
-                RegMode::PinAll
-            } else {
-                RegMode::Dynamic
-            },
-            flags: if m.zero_elision {
-                wire::flag::ZERO_ELISION
-            } else {
-                0
-            },
-            channels,
-            digest: if m.verify_digests {
-                DigestAlg::Xxh3_64
-            } else {
-                DigestAlg::None
-            },
-            auth: if m.authenticate {
-                AuthMode::HmacSha256
-            } else {
-                AuthMode::Insecure
-            },
-            max_reg_inflight: m.max_reg_inflight,
-        };
-        scfg.credit_window = m.src_credit_window;
-        scfg.writes_per_channel = m.writes_per_channel.unwrap_or(cfg.profile.sq_depth);
-        scfg.reg_batch = m.reg_batch;
-        scfg.downtime_limit_ms = m.downtime_limit_ms;
-        scfg.max_rounds = m.max_rounds;
-        scfg.on_limit = if m.on_limit_abort {
-            LimitPolicy::Abort
-        } else {
-            LimitPolicy::Switchover
-        };
-        scfg.idle_timeout_ms = m.idle_timeout_ms;
-        scfg.keepalive_ms = m.keepalive_ms;
-        let src = Source::new(scfg, src_nonce).map_err(|e| e.to_string())?;
-        let mut dcfg = DestConfig::with_defaults(dst_blocks.clone(), dst_psk, cfg.pin_budget());
-        dcfg.credit_window = m.dst_credit_window;
-        dcfg.max_channels = m.dst_max_channels;
-        dcfg.max_reg_inflight = m.dst_max_reg_inflight;
-        dcfg.idle_timeout_ms = m.idle_timeout_ms;
-        dcfg.keepalive_ms = m.keepalive_ms;
+        let guest = Guest::new(&cfg.guest, &layout.src, st.guest.fork());
+        let keys = SessionKeys::draw(&cfg, &mut st.keys);
+        let scfg = setup::source_config(&cfg, keys.session_id, layout.src.clone(), keys.src_psk);
+        let src = Source::new(scfg, keys.src_nonce).map_err(|e| e.to_string())?;
+        let dcfg = setup::dest_config(&cfg, layout.dst.clone(), keys.dst_psk);
         let lsn = Listener::new(ListenerConfig::new(dcfg)).map_err(|e| e.to_string())?;
-        let dmem: Vec<Vec<u32>> = dst_blocks
-            .iter()
-            .map(|b| vec![GARBAGE; (b.length >> b.page_log2) as usize])
-            .collect();
-        let touched = dst_blocks
-            .iter()
-            .map(|b| {
-                let mut t = Bits::new(b.length >> b.page_log2);
-                if cfg.guest.dst_pretouched {
-                    t.fill();
-                }
-                t
-            })
-            .collect();
-        let costs = cfg.profile.costs();
-        let safety = if cfg.faults.any() {
-            cfg.faults.safety_ns
-        } else {
-            0
-        };
-        let mut sim = Sim {
-            deadline: safety + cfg.liveness_bound_ns(),
-            chans: (0..channels)
-                .map(|_| Chan {
-                    alive: true,
-                    ..Chan::default()
-                })
-                .collect(),
-            reg_free: vec![0; costs.reg_threads],
-            costs,
-            now: 0,
-            seq: 0,
-            queue: BinaryHeap::new(),
-            src,
-            lsn,
-            src_stats: SourceStats::default(),
-            dst_stats: DestStats::default(),
-            guest,
-            dmem,
-            touched,
-            dst_of_src,
-            src_of_dst,
-            link_free: 0,
-            ctrl: [CtrlDir::default(), CtrlDir::default()],
-            ctrl_alive: true,
-            ctrl_silence: Silence::default(),
-            nic: Nic::default(),
-            reg_jobs: 0,
-            timer_at: [None; 2],
-            strays: Vec::new(),
-            next_stray: 100,
-            relinquished: false,
-            hostile_frames: 0,
-            hello: None,
-            ctrl_closed_at: None,
-            last_sent: [None, None],
-            crashed: [false; 2],
-            src_running: true,
-            dst_running: false,
-            pause_pending: false,
-            tick_scheduled: false,
-            guest_since: 0,
-            stall_until: [0; 2],
-            snapshot: None,
-            device_state,
-            received_state: Vec::new(),
-            fault_rng: st.faults,
-            faults_active: false,
-            commit_sent: false,
-            started_received: false,
-            cause: Cause::Other,
-            scratch: Vec::new(),
-            cqe_buf: Vec::new(),
-            trace: Trace::new(cfg.trace_tail),
-            stats: Stats::default(),
-            cfg,
-        };
-        // The source connects; the listener accepts with a fresh nonce for the session.
-        sim.push(
-            0,
-            Ev::Lsn(Box::new(LsnInput::Accepted {
-                conn: CTRL_CONN,
-                nonce: dst_nonce,
-            })),
-        );
-        sim.push(0, Ev::Src(Box::new(SrcInput::Start)));
-        sim.ensure_tick();
-        if sim.cfg.faults.any() {
-            sim.faults_active = true;
-            let tick = sim.cfg.faults.tick_ns.max(1);
-            sim.push(tick, Ev::FaultTick);
-            sim.push(safety, Ev::SafetyEnd);
-        }
+        let mut sim = Sim::at_time_zero(cfg, (src, lsn), guest, layout, device_state, st.faults);
+        sim.schedule_start(keys.dst_nonce);
         Ok(sim)
     }
 
