@@ -35,7 +35,7 @@ enum Cmd {
     },
     /// A complete local live migration between separate processes, with a report.
     Demo(DemoArgs),
-    /// Throughput and overhead benchmark on loopback (raw TCP stream vs rdmig).
+    /// rdmig's data path on loopback next to iperf3 (or an equivalent in-tree stream).
     Bench(BenchArgs),
     /// List RDMA devices, their ports, port states and GIDs.
     Devices,
@@ -78,7 +78,7 @@ fn main() -> ExitCode {
         Cmd::Demo(a) => rdmig::tools::demo::demo(a.size, a.dirty_rate, a.channels, a.dir),
         Cmd::Bench(a) => match a.sink_port {
             Some(p) => rdmig::tools::bench::raw_sink(p),
-            None => rdmig::tools::bench::bench(a.size, a.dir),
+            None => rdmig::tools::bench::bench(a.size, a.dir, a.json),
         },
         Cmd::Devices => cmd::devices(),
         Cmd::Guard(a) => cmd::guard(a),

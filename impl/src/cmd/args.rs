@@ -214,6 +214,9 @@ pub struct DemoArgs {
 pub struct BenchArgs {
     #[arg(long, default_value = "1GiB", value_parser = cli::parse_size)]
     pub size: u64,
+    /// Print the figures as one JSON object.
+    #[arg(long)]
+    pub json: bool,
     /// Internal: run as the receiving half of the raw stream measurement.
     #[arg(long, hide = true)]
     pub sink_port: Option<u16>,

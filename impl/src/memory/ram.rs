@@ -362,6 +362,11 @@ impl RamBlock {
     /// received data goes from the kernel straight into destination memory. All of it must
     /// arrive by `deadline` (a whole-frame bound, not one per read: spec LIVE-3), or the read
     /// fails with `TimedOut`.
+    ///
+    /// One `recv(MSG_WAITALL)` normally takes the whole range, with the socket's receive
+    /// timeout set to the time left: Linux counts that timeout down across the call, so it
+    /// bounds the whole receive. The socket keeps that timeout afterwards; its other readers
+    /// treat a timeout as "nothing yet".
     pub fn recv_range(
         &self,
         fd: std::os::fd::BorrowedFd<'_>,
@@ -373,22 +378,36 @@ impl RamBlock {
         self.check(offset, len as usize);
         let mut done = 0u64;
         while done < len {
-            wait_readable(fd, deadline)?;
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+            // At least a millisecond: a zero timeout would mean "wait for ever".
+            let left = left.max(std::time::Duration::from_millis(1));
+            rustix::net::sockopt::set_socket_timeout(
+                fd,
+                rustix::net::sockopt::Timeout::Recv,
+                Some(left),
+            )?;
             // SAFETY: the destination range is inside the mapping (checked above) and nothing
             // else in this process holds a reference into it.
             let n = unsafe {
-                libc::read(
+                libc::recv(
                     fd.as_raw_fd(),
                     self.ptr.add((offset + done) as usize) as *mut libc::c_void,
                     (len - done) as usize,
+                    libc::MSG_WAITALL,
                 )
             };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
+                match e.kind() {
+                    // Interrupted, or the timeout ran out: the deadline check above decides.
+                    std::io::ErrorKind::Interrupted
+                    | std::io::ErrorKind::WouldBlock
+                    | std::io::ErrorKind::TimedOut => continue,
+                    _ => return Err(e),
                 }
-                return Err(e);
             }
             if n == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());

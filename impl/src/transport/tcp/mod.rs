@@ -48,14 +48,21 @@ fn read_exact_by(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Re
 
 /// Waits, without a bound, for the first byte of the next message: a silent peer is the
 /// machines' to time out (their idle and progress deadlines), and closing the socket ends
-/// the wait. `Ok(None)` is the end of the stream.
+/// the wait. `Ok(None)` is the end of the stream. A receive timeout left on the socket (see
+/// `RamBlock::recv_range`) only means nothing came yet.
 fn read_first_byte(s: &mut TcpStream) -> io::Result<Option<u8>> {
     let mut b = [0u8; 1];
     loop {
         match s.read(&mut b) {
             Ok(0) => return Ok(None),
             Ok(_) => return Ok(Some(b[0])),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => return Err(e),
         }
     }
