@@ -585,6 +585,8 @@ fn put_chunks(chunks: &[ChunkRef], out: &mut Vec<u8>) {
     }
 }
 
+/// Encodes a message's payload. One arm per message type, in the order of spec section 2.4
+/// (the same order as `decode_payload`): its length is the number of messages, not nesting.
 fn encode_payload(msg: &Message, out: &mut Vec<u8>) {
     use Message::*;
     match msg {

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use super::procs::*;
 
-/// The main job: a live migration between three processes with verification.
+/// The main job: a live migration between three processes with verification. One straight
+/// script (start, migrate, compare, report), kept whole so it reads like the README's steps.
 pub fn demo(
     size: u64,
     dirty_rate: f64,

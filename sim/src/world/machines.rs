@@ -100,6 +100,8 @@ impl Sim {
         self.feed_lsn(LsnInput::Local(input))
     }
 
+    /// Carries out one source command in the simulated world: one arm per command, each
+    /// short; its length is the number of commands.
     fn exec_src(&mut self, cmd: SrcCommand) -> R {
         match cmd {
             SrcCommand::Send(f) => {

@@ -371,6 +371,8 @@ impl Sim {
         self.final_checks()
     }
 
+    /// Routes one scheduled event to its handler: one arm per event kind; its length is the
+    /// number of kinds.
     fn dispatch(&mut self, ev: Ev) -> R {
         match ev {
             Ev::GuestTick => {

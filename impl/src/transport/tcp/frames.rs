@@ -95,7 +95,8 @@ pub fn apply_data_frame(
 ///
 /// Input: repeated `[selector u8][24-byte header][payload]`; an odd selector replaces the
 /// header's key with one of the table's keys (registered, or registered then revoked), so the
-/// fuzzer reaches the apply path without guessing keys.
+/// fuzzer reaches the apply path without guessing keys. One straight sequence (build the
+/// table, apply every frame, check the invariants), kept whole so a crash reads in order.
 pub fn fuzz_data_frames(mut data: &[u8]) {
     let blocks = vec![
         Arc::new(RamBlock::anonymous("ram0", 64 << 10, 12).expect("anonymous memory")),

@@ -98,7 +98,7 @@ impl ProtocolModel {
     }
 
     /// Delivers the hostile frame at once (it overtakes nothing the honest side has queued:
-    /// it arrives next).
+    /// it arrives next). One arm per frame of the alphabet; its length is the alphabet's.
     pub(super) fn inject(&self, s: &mut State, i: Inject) {
         let dst_round = s.lsn.session().map_or(1, |d| d.round());
         let total_chunks = s.src.geometry().total_chunks;

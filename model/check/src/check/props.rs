@@ -142,7 +142,7 @@ pub fn properties(cfg: &CheckConfig) -> Vec<Property<ProtocolModel>> {
     p
 }
 
-/// Properties of an honest pair.
+/// Properties of an honest pair: a flat list, one entry per property.
 fn honest(cfg: &CheckConfig) -> Vec<Property<ProtocolModel>> {
     let mut p = vec![
         Property::always(P_MEM, |_, s: &State| {
