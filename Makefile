@@ -9,7 +9,7 @@ FUZZ_SMOKE_SECONDS ?= 30
 TARGET ?= wire_decode
 SECONDS ?= 60
 
-.PHONY: demo test deps fuzz-deps lint unit loom netns fuzz fuzz-smoke fuzz-seeds bench rxe qemu
+.PHONY: demo test deps fuzz-deps lint unit loom netns fuzz fuzz-smoke fuzz-seeds bench rxe qemu qemu-bench
 
 # Debian packages the build needs: a C toolchain, and for the verbs transport (ibverbs-sys
 # builds rdma-core's headers with cmake and generates bindings with libclang) the rest.
@@ -32,7 +32,8 @@ demo: deps
 	$(CARGO) build --release -q -p rdmig
 	./target/release/rdmig demo
 
-# Raw TCP stream vs rdmig with 1 and 2 channels, memory overhead, dirty-scan rate.
+# rdmig's data path next to iperf3 -l 1M (or an in-tree equivalent) for 1 stream and 2 pairs,
+# rdmig with 1 and 2 channels, memory overhead, dirty-scan rate: medians of 3 runs.
 bench: deps
 	$(CARGO) build --release -q -p rdmig
 	./target/release/rdmig bench
@@ -92,6 +93,12 @@ rxe: deps
 # (tests/qemu/run.sh; QEMU 10, the kernel and the guest are cached in target/qemu-cache).
 qemu: deps
 	tests/qemu/run.sh
+
+# A 1 GiB QEMU guest (768 MiB filled) migrated by rdmig 2 channels (with and without --verify)
+# next to QEMU's own multifd with 2 channels, at 0, 50 and 200 MB/s, 3 runs each: the medians,
+# the ratios, and every run in target/qemu-cache/results.jsonl. About 15 minutes; not in `make test`.
+qemu-bench: deps
+	tests/qemu/bench.sh
 
 # Everything: formatting, lints, every test suite, loom, the network-namespace liveness tests, a short run of every fuzz target, the
 # real-verbs migrations over soft-RoCE in a VM, and the live QEMU guest migrations.

@@ -17,9 +17,21 @@ use std::time::{Duration, Instant};
 use rdmig::vmm::qmp::Qmp;
 use serde_json::{json, Value};
 
-/// Guest RAM in MiB, and how much of it memcheck fills and checks.
-const RAM_MB: u64 = 512;
-const FILL_MB: u64 = 256;
+/// Guest RAM in MiB, and how much of it memcheck fills and checks: 512 and 256 for the tests,
+/// `RDMIG_QEMU_GUEST_MB` and `RDMIG_QEMU_FILL_MB` for the benchmark (`make qemu-bench`: 1024
+/// and 768).
+fn ram_mb() -> u64 {
+    env_mb("RDMIG_QEMU_GUEST_MB", 512)
+}
+fn fill_mb() -> u64 {
+    env_mb("RDMIG_QEMU_FILL_MB", 256)
+}
+fn env_mb(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 /// The dirty rates of the issue, in MB/s.
 const RATES: [u64; 3] = [0, 50, 200];
 
@@ -99,7 +111,7 @@ fn qemu_args(a: &Assets, s: &Scratch, g: &GuestSpec) -> Vec<String> {
         "-accel".into(),
         "tcg".into(),
         "-m".into(),
-        format!("{RAM_MB}M"),
+        format!("{}M", ram_mb()),
         "-smp".into(),
         "1".into(),
         "-no-reboot".into(),
@@ -117,7 +129,8 @@ fn qemu_args(a: &Assets, s: &Scratch, g: &GuestSpec) -> Vec<String> {
         a.initrd.clone(),
         "-append".into(),
         format!(
-            "console=ttyS0 panic=-1 quiet memcheck.size={FILL_MB} memcheck.rate={}",
+            "console=ttyS0 panic=-1 quiet memcheck.size={} memcheck.rate={}",
+            fill_mb(),
             g.rate
         ),
         "-serial".into(),
@@ -134,7 +147,8 @@ fn qemu_args(a: &Assets, s: &Scratch, g: &GuestSpec) -> Vec<String> {
         Some(ram) => v.extend([
             "-object".into(),
             format!(
-                "memory-backend-file,id=mem,size={RAM_MB}M,mem-path={},share=on",
+                "memory-backend-file,id=mem,size={}M,mem-path={},share=on",
+                ram_mb(),
                 ram.display()
             ),
             "-machine".into(),
@@ -456,6 +470,8 @@ struct Row {
     transferred_mb: f64,
     dirtied_mb_s: u64,
     survived: Result<(u64, u64), String>,
+    /// rdmig's phase breakdown (its report's `phases`), or null.
+    phases: Value,
 }
 
 fn record(r: &Row) {
@@ -467,6 +483,9 @@ fn record(r: &Row) {
         "downtime_ms": r.downtime_ms,
         "transferred_mb": (r.transferred_mb * 10.0).round() / 10.0,
         "survived": r.survived.is_ok(),
+        "guest_mb": ram_mb(),
+        "fill_mb": fill_mb(),
+        "phases": r.phases,
         "detail": match &r.survived { Ok((a, b)) => format!("source tick {a}, destination {b}"), Err(e) => e.lines().next().unwrap_or("").to_string() },
     });
     eprintln!("ROW {line}");
@@ -524,7 +543,7 @@ fn recv_args(s: &Scratch) -> Vec<String> {
         "--qemu-qmp".into(),
         s.path("dst.qmp").display().to_string(),
         "--ram".into(),
-        format!("pc.ram={}:{RAM_MB}MiB", s.ram("dst.ram").display()),
+        format!("pc.ram={}:{}MiB", s.ram("dst.ram").display(), ram_mb()),
     ]
 }
 
@@ -661,6 +680,7 @@ fn rdmig_live_migrates_qemu_guest_at_0_50_200_mb_s_and_memory_stays_intact() {
             transferred_mb: sr["bytes"]["data"].as_u64().unwrap() as f64 / 1e6,
             dirtied_mb_s: dirtied(&r.src),
             survived,
+            phases: sr["phases"].clone(),
         };
         record(&row);
         if let Err(e) = &row.survived {
@@ -726,6 +746,53 @@ fn qemu_migrate(a: &Assets, rate: u64, multifd: bool) -> Row {
         transferred_mb: m["ram"]["transferred"].as_u64().unwrap_or(0) as f64 / 1e6,
         dirtied_mb_s: dirtied(&src),
         survived,
+        phases: Value::Null,
+    }
+}
+
+/// `make qemu-bench`: rdmig with 2 channels (with and without `--verify`) next to QEMU's own
+/// multifd migration with 2 channels, at 0, 50 and 200 MB/s, `RDMIG_QEMU_BENCH_RUNS` times each
+/// (default 3), interleaved so that a noisy moment hits every tool alike. Every row goes to
+/// `RDMIG_QEMU_RESULTS`; `tests/qemu/bench.sh` prints the medians and ratios. Every guest must
+/// verify its memory after the switchover.
+#[test]
+#[ignore = "a benchmark: run `make qemu-bench`"]
+fn bench_rdmig_2ch_against_qemu_multifd_2ch() {
+    let a = assets();
+    let runs = env_mb("RDMIG_QEMU_BENCH_RUNS", 3);
+    for run in 0..runs {
+        for rate in RATES {
+            for verify in [false, true] {
+                let s = Scratch::new(&format!("bench-{rate}-{verify}-{run}"));
+                let mut extra = vec!["--channels", "2"];
+                if verify {
+                    extra.push("--verify");
+                }
+                let r = rdmig_migrate(&a, &s, rate, false, vec![], &extra);
+                let sr = report(&r.send, "send");
+                assert_eq!(r.send.code, Some(0), "rate {rate}: {sr}");
+                let survived = check_continues(&r.src, &r.dst);
+                let row = Row {
+                    tool: if verify {
+                        "rdmig 2ch --verify"
+                    } else {
+                        "rdmig 2ch"
+                    },
+                    rate,
+                    total_ms: sr["total_time_ms"].as_u64().unwrap(),
+                    downtime_ms: sr["downtime_ms"].as_u64().unwrap(),
+                    transferred_mb: sr["bytes"]["data"].as_u64().unwrap() as f64 / 1e6,
+                    dirtied_mb_s: dirtied(&r.src),
+                    survived,
+                    phases: sr["phases"].clone(),
+                };
+                record(&row);
+                assert!(row.survived.is_ok(), "{:?}", row.survived);
+            }
+            let q = qemu_migrate(&a, rate, true);
+            record(&q);
+            assert!(q.survived.is_ok(), "{:?}", q.survived);
+        }
     }
 }
 
@@ -837,7 +904,7 @@ fn guest_without_shared_file_ram_is_refused_and_keeps_running() {
     );
     assert_eq!(src.status(), "running");
     let ram = s.ram("src.ram");
-    std::fs::write(&ram, vec![0u8; (RAM_MB << 20) as usize]).unwrap();
+    std::fs::write(&ram, vec![0u8; (ram_mb() << 20) as usize]).unwrap();
     let e = Proc::spawn(
         "rdmig send",
         &[

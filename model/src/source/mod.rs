@@ -664,8 +664,17 @@ impl Source {
         check_source(SrcPhase::Pausing, Event::WorkloadPaused, SrcPhase::Scanning);
     }
 
+    /// The tail being prepared: during the final round, or in Finalizing.
+    fn tail_mut(&mut self) -> Option<(&Session, &mut Tail)> {
+        match &mut self.state {
+            State::Transfer(s, t) => t.tail.as_deref_mut().map(|tail| (&*s, tail)),
+            State::Finalizing(s, tail) => Some((&*s, &mut **tail)),
+            _ => None,
+        }
+    }
+
     fn on_device_state(&mut self, blob: Vec<u8>, out: &mut SrcOut) {
-        let State::Finalizing(_, tail) = &mut self.state else {
+        let Some((_, tail)) = self.tail_mut() else {
             return self.abort(out, AbortReason::LocalError, Detail::Unrequested);
         };
         if tail.device_state.is_some() {
@@ -680,7 +689,7 @@ impl Source {
 
     fn on_digests(&mut self, d: Vec<u64>, out: &mut SrcOut) {
         let total = self.geo.total_chunks as usize;
-        let State::Finalizing(s, tail) = &mut self.state else {
+        let Some((s, tail)) = self.tail_mut() else {
             return self.abort(out, AbortReason::LocalError, Detail::Unrequested);
         };
         if tail.digests.is_some() || s.params.digest == DigestAlg::None {
@@ -944,11 +953,9 @@ impl Source {
         if t.last {
             let s = *s;
             out.stats.final_round_acked_ms = Some(now);
-            out.cmds.push(SrcCommand::CaptureDeviceState); // spec: SW-2
-            if s.params.digest != DigestAlg::None {
-                out.cmds.push(SrcCommand::ComputeDigests); // spec: SW-4
-            }
-            self.go(State::Finalizing(s, Box::default()), Event::FinalRoundAck);
+            // Requested when the final round started (spec: SW-2, SW-4).
+            let tail = t.tail.take().expect("the final round requests its tail");
+            self.go(State::Finalizing(s, tail), Event::FinalRoundAck);
         } else {
             t.sub = Sub::Scanning;
             out.cmds.push(SrcCommand::ScanDirty { all: false }); // spec: CONV-1
@@ -992,6 +999,13 @@ impl Source {
             let merged = t.merge_carry(scan);
             self.round += 1;
             t.start_round(merged, true, self.round, now, &self.geo, &s.params, out);
+            // spec: SW-2, SW-4: the workload is paused and the final scan taken, so memory
+            // is final: the device state and digests are prepared while the final round runs.
+            t.tail = Some(Box::default());
+            out.cmds.push(SrcCommand::CaptureDeviceState);
+            if s.params.digest != DigestAlg::None {
+                out.cmds.push(SrcCommand::ComputeDigests);
+            }
             return check_source(SrcPhase::Scanning, Event::DirtyScan, SrcPhase::Sending);
         }
         if self.round == 0 {

@@ -156,6 +156,9 @@ pub(super) struct Transfer {
     pub(super) regs: Registrations,
     work: RoundWork,
     pub(super) writes: Writes,
+    /// The final round's tail, once requested: device state and digests are asked for as the
+    /// final round starts (memory no longer changes) and arrive while it runs (spec: SW-2).
+    pub(super) tail: Option<Box<super::Tail>>,
 }
 
 impl Transfer {
@@ -218,6 +221,7 @@ impl Transfer {
                 chunk_inflight: vec![0; n],
                 next_wr_id: 1,
             },
+            tail: None,
         }
     }
 
