@@ -193,6 +193,7 @@ pub fn send(a: SendArgs) -> Result<ExitCode, String> {
         state_in: a.state_in.clone(),
         threads: a.common.threads,
         progress,
+        background: Some(tx.clone()),
     };
     let mut report = match a.transport.verbs() {
         Some(o) => {

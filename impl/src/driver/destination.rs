@@ -12,6 +12,7 @@ use rdmig_model::wire::{self, DataHello, DigestAlg};
 use rdmig_model::*;
 
 use super::{wait, Clock, Wake};
+use crate::memory::digest_cache::DigestCache;
 use crate::memory::ram::{chunk_digests, RamBlock};
 use crate::report::{PhaseReport, Report, Status};
 use crate::transport::{DestLink, DstEvent};
@@ -77,9 +78,22 @@ struct Driver<L: DestLink> {
     t0: Instant,
     /// Local work timed by the driver, in order.
     timeline: Vec<PhaseReport>,
+    /// Chunk digests kept current as data lands, when digests are negotiated.
+    digests: Option<Arc<DigestCache>>,
 }
 
 impl<L: DestLink> Driver<L> {
+    /// Once the parameters are agreed, with digests: a cache the transport keeps current as
+    /// data lands, so verification digests only what it must (spec: SW-5).
+    fn start_digest_cache(&mut self, p: wire::Params) {
+        if self.digests.is_some() || p.digest == DigestAlg::None {
+            return;
+        }
+        let c = Arc::new(DigestCache::new(&self.run.blocks, p.chunk_log2));
+        self.link.set_digest_cache(c.clone());
+        self.digests = Some(c);
+    }
+
     /// Runs `f` and records it as phase `name`; at the destination everything after the
     /// final round is inside the source's downtime.
     fn timed<T>(&mut self, name: &str, f: impl FnOnce(&mut Self) -> T) -> T {
@@ -165,13 +179,26 @@ impl<L: DestLink> Driver<L> {
                 self.link.unregister(rkey);
             }
             DstCommand::ZeroFill { block, offset, len } => {
-                self.run.blocks[block as usize].zero(offset, len)
+                let b = block as usize;
+                let ticket = self.digests.as_ref().map(|c| c.begin(b, offset, len));
+                self.run.blocks[b].zero(offset, len);
+                if let (Some(c), Some(t)) = (&self.digests, ticket) {
+                    c.end(t, &self.run.blocks[b]);
+                }
             }
             DstCommand::StoreDeviceState { offset, data } => self.run.state.store(offset, &data),
             DstCommand::ComputeDigests => {
                 let log2 = self.params.map_or(20, |p| p.chunk_log2);
-                let d = self.timed("digests of received memory", |d| {
-                    chunk_digests(&d.run.blocks, log2, d.run.threads)
+                let d = self.timed("digests of received memory", |d| match &d.digests {
+                    Some(c) if c.chunk_log2() == log2 => {
+                        let (v, computed) = c.digests(&d.run.blocks, d.run.threads);
+                        tracing::info!(
+                            "digests: {computed} of {} chunks computed, the rest kept as data landed",
+                            v.len()
+                        );
+                        v
+                    }
+                    _ => chunk_digests(&d.run.blocks, log2, d.run.threads),
                 });
                 self.local(DstInput::Digests(d));
             }
@@ -211,6 +238,7 @@ pub fn run_destination(link: impl DestLink, rx: Receiver<DstEvent>, run: DestRun
         open: HashSet::new(),
         t0: Instant::now(),
         timeline: Vec::new(),
+        digests: None,
     };
     let mut out = LsnOut::new();
     while lsn.outcome().is_none() {
@@ -228,6 +256,7 @@ pub fn run_destination(link: impl DestLink, rx: Receiver<DstEvent>, run: DestRun
         lsn.handle(clock.now(), input, &mut out);
         if let Some(p) = lsn.session().and_then(|s| s.params()) {
             d.params = Some(p);
+            d.start_digest_cache(p);
         }
         for c in std::mem::take(&mut out.cmds) {
             d.exec(c);

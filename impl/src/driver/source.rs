@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -44,6 +44,9 @@ pub struct SourceRun {
     pub state_in: Option<PathBuf>,
     pub threads: usize,
     pub progress: Option<Box<dyn Progress>>,
+    /// Where background work reports (the transport's event channel): digests are then
+    /// computed beside the final round instead of blocking the driver.
+    pub background: Option<Sender<SrcEvent>>,
 }
 
 fn to_input(e: SrcEvent) -> SrcInput {
@@ -69,6 +72,7 @@ fn to_input(e: SrcEvent) -> SrcInput {
             tracing::warn!("signal {sig}: cancelling the migration");
             SrcInput::Cancel
         }
+        SrcEvent::Digests(d) => SrcInput::Digests(d),
     }
 }
 
@@ -86,6 +90,8 @@ struct Driver<'a, L: SourceLink> {
     chunk_log2: u8,
     /// Local work timed by the driver, in order.
     timeline: Vec<PhaseReport>,
+    /// Background work under way, for the timeline.
+    background_phase: Option<(PhaseReport, Instant)>,
     /// Dirty scans run so far, to name them.
     scans: u32,
     paused: bool,
@@ -149,14 +155,34 @@ impl<L: SourceLink> Driver<'_, L> {
             SrcCommand::ResumeWorkload => self.resume(),
             SrcCommand::RelinquishWorkload => self.relinquish(),
             SrcCommand::CaptureDeviceState => self.capture_state(),
-            SrcCommand::ComputeDigests => {
-                let d = self.timed("digests of source memory".into(), |d| {
-                    chunk_digests(&d.run.blocks, d.chunk_log2, d.run.threads)
-                });
-                self.pending.push_back(SrcInput::Digests(d));
-            }
+            SrcCommand::ComputeDigests => self.digests(),
             SrcCommand::Finish(_) => {}
         }
+    }
+
+    /// The source memory's chunk digests: on a thread of their own when the driver has a
+    /// channel for background work (the final round's writes keep flowing meanwhile), else
+    /// inline.
+    fn digests(&mut self) {
+        let Some(tx) = self.run.background.clone() else {
+            let d = self.timed("digests of source memory".into(), |d| {
+                chunk_digests(&d.run.blocks, d.chunk_log2, d.run.threads)
+            });
+            return self.pending.push_back(SrcInput::Digests(d));
+        };
+        let (blocks, log2, threads) = (self.run.blocks.clone(), self.chunk_log2, self.run.threads);
+        let start = self.clock.now();
+        let t = Instant::now();
+        let phase = PhaseReport {
+            name: "digests of source memory (beside the final round)".into(),
+            start_ms: start,
+            duration_ms: 0,
+            downtime: self.paused,
+        };
+        self.background_phase = Some((phase, t));
+        std::thread::spawn(move || {
+            let _ = tx.send(SrcEvent::Digests(chunk_digests(&blocks, log2, threads)));
+        });
     }
 
     fn scan(&mut self, all: bool) {
@@ -255,6 +281,7 @@ pub fn run_source(link: impl SourceLink, rx: Receiver<SrcEvent>, mut run: Source
         paused_state: Vec::new(),
         control_bytes: 0,
         timeline: Vec::new(),
+        background_phase: None,
         scans: 0,
         paused: false,
     };
@@ -264,7 +291,16 @@ pub fn run_source(link: impl SourceLink, rx: Receiver<SrcEvent>, mut run: Source
         let input = match d.pending.pop_front() {
             Some(i) => i,
             None => match wait(&rx, d.clock, src.timers().next()) {
-                Wake::Event(e) => to_input(e),
+                Wake::Event(e) => {
+                    if let (SrcEvent::Digests(_), Some((mut p, t))) =
+                        (&e, d.background_phase.take())
+                    {
+                        p.duration_ms = t.elapsed().as_millis() as u64;
+                        tracing::info!("{} took {} ms", p.name, p.duration_ms);
+                        d.timeline.push(p);
+                    }
+                    to_input(e)
+                }
                 Wake::Timer(k) => SrcInput::Timer(k),
                 Wake::Gone => SrcInput::TransportFailed,
             },

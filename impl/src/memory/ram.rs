@@ -252,7 +252,9 @@ impl RamBlock {
     /// hashing and zero checks never hold a reference into shared memory.
     pub fn visit(&self, offset: u64, len: u64, mut f: impl FnMut(&[u8])) {
         self.check(offset, len as usize);
-        let mut buf = vec![0u8; len.min(1 << 20) as usize];
+        // Small enough to stay in a core's cache between the copy and `f`, and below the
+        // allocator's mmap threshold, so a call costs no page faults.
+        let mut buf = vec![0u8; len.min(VISIT_PIECE) as usize];
         let mut at = offset;
         while at < offset + len {
             let n = (offset + len - at).min(buf.len() as u64) as usize;
@@ -302,11 +304,12 @@ impl RamBlock {
 
     /// xxh3-64 of the range: the protocol's chunk digest (spec: SW-4).
     pub fn digest(&self, offset: u64, len: u64) -> u64 {
-        if len <= 1 << 20 {
+        if len <= VISIT_PIECE {
             let mut h = 0;
             self.visit(offset, len, |b| h = rdmig_model::digest::chunk_digest(b));
             return h;
         }
+        // The streaming form of the same hash (equal to the one-shot xxh3-64 of the range).
         let mut st = xxhash_rust::xxh3::Xxh3::new();
         self.visit(offset, len, |b| st.update(b));
         st.digest()
@@ -424,6 +427,9 @@ impl RamBlock {
 }
 
 /// Waits until `fd` has data (or its end) to read, at most until `deadline`.
+/// Piece size of [`RamBlock::visit`].
+const VISIT_PIECE: u64 = 64 << 10;
+
 pub fn wait_readable(
     fd: std::os::fd::BorrowedFd<'_>,
     deadline: std::time::Instant,

@@ -31,6 +31,9 @@ pub enum SrcEvent {
     WriteDone(u64),
     /// The operator asked the process to stop (SIGINT, SIGTERM).
     Signal(i32),
+    /// Not the transport's: the driver's own background work, the source memory's chunk
+    /// digests, done.
+    Digests(Vec<u64>),
 }
 
 /// What a destination-side transport tells the driver.
@@ -92,6 +95,13 @@ pub trait DestLink {
     fn register(&mut self, block: u16, offset: u64, len: u64) -> io::Result<u32>;
     /// Revokes a key; no write under it lands after this returns.
     fn unregister(&mut self, key: u32) -> bool;
+    /// Keep `cache` current as data lands, where this transport sees the data (TCP does; an
+    /// RDMA NIC writes memory behind the CPU's back, so the verbs transport cannot).
+    fn set_digest_cache(
+        &mut self,
+        _cache: std::sync::Arc<crate::memory::digest_cache::DigestCache>,
+    ) {
+    }
     /// Closes everything.
     fn shutdown(&mut self);
     fn name(&self) -> &'static str;

@@ -16,8 +16,12 @@ use rdmig_model::wire;
 
 use super::{parse_data_header, DataFrameError, DATA_HEADER_LEN};
 use super::{read_control_frame, read_exact_by, read_first_byte};
+use crate::memory::digest_cache::DigestCache;
 use crate::memory::ram::RamBlock;
 use crate::transport::regtable::{RegTable, Region};
+
+/// The digest cache data connections keep current, once the driver set one.
+type DigestSlot = Arc<Mutex<Option<Arc<DigestCache>>>>;
 use crate::transport::{tune, Deadlines, DestLink, DstEvent};
 
 /// What the listener decided for a data connection that presented DATA_HELLO.
@@ -45,6 +49,7 @@ const LINGER: Duration = Duration::from_secs(1);
 pub struct DestTcp {
     conns: Conns,
     table: Arc<RegTable>,
+    digests: DigestSlot,
     closing: Arc<AtomicBool>,
     local: SocketAddr,
     salt: u32,
@@ -64,11 +69,15 @@ impl DestTcp {
         let local = listener.local_addr()?;
         let conns: Conns = Arc::new(Mutex::new(HashMap::new()));
         let table = Arc::new(RegTable::new());
+        let digests: DigestSlot = Arc::new(Mutex::new(None));
         let closing = Arc::new(AtomicBool::new(false));
         {
             let (conns, table, closing) = (conns.clone(), table.clone(), closing.clone());
+            let digests = digests.clone();
             std::thread::spawn(move || {
-                acceptor(listener, conns, table, blocks, closing, tx, deadlines)
+                acceptor(
+                    listener, conns, table, digests, blocks, closing, tx, deadlines,
+                )
             });
         }
         let (reaper, reap) = mpsc::channel::<(Instant, TcpStream)>();
@@ -81,6 +90,7 @@ impl DestTcp {
         Ok(DestTcp {
             conns,
             table,
+            digests,
             closing,
             local,
             salt,
@@ -94,10 +104,12 @@ impl DestTcp {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn acceptor(
     listener: TcpListener,
     conns: Conns,
     table: Arc<RegTable>,
+    digests: DigestSlot,
     blocks: Arc<Vec<Arc<RamBlock>>>,
     closing: Arc<AtomicBool>,
     events: Sender<DstEvent>,
@@ -125,8 +137,14 @@ fn acceptor(
         }
         let (conns, table, blocks, events) =
             (conns.clone(), table.clone(), blocks.clone(), events.clone());
+        let digests = digests.clone();
         std::thread::spawn(move || {
-            let why = serve(s, conn, &conns, &table, &blocks, &events, d);
+            let land = Landing {
+                table: &table,
+                digests: &digests,
+                blocks: &blocks,
+            };
+            let why = serve(s, conn, &conns, &land, &events, d);
             conns.lock().unwrap().remove(&conn);
             let _ = events.send(DstEvent::Closed(conn, why));
         });
@@ -135,12 +153,18 @@ fn acceptor(
 
 /// Reads what `conn` sends first and serves it as a control or a data connection; returns
 /// why it ended.
+/// Where a data connection's frames land.
+struct Landing<'a> {
+    table: &'a RegTable,
+    digests: &'a DigestSlot,
+    blocks: &'a [Arc<RamBlock>],
+}
+
 fn serve(
     mut s: TcpStream,
     conn: ConnId,
     conns: &Conns,
-    table: &RegTable,
-    blocks: &[Arc<RamBlock>],
+    land: &Landing<'_>,
     events: &Sender<DstEvent>,
     d: Deadlines,
 ) -> String {
@@ -173,7 +197,7 @@ fn serve(
     if let Err(e) = s.write_all(&wire::DATA_JOIN_ACK) {
         return format!("answering the join: {e}");
     }
-    data_receiver(s, table, blocks, d)
+    data_receiver(s, land, d)
 }
 
 /// A control connection: frames, each whole within the frame deadline once begun.
@@ -206,13 +230,10 @@ fn control(
 
 /// Applies data frames straight into registered memory (spec: DATA-1, INV-REG-1), and
 /// acknowledges each once placed.
-fn data_receiver(
-    mut s: TcpStream,
-    table: &RegTable,
-    blocks: &[Arc<RamBlock>],
-    d: Deadlines,
-) -> String {
+fn data_receiver(mut s: TcpStream, land: &Landing<'_>, d: Deadlines) -> String {
     let mut applied: u64 = 0;
+    // Set by the driver once the chunk size is negotiated, before any channel is admitted.
+    let cache = land.digests.lock().unwrap().clone();
     loop {
         // An idle channel (between rounds) is normal; a frame, once begun, is bounded.
         let mut hb = [0u8; DATA_HEADER_LEN];
@@ -230,20 +251,29 @@ fn data_receiver(
         // deadline bounds (INV-REG-1, LIVE-3).
         let fd = std::os::fd::AsFd::as_fd(&s);
         let r = parse_data_header(&hb).and_then(|h| {
-            table
+            land.table
                 .with_write(h.rkey, h.remote_offset, h.len as u64, |block, off| {
-                    blocks[block as usize].recv_range(fd, off, h.len as u64, deadline)
+                    let block = block as usize;
+                    let ticket = cache.as_ref().map(|c| c.begin(block, off, h.len as u64));
+                    land.blocks[block]
+                        .recv_range(fd, off, h.len as u64, deadline)
+                        .map(|()| (block, ticket))
                 })
                 .map_err(DataFrameError::from)
         });
-        match r {
-            Ok(Ok(())) => {}
+        let landed = match r {
+            Ok(Ok(landed)) => landed,
             Ok(Err(e)) => return format!("data channel failed mid-frame: {e}"),
             Err(e) => return format!("refused a data frame: {e}"),
-        }
+        };
         applied += 1;
         if let Err(e) = s.write_all(&applied.to_le_bytes()) {
             return format!("acknowledging: {e}");
+        }
+        // After the acknowledgement, while the bytes are still in cache: the digests of the
+        // chunks this frame covered (spec: SW-5, verification digests only what is unknown).
+        if let (Some(c), (block, Some(ticket))) = (&cache, landed) {
+            c.end(ticket, &land.blocks[block]);
         }
     }
 }
@@ -299,6 +329,10 @@ impl DestLink for DestTcp {
 
     fn unregister(&mut self, key: u32) -> bool {
         self.table.unregister(key)
+    }
+
+    fn set_digest_cache(&mut self, cache: Arc<DigestCache>) {
+        *self.digests.lock().unwrap() = Some(cache);
     }
 
     fn shutdown(&mut self) {
