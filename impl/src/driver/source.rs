@@ -73,7 +73,33 @@ fn to_input(e: SrcEvent) -> SrcInput {
             SrcInput::Cancel
         }
         SrcEvent::Digests(d) => SrcInput::Digests(d),
+        SrcEvent::Scanned(r) => scanned(r),
     }
+}
+
+fn scanned(r: Result<DirtyScan, String>) -> SrcInput {
+    match r {
+        Ok(scan) => SrcInput::Dirty(scan),
+        Err(e) => {
+            tracing::error!("dirty tracking failed: {e}");
+            SrcInput::WorkloadFailed
+        }
+    }
+}
+
+/// Runs the dirty log's scans on a thread of its own, so that a scan the machine asks for
+/// while a round's writes travel (spec: RND-3) overlaps them; results come back as
+/// `SrcEvent::Scanned`.
+fn scanner(mut scan: ScanFn, events: Sender<SrcEvent>) -> Sender<bool> {
+    let (tx, rx) = std::sync::mpsc::channel::<bool>();
+    std::thread::spawn(move || {
+        for all in rx {
+            if events.send(SrcEvent::Scanned(scan(all))).is_err() {
+                return;
+            }
+        }
+    });
+    tx
 }
 
 /// The driver's own state around the machine.
@@ -92,6 +118,9 @@ struct Driver<'a, L: SourceLink> {
     timeline: Vec<PhaseReport>,
     /// Background work under way, for the timeline.
     background_phase: Option<(PhaseReport, Instant)>,
+    /// The scanner thread, when scans run in the background, and the scan under way.
+    scanner: Option<Sender<bool>>,
+    scan_phase: Option<(PhaseReport, Instant)>,
     /// Dirty scans run so far, to name them.
     scans: u32,
     paused: bool,
@@ -192,14 +221,23 @@ impl<L: SourceLink> Driver<'_, L> {
             (1, _) => "first dirty scan".to_string(),
             (n, _) => format!("dirty scan {n}"),
         };
-        let scanned = self.timed(name, |d| (d.run.scan)(all));
-        self.pending.push_back(match scanned {
-            Ok(scan) => SrcInput::Dirty(scan),
-            Err(e) => {
-                tracing::error!("dirty tracking failed: {e}");
-                SrcInput::WorkloadFailed
+        if let Some(tx) = &self.scanner {
+            if tx.send(all).is_ok() {
+                let phase = PhaseReport {
+                    name,
+                    start_ms: self.clock.now(),
+                    duration_ms: 0,
+                    downtime: self.paused,
+                };
+                self.scan_phase = Some((phase, Instant::now()));
+                return;
             }
-        });
+            return self
+                .pending
+                .push_back(scanned(Err("the scanner thread is gone".into())));
+        }
+        let r = self.timed(name, |d| (d.run.scan)(all));
+        self.pending.push_back(scanned(r));
     }
 
     fn pause(&mut self) {
@@ -271,6 +309,13 @@ pub fn run_source(link: impl SourceLink, rx: Receiver<SrcEvent>, mut run: Source
     let mut src =
         Source::new(run.cfg.clone(), nonce).expect("configuration validated by the caller");
     let mut progress = run.progress.take();
+    let scanner = run.background.clone().map(|events| {
+        let scan = std::mem::replace(
+            &mut run.scan,
+            Box::new(|_| Err("the scanner thread owns the dirty log".to_string())),
+        );
+        scanner(scan, events)
+    });
     let mut d = Driver {
         link,
         chunk_log2: run.cfg.params.chunk_log2,
@@ -282,6 +327,8 @@ pub fn run_source(link: impl SourceLink, rx: Receiver<SrcEvent>, mut run: Source
         control_bytes: 0,
         timeline: Vec::new(),
         background_phase: None,
+        scanner,
+        scan_phase: None,
         scans: 0,
         paused: false,
     };
@@ -292,9 +339,12 @@ pub fn run_source(link: impl SourceLink, rx: Receiver<SrcEvent>, mut run: Source
             Some(i) => i,
             None => match wait(&rx, d.clock, src.timers().next()) {
                 Wake::Event(e) => {
-                    if let (SrcEvent::Digests(_), Some((mut p, t))) =
-                        (&e, d.background_phase.take())
-                    {
+                    let done = match &e {
+                        SrcEvent::Digests(_) => d.background_phase.take(),
+                        SrcEvent::Scanned(_) => d.scan_phase.take(),
+                        _ => None,
+                    };
+                    if let Some((mut p, t)) = done {
                         p.duration_ms = t.elapsed().as_millis() as u64;
                         tracing::info!("{} took {} ms", p.name, p.duration_ms);
                         d.timeline.push(p);

@@ -34,6 +34,8 @@ pub enum SrcEvent {
     /// Not the transport's: the driver's own background work, the source memory's chunk
     /// digests, done.
     Digests(Vec<u64>),
+    /// Not the transport's: a dirty scan the driver ran in the background, done.
+    Scanned(Result<rdmig_model::DirtyScan, String>),
 }
 
 /// What a destination-side transport tells the driver.

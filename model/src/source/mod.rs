@@ -22,7 +22,7 @@ use crate::wire::{
 };
 
 pub use stats::{RoundStats, SourceStats};
-use transfer::{Sub, Transfer};
+use transfer::{Ahead, Sub, Transfer};
 
 /// What to do when the round or time limit is reached without converging (spec: CONV-2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -958,8 +958,14 @@ impl Source {
             self.go(State::Finalizing(s, tail), Event::FinalRoundAck);
         } else {
             t.sub = Sub::Scanning;
-            out.cmds.push(SrcCommand::ScanDirty { all: false }); // spec: CONV-1
             check_source(SrcPhase::AwaitRoundAck, Event::RoundAck, SrcPhase::Scanning);
+            match std::mem::take(&mut t.ahead) {
+                // spec: RND-3: taken while the round's last writes travelled.
+                Ahead::Ready(scan) => self.on_dirty(scan, out),
+                // Still running: its result comes as `Dirty`.
+                Ahead::Requested => t.ahead = Ahead::Requested,
+                Ahead::None => out.cmds.push(SrcCommand::ScanDirty { all: false }), // spec: CONV-1
+            }
         }
     }
 
@@ -972,11 +978,18 @@ impl Source {
         let State::Transfer(s, t) = &mut self.state else {
             return self.abort(out, AbortReason::LocalError, Detail::Unrequested);
         };
-        if t.sub != Sub::Scanning {
-            return self.abort(out, AbortReason::LocalError, Detail::Unrequested);
-        }
         if !self.geo.scan_fits(&scan) {
             return self.abort(out, AbortReason::LocalError, Detail::ScanShape);
+        }
+        match (t.sub, &t.ahead) {
+            // spec: RND-3: the next round's scan, early: kept until the ROUND_ACK.
+            (Sub::Sending | Sub::AwaitRoundAck, Ahead::Requested) => {
+                t.ahead = Ahead::Ready(scan);
+                return;
+            }
+            (Sub::Scanning, Ahead::Requested) => t.ahead = Ahead::None,
+            (Sub::Scanning, Ahead::None) => {}
+            _ => return self.abort(out, AbortReason::LocalError, Detail::Unrequested),
         }
         if t.final_scan {
             #[cfg(feature = "mutations")]

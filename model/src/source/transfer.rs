@@ -26,6 +26,17 @@ pub(super) enum Sub {
     Pausing,
 }
 
+/// The next round's dirty scan, taken while this round's last writes travel (spec: RND-3).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub(super) enum Ahead {
+    #[default]
+    None,
+    /// Requested: its result comes as `Dirty`, during this round or after its ROUND_ACK.
+    Requested,
+    /// Arrived before the ROUND_ACK; the next round starts from it.
+    Ready(DirtyScan),
+}
+
 /// What the source knows about one chunk's registration at the destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum ChunkSt {
@@ -159,6 +170,7 @@ pub(super) struct Transfer {
     /// The final round's tail, once requested: device state and digests are asked for as the
     /// final round starts (memory no longer changes) and arrive while it runs (spec: SW-2).
     pub(super) tail: Option<Box<super::Tail>>,
+    pub(super) ahead: Ahead,
 }
 
 impl Transfer {
@@ -222,6 +234,7 @@ impl Transfer {
                 next_wr_id: 1,
             },
             tail: None,
+            ahead: Ahead::None,
         }
     }
 
@@ -361,6 +374,18 @@ impl Transfer {
             }
         }
         self.post_writes(geo, cfg, out);
+        // spec: RND-3: every write of a pre-copy round is posted: the next round's scan runs
+        // while they travel. It may miss what the workload writes after it; the scan after
+        // that, or the final one after the pause, sees it.
+        if !self.last
+            && !self.paused
+            && self.ahead == Ahead::None
+            && self.work.pending.is_empty()
+            && self.work.zero_cursor.0 >= self.work.zero_todo.len()
+        {
+            self.ahead = Ahead::Requested;
+            out.cmds.push(SrcCommand::ScanDirty { all: false });
+        }
         if s.params.mode == RegMode::Dynamic {
             self.request_registrations(link, geo, cfg, &s.params, out);
             self.evict(link, geo, cfg, out);
