@@ -11,6 +11,7 @@ use rdmig_model::wire::{self, DigestAlg};
 use rdmig_model::*;
 
 use super::{wait, Clock, Wake};
+use crate::memory::digest_cache::DigestCache;
 use crate::memory::ram::{chunk_digests, RamBlock};
 use crate::report::{PhaseReport, Report, RoundReport, Status};
 use crate::transport::{SourceLink, SrcEvent, WriteReq};
@@ -118,6 +119,10 @@ struct Driver<'a, L: SourceLink> {
     timeline: Vec<PhaseReport>,
     /// Background work under way, for the timeline.
     background_phase: Option<(PhaseReport, Instant)>,
+    /// Digests of source chunks computed ahead, beside the rounds, when digests are
+    /// negotiated and work may run in the background; and the fill under way.
+    digests: Option<Arc<DigestCache>>,
+    fill: Option<std::thread::JoinHandle<usize>>,
     /// The scanner thread, when scans run in the background, and the scan under way.
     scanner: Option<Sender<bool>>,
     scan_phase: Option<(PhaseReport, Instant)>,
@@ -189,9 +194,39 @@ impl<L: SourceLink> Driver<'_, L> {
         }
     }
 
+    /// A dirty scan's result, before the machine sees it: with digests negotiated, the chunks
+    /// it reports forget their digests, and a background fill digests every chunk without one
+    /// from memory as it is now. After the final scan (the workload paused) only the final
+    /// round's chunks are left to digest, while that round travels (spec: SW-4).
+    fn dirty_seen(&mut self, scan: &DirtyScan, p: wire::Params) {
+        if p.digest == DigestAlg::None || self.run.background.is_none() {
+            return;
+        }
+        let blocks = self.run.blocks.clone();
+        let cache = self
+            .digests
+            .get_or_insert_with(|| Arc::new(DigestCache::new(&blocks, p.chunk_log2)))
+            .clone();
+        for (b, dirty) in scan.dirty.iter().enumerate() {
+            let mut page = 0;
+            while let Some(first) = dirty.next_set(page) {
+                let end = dirty.next_clear(first);
+                cache.invalidate_pages(b, first, end - first, blocks[b].page_log2());
+                page = end;
+            }
+        }
+        if self.fill.as_ref().is_none_or(|f| f.is_finished()) {
+            if let Some(f) = self.fill.take() {
+                let _ = f.join();
+            }
+            // One thread: the rounds' transfers keep the other cores.
+            self.fill = Some(std::thread::spawn(move || cache.fill(&blocks, 1)));
+        }
+    }
+
     /// The source memory's chunk digests: on a thread of their own when the driver has a
     /// channel for background work (the final round's writes keep flowing meanwhile), else
-    /// inline.
+    /// inline. Chunks digested ahead (see `dirty_seen`) are not digested again.
     fn digests(&mut self) {
         let Some(tx) = self.run.background.clone() else {
             let d = self.timed("digests of source memory".into(), |d| {
@@ -200,6 +235,8 @@ impl<L: SourceLink> Driver<'_, L> {
             return self.pending.push_back(SrcInput::Digests(d));
         };
         let (blocks, log2, threads) = (self.run.blocks.clone(), self.chunk_log2, self.run.threads);
+        let ahead = self.digests.clone().filter(|c| c.chunk_log2() == log2);
+        let fill = self.fill.take();
         let start = self.clock.now();
         let t = Instant::now();
         let phase = PhaseReport {
@@ -210,7 +247,21 @@ impl<L: SourceLink> Driver<'_, L> {
         };
         self.background_phase = Some((phase, t));
         std::thread::spawn(move || {
-            let _ = tx.send(SrcEvent::Digests(chunk_digests(&blocks, log2, threads)));
+            let d = match ahead {
+                Some(cache) => {
+                    if let Some(f) = fill {
+                        let _ = f.join();
+                    }
+                    let (d, computed) = cache.digests(&blocks, threads);
+                    tracing::info!(
+                        "source digests: {computed} of {} chunks left after the pause",
+                        d.len()
+                    );
+                    d
+                }
+                None => chunk_digests(&blocks, log2, threads),
+            };
+            let _ = tx.send(SrcEvent::Digests(d));
         });
     }
 
@@ -329,6 +380,8 @@ pub fn run_source(link: impl SourceLink, rx: Receiver<SrcEvent>, mut run: Source
         background_phase: None,
         scanner,
         scan_phase: None,
+        digests: None,
+        fill: None,
         scans: 0,
         paused: false,
     };
@@ -355,6 +408,9 @@ pub fn run_source(link: impl SourceLink, rx: Receiver<SrcEvent>, mut run: Source
                 Wake::Gone => SrcInput::TransportFailed,
             },
         };
+        if let SrcInput::Dirty(scan) = &input {
+            d.dirty_seen(scan, src.params());
+        }
         src.handle(clock.now(), input, &mut out);
         d.chunk_log2 = src.params().chunk_log2;
         for c in std::mem::take(&mut out.cmds) {

@@ -112,6 +112,60 @@ impl DigestCache {
         }
     }
 
+    /// Pages `[first, first+count)` of `block` may have changed (a dirty scan said so): their
+    /// chunks forget their digests.
+    pub fn invalidate_pages(&self, block: usize, first: u64, count: u64, page_log2: u8) {
+        let t = self.begin(block, first << page_log2, count << page_log2);
+        drop(t);
+    }
+
+    /// Digests every chunk that has none yet, from memory as it is now, with `threads`
+    /// threads; a chunk invalidated while its digest was computed stays without one. Returns
+    /// how many digests it stored.
+    pub fn fill(&self, blocks: &[Arc<RamBlock>], threads: usize) -> usize {
+        let todo: Vec<(usize, usize, u64)> = self
+            .chunks()
+            .filter_map(|(b, c)| {
+                let s = self.slots[c].lock().unwrap();
+                s.digest.is_none().then_some((b, c, s.generation))
+            })
+            .collect();
+        let stored = std::sync::atomic::AtomicUsize::new(0);
+        let per = todo.len().div_ceil(threads.clamp(1, 64)).max(1);
+        std::thread::scope(|sc| {
+            for part in todo.chunks(per) {
+                let stored = &stored;
+                sc.spawn(move || {
+                    for &(b, c, generation) in part {
+                        let (off, len) = self.span(b, c);
+                        let d = blocks[b].digest(off, len);
+                        let mut s = self.slots[c].lock().unwrap();
+                        if s.generation == generation {
+                            s.digest = Some(d);
+                            stored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        stored.into_inner()
+    }
+
+    /// Every chunk as (block, global index).
+    fn chunks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.first_chunk
+            .iter()
+            .enumerate()
+            .flat_map(move |(b, &first)| {
+                let end = self
+                    .first_chunk
+                    .get(b + 1)
+                    .copied()
+                    .unwrap_or(self.slots.len());
+                (first..end).map(move |c| (b, c))
+            })
+    }
+
     /// The chunk digests of `blocks` (the blocks this cache was made for), computing those not
     /// known with `threads` threads.
     pub fn digests(&self, blocks: &[Arc<RamBlock>], threads: usize) -> (Vec<u64>, usize) {
@@ -120,15 +174,8 @@ impl DigestCache {
             .iter()
             .map(|s| s.lock().unwrap().digest)
             .collect();
-        let mut todo: Vec<(usize, usize)> = Vec::new();
-        for (b, &first) in self.first_chunk.iter().enumerate() {
-            let end = self
-                .first_chunk
-                .get(b + 1)
-                .copied()
-                .unwrap_or(self.slots.len());
-            todo.extend((first..end).filter(|&c| known[c].is_none()).map(|c| (b, c)));
-        }
+        let todo: Vec<(usize, usize)> =
+            self.chunks().filter(|&(_, c)| known[c].is_none()).collect();
         let computed = todo.len();
         let mut fresh = vec![0u64; todo.len()];
         let per = todo.len().div_ceil(threads.clamp(1, 64)).max(1);
@@ -182,6 +229,24 @@ mod tests {
         assert_eq!(d, chunk_digests(&bs, 16, 2));
         // Known: chunk 1, the short chunk 5, both of block b. Computed: 0, 2, 3, 4.
         assert_eq!(computed, 4);
+    }
+
+    /// The source's use: digests filled from memory, then invalidated by a dirty scan's
+    /// pages; what remains known is still the memory's digest.
+    #[test]
+    fn sw_4_filled_digests_survive_only_until_their_pages_are_dirty() {
+        let bs = blocks();
+        let cache = DigestCache::new(&bs, 16);
+        bs[0].write(0, &vec![5u8; 3 << 16]);
+        assert_eq!(cache.fill(&bs, 2), 8);
+        // The workload writes chunk 1 and 7 (block b's second); the next scan reports them.
+        bs[0].write(1 << 16, &[6u8; 4096]);
+        bs[1].write(1 << 16, &[7u8; 4096]);
+        cache.invalidate_pages(0, 16, 1, 12);
+        cache.invalidate_pages(1, 16, 1, 12);
+        let (d, computed) = cache.digests(&bs, 2);
+        assert_eq!(d, chunk_digests(&bs, 16, 2));
+        assert_eq!(computed, 2);
     }
 
     /// A write that began while another was landing on the same chunk voids the other's
