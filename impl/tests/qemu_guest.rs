@@ -750,6 +750,19 @@ fn qemu_migrate(a: &Assets, rate: u64, multifd: bool) -> Row {
     }
 }
 
+/// Pages that differ between two RAM files: a count and the first few page numbers.
+fn page_diff(a: &Path, b: &Path) -> String {
+    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    let diff: Vec<usize> = x
+        .chunks(4096)
+        .zip(y.chunks(4096))
+        .enumerate()
+        .filter(|(_, (p, q))| p != q)
+        .map(|(i, _)| i)
+        .collect();
+    format!("{} pages differ, first {:?}", diff.len(), &diff[..diff.len().min(20)])
+}
+
 /// `make qemu-bench`: rdmig with 2 channels (with and without `--verify`) next to QEMU's own
 /// multifd migration with 2 channels, at 0, 50 and 200 MB/s, `RDMIG_QEMU_BENCH_RUNS` times each
 /// (default 3), interleaved so that a noisy moment hits every tool alike. Every row goes to
@@ -762,7 +775,8 @@ fn bench_rdmig_2ch_against_qemu_multifd_2ch() {
     let runs = env_mb("RDMIG_QEMU_BENCH_RUNS", 3);
     for run in 0..runs {
         for rate in RATES {
-            for verify in [false, true] {
+            let verify_too = std::env::var("RDMIG_QEMU_BENCH_RDMIG_ONLY").is_err();
+            for verify in [false, true].into_iter().filter(|&v| !v || verify_too) {
                 let s = Scratch::new(&format!("bench-{rate}-{verify}-{run}"));
                 let mut extra = vec!["--channels", "2"];
                 if verify {
@@ -787,7 +801,13 @@ fn bench_rdmig_2ch_against_qemu_multifd_2ch() {
                     phases: sr["phases"].clone(),
                 };
                 record(&row);
+                if row.survived.is_err() {
+                    eprintln!("DIFF {}", page_diff(&s.ram("src.ram"), &s.ram("dst.ram")));
+                }
                 assert!(row.survived.is_ok(), "{:?}", row.survived);
+            }
+            if std::env::var("RDMIG_QEMU_BENCH_RDMIG_ONLY").is_ok() {
+                continue;
             }
             let q = qemu_migrate(&a, rate, true);
             record(&q);

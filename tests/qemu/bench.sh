@@ -15,7 +15,7 @@ export RDMIG_QEMU_FILL_MB=${RDMIG_QEMU_FILL_MB:-768}
 rm -f "$RDMIG_QEMU_RESULTS"
 cd "$ROOT"
 cargo test --release -q -p rdmig --test qemu_guest -- --ignored --test-threads=1 --nocapture \
-	bench_rdmig_2ch_against_qemu_multifd_2ch 2>&1 | grep -E '^(ROW|test |thread)' || true
+	bench_rdmig_2ch_against_qemu_multifd_2ch 2>&1 | grep -E '^(ROW|DIFF|test |thread)' || true
 python3 - "$RDMIG_QEMU_RESULTS" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
