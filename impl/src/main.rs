@@ -78,7 +78,7 @@ fn main() -> ExitCode {
         Cmd::Demo(a) => rdmig::tools::demo::demo(a.size, a.dirty_rate, a.channels, a.dir),
         Cmd::Bench(a) => match a.sink_port {
             Some(p) => rdmig::tools::bench::raw_sink(p),
-            None => rdmig::tools::bench::bench(a.size, a.dir, a.json),
+            None => rdmig::tools::bench::bench(a.size, a.dir, a.json, a.busy),
         },
         Cmd::Devices => cmd::devices(),
         Cmd::Guard(a) => cmd::guard(a),

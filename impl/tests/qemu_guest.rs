@@ -760,7 +760,11 @@ fn page_diff(a: &Path, b: &Path) -> String {
         .filter(|(_, (p, q))| p != q)
         .map(|(i, _)| i)
         .collect();
-    format!("{} pages differ, first {:?}", diff.len(), &diff[..diff.len().min(20)])
+    format!(
+        "{} pages differ, first {:?}",
+        diff.len(),
+        &diff[..diff.len().min(20)]
+    )
 }
 
 /// `make qemu-bench`: rdmig with 2 channels (with and without `--verify`) next to QEMU's own

@@ -120,6 +120,9 @@ pub struct GuestConfig {
     /// The destination's memory was pre-faulted (e.g. -mem-prealloc), so pinning it and
     /// receiving into it costs no first-touch faults.
     pub dst_pretouched: bool,
+    /// The dirty log is content hashing (`rdmig send --dirty-log scan`): every scan reads all
+    /// of memory. Otherwise a bitmap or soft-dirty log, whose scans cost little.
+    pub hash_scan: bool,
 }
 
 impl GuestConfig {
@@ -138,6 +141,7 @@ impl GuestConfig {
             start_ns: 200_000,
             capture_ns: 1_000_000,
             dst_pretouched: false,
+            hash_scan: false,
         }
     }
 

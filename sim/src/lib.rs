@@ -18,6 +18,7 @@ pub mod profile;
 pub mod report;
 pub mod trace;
 pub mod units;
+pub mod validate;
 pub mod world;
 
 /// The one generator of every test world (checker, pair, simulator): `rdmig_check::rng`.

@@ -128,6 +128,22 @@ enum Cmd {
     },
     /// List the transport profiles and their parameters.
     Profiles,
+    /// Predicted against measured: real runs (`make qemu-bench`'s results.jsonl) simulated on
+    /// a loopback profile calibrated from `rdmig bench --json`.
+    Validate {
+        /// `rdmig bench --json` output, measured with the runs' guest load (`--busy N`).
+        #[arg(long)]
+        bench: PathBuf,
+        /// `make qemu-bench`'s results (target/qemu-cache/results.jsonl).
+        #[arg(long)]
+        results: PathBuf,
+        /// The VMM's pause and device-state save, ms (QEMU 10, TCG: about 4).
+        #[arg(long, default_value_t = 4.0)]
+        pause_ms: f64,
+        /// The VMM's state load and start, ms (QEMU 10, TCG: about 8).
+        #[arg(long, default_value_t = 8.0)]
+        start_ms: f64,
+    },
 }
 
 /// The workload and protocol knobs shared by every command.
@@ -211,6 +227,15 @@ struct Workload {
     /// No pre-shared key (both sides insecure).
     #[arg(long)]
     insecure: bool,
+    /// The dirty log hashes all memory at every scan (`rdmig send --dirty-log scan`).
+    #[arg(long)]
+    hash_scan: bool,
+    /// Time to pause the workload and save its device state (a QEMU `stop` and state save).
+    #[arg(long, default_value_t = 0.2)]
+    pause_ms: f64,
+    /// Time to load the device state and start the workload at the destination.
+    #[arg(long, default_value_t = 0.2)]
+    start_ms: f64,
 }
 
 fn log2_of(bytes: u64, what: &str) -> Result<u8, String> {
@@ -256,6 +281,18 @@ impl Workload {
         g.device_state_bytes = u32::try_from(parse_size(&self.device_state)?)
             .map_err(|_| "--device-state too large".to_string())?;
         g.dst_pretouched = self.pretouched;
+        g.hash_scan = self.hash_scan;
+        let ms = |x: f64, what: &str| -> Result<u64, String> {
+            if x.is_finite() && x >= 0.0 {
+                Ok((x * 1e6).round() as u64)
+            } else {
+                Err(format!(
+                    "{what} must be a non-negative number of milliseconds"
+                ))
+            }
+        };
+        g.pause_ns = ms(self.pause_ms, "--pause-ms")?;
+        g.start_ns = ms(self.start_ms, "--start-ms")?;
         let mut c = SimConfig::new(seed, self.profile(profile)?, g);
         let m = &mut c.migration;
         m.chunk_log2 = log2_of(parse_size(&self.chunk)?, "--chunk")?;
@@ -302,7 +339,9 @@ impl Workload {
         if let Some(p) = &self.pin_budget {
             a += &format!(" --pin-budget {p}");
         }
+        a += &format!(" --pause-ms {} --start-ms {}", self.pause_ms, self.start_ms);
         for (on, flag) in [
+            (self.hash_scan, "--hash-scan"),
             (self.pretouched, "--pretouched"),
             (self.abort_on_limit, "--abort-on-limit"),
             (self.no_zero_elision, "--no-zero-elision"),
@@ -404,6 +443,12 @@ fn real_main() -> Result<ExitCode, String> {
             print_profiles();
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Validate {
+            bench,
+            results,
+            pause_ms,
+            start_ms,
+        } => cmd_validate(&bench, &results, pause_ms, start_ms),
     }
 }
 
@@ -713,4 +758,36 @@ fn print_profiles() {
         println!("{n}:");
         print!("{}", p.describe());
     }
+}
+
+/// Prints the simulator's predictions next to the measured runs.
+fn cmd_validate(
+    bench: &Path,
+    results: &Path,
+    pause_ms: f64,
+    start_ms: f64,
+) -> Result<ExitCode, String> {
+    use rdmig_sim::validate::{qemu_cases, table, Calibration};
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+    let b: serde_json::Value =
+        serde_json::from_str(&read(bench)?).map_err(|e| format!("{}: {e}", bench.display()))?;
+    let cal = Calibration::from_bench(&b, pause_ms, start_ms)?;
+    let cases = qemu_cases(&read(results)?)?;
+    if cases.is_empty() {
+        return Err(format!("{}: no completed rdmig runs", results.display()));
+    }
+    println!(
+        "calibration: data {:.2} GB/s (2 channels), hash scan {:.1} GB/s, {} busy cores; VMM pause {pause_ms} ms, start {start_ms} ms",
+        cal.data_gb_s,
+        cal.scan_gb_s,
+        b["busy_cores"].as_u64().unwrap_or(0)
+    );
+    let (t, worst_t, worst_d) = table(&cases, &cal)?;
+    print!("{t}");
+    println!(
+        "largest error: total {:.0} % (target 25 %), downtime {:.0} % (target 35 %)",
+        100.0 * worst_t,
+        100.0 * worst_d
+    );
+    Ok(ExitCode::SUCCESS)
 }

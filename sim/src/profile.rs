@@ -67,6 +67,9 @@ pub struct Profile {
     pub zero_check_s_per_gb: f64,
     /// xxh3 over memory for end-of-migration digests (memory-bandwidth bound).
     pub digest_s_per_gb: f64,
+    /// The `scan` dirty log: hashing all of memory once per scan (every page, every round),
+    /// with the source's scan threads. `rdmig bench` measures it on a host.
+    pub scan_s_per_gb: f64,
     /// Destination memset for ZERO ranges.
     pub zero_fill_s_per_gb: f64,
 }
@@ -108,6 +111,7 @@ impl Profile {
             frame_cpu_ns: 1_000,
             zero_check_s_per_gb: 0.063,
             digest_s_per_gb: 0.1,
+            scan_s_per_gb: 0.06,
             zero_fill_s_per_gb: 0.1,
         }
     }
@@ -142,6 +146,7 @@ impl Profile {
             frame_cpu_ns: 3_000,
             zero_check_s_per_gb: 0.063,
             digest_s_per_gb: 0.1,
+            scan_s_per_gb: 0.06,
             zero_fill_s_per_gb: 0.1,
         }
     }
@@ -201,6 +206,7 @@ impl Profile {
             "frame_cpu_ns" => self.frame_cpu_ns = u(value)?,
             "zero_check_s_per_gb" => self.zero_check_s_per_gb = f(value)?,
             "digest_s_per_gb" => self.digest_s_per_gb = f(value)?,
+            "scan_s_per_gb" => self.scan_s_per_gb = f(value)?,
             "zero_fill_s_per_gb" => self.zero_fill_s_per_gb = f(value)?,
             _ => return Err(format!("unknown profile parameter {key:?}")),
         }
@@ -260,6 +266,7 @@ impl Profile {
             frame_ns: self.frame_cpu_ns,
             zero_check_fs_per_byte: fs(self.zero_check_s_per_gb),
             digest_fs_per_byte: fs(self.digest_s_per_gb),
+            scan_fs_per_byte: fs(self.scan_s_per_gb),
             zero_fill_fs_per_byte: fs(self.zero_fill_s_per_gb),
         }
     }
@@ -288,6 +295,7 @@ pub struct Costs {
     pub zero_check_fs_per_byte: u64,
     pub digest_fs_per_byte: u64,
     pub zero_fill_fs_per_byte: u64,
+    pub scan_fs_per_byte: u64,
 }
 
 /// Nanoseconds for `bytes` at `fs_per_byte`, rounded up so no transfer is free.

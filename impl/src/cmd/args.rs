@@ -217,6 +217,10 @@ pub struct BenchArgs {
     /// Print the figures as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Keep this many cores busy while measuring, as a guest's running vCPUs do during a
+    /// live migration (for calibrating the simulator to such runs).
+    #[arg(long, default_value_t = 0)]
+    pub busy: usize,
     /// Internal: run as the receiving half of the raw stream measurement.
     #[arg(long, hide = true)]
     pub sink_port: Option<u16>,

@@ -318,16 +318,34 @@ fn measure(d: &Path, size: u64) -> Result<Figures, String> {
     })
 }
 
-/// Side-by-side data-path figures; `--json` prints them as one object.
-pub fn bench(size: u64, dir: Option<PathBuf>, json: bool) -> Result<ExitCode, String> {
+/// Side-by-side data-path figures; `--json` prints them as one object. With `busy`, that many
+/// threads spin for the whole measurement.
+pub fn bench(size: u64, dir: Option<PathBuf>, json: bool, busy: usize) -> Result<ExitCode, String> {
     let d = work_dir(dir, "bench")?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spinners: Vec<_> = (0..busy)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            })
+        })
+        .collect();
     let result = measure(&d, size);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in spinners {
+        let _ = s.join();
+    }
     let _ = std::fs::remove_dir_all(&d);
     let f = result?;
     let (r1, r2) = (f.rdmig[0] / f.one, f.rdmig[1] / f.two);
     if json {
         let v = json!({
             "bytes": size,
+            "busy_cores": busy,
             "reference": f.reference,
             "iperf3_1_gb_s": f.one,
             "iperf3_2_gb_s": f.two,

@@ -133,7 +133,11 @@ impl Sim {
                 // Zero pages are compared in full; a non-zero page differs within its first
                 // cache lines (counted as 256 bytes).
                 let compared = (zero << page_log2) + (dirty - zero) * 256;
-                let t = 50_000 + ns(compared, self.costs.zero_check_fs_per_byte);
+                let mut t = 50_000 + ns(compared, self.costs.zero_check_fs_per_byte);
+                if self.cfg.guest.hash_scan {
+                    // Content hashing reads every page, whatever changed.
+                    t += ns(self.cfg.guest.ram_bytes, self.costs.scan_fs_per_byte);
+                }
                 self.stats.cpu[SRC].scan_ns += t;
                 self.trace.rec(self.now, Tag::Scan, all as u64, dirty);
                 self.push(self.now + t, Ev::Src(Box::new(SrcInput::Dirty(scan))));

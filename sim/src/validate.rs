@@ -1,0 +1,154 @@
+//! `rdmig-sim validate`: the simulator's predictions next to real migrations.
+//!
+//! A profile for the host's loopback TCP is calibrated from `rdmig bench --json` (rdmig's own
+//! data rate with two channels, and its hash-scan rate), measured with as many cores kept busy
+//! as the real runs' guests keep busy (`rdmig bench --busy N`). Each real run, a row of
+//! `make qemu-bench`'s `results.jsonl` or an `rdmig send --json` report, becomes a simulated
+//! migration of the same size, zero fraction, dirty rate, channels, dirty log and
+//! verification; the table shows predicted against measured total time and downtime.
+
+use serde_json::Value;
+
+use crate::guest::{GuestConfig, Pattern};
+use crate::profile::Profile;
+use crate::{run, SimConfig};
+
+/// What the host measured, and the VMM's own costs.
+#[derive(Debug, Clone, Copy)]
+pub struct Calibration {
+    /// rdmig's data rate with two channels, GB/s.
+    pub data_gb_s: f64,
+    /// The hash scan's rate with the source's threads, GB/s.
+    pub scan_gb_s: f64,
+    /// Pause and device-state save, and load and start, in ms (QEMU: `stop` and the state
+    /// save; `migrate-incoming` and `cont`).
+    pub pause_ms: f64,
+    pub start_ms: f64,
+}
+
+impl Calibration {
+    pub fn from_bench(bench: &Value, pause_ms: f64, start_ms: f64) -> Result<Self, String> {
+        let f = |k: &str| {
+            bench[k]
+                .as_f64()
+                .filter(|x| *x > 0.0)
+                .ok_or_else(|| format!("the bench figures have no {k}"))
+        };
+        Ok(Calibration {
+            data_gb_s: f("rdmig_2ch_gb_s")?,
+            scan_gb_s: f("scan_2_threads_gb_s")?,
+            pause_ms,
+            start_ms,
+        })
+    }
+
+    /// The loopback profile: one link at rdmig's measured rate, the measured scan rate.
+    pub fn profile(&self) -> Profile {
+        let mut p = Profile::named("tcp-25g").expect("a built-in profile");
+        p.name = "loopback (calibrated)".into();
+        p.link_gbps = self.data_gb_s * 8.0;
+        p.latency_ns = 20_000;
+        p.cores_per_side = 2;
+        p.scan_s_per_gb = 1.0 / self.scan_gb_s;
+        p
+    }
+}
+
+/// One real migration to predict.
+#[derive(Debug, Clone)]
+pub struct Case {
+    pub name: String,
+    pub ram_bytes: u64,
+    pub zero_fraction: f64,
+    pub dirty_bytes_per_s: u64,
+    pub channels: u8,
+    pub verify: bool,
+    pub hash_scan: bool,
+    pub device_state_bytes: u32,
+    pub total_ms: f64,
+    pub downtime_ms: f64,
+}
+
+/// The rdmig rows of `make qemu-bench`'s results: a QEMU guest of `guest_mb` with `fill_mb`
+/// written by memcheck (the rest zero), `scan` dirty tracking.
+pub fn qemu_cases(jsonl: &str) -> Result<Vec<Case>, String> {
+    let mut v = Vec::new();
+    for (i, line) in jsonl
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let r: Value = serde_json::from_str(line).map_err(|e| format!("line {}: {e}", i + 1))?;
+        let tool = r["tool"].as_str().unwrap_or("");
+        if !tool.starts_with("rdmig") || r["survived"] != true {
+            continue;
+        }
+        let n = |k: &str| {
+            r[k].as_f64()
+                .ok_or_else(|| format!("line {}: no {k}", i + 1))
+        };
+        let (guest, fill) = (n("guest_mb")?, n("fill_mb")?);
+        v.push(Case {
+            name: format!("QEMU {guest} MiB, {} MB/s, {tool}", r["rate_mb_s"]),
+            ram_bytes: (guest as u64) << 20,
+            zero_fraction: ((guest - fill) / guest).clamp(0.0, 1.0),
+            dirty_bytes_per_s: (n("measured_dirty_mb_s")? * 1e6) as u64,
+            channels: if tool.contains("2ch") { 2 } else { 1 },
+            verify: tool.contains("--verify"),
+            hash_scan: true,
+            device_state_bytes: 320 << 10,
+            total_ms: n("total_ms")?,
+            downtime_ms: n("downtime_ms")?,
+        });
+    }
+    Ok(v)
+}
+
+/// Predicted total time and downtime of `c`, in ms.
+pub fn predict(c: &Case, cal: &Calibration, seed: u64) -> Result<(f64, f64), String> {
+    let mut g = GuestConfig::new(c.ram_bytes);
+    g.dirty_bytes_per_s = c.dirty_bytes_per_s;
+    g.pattern = Pattern::Uniform;
+    g.zero_ppm = (c.zero_fraction * 1e6).round() as u32;
+    g.device_state_bytes = c.device_state_bytes;
+    g.dst_pretouched = true;
+    g.hash_scan = c.hash_scan;
+    g.pause_ns = (cal.pause_ms * 1e6) as u64;
+    g.start_ns = (cal.start_ms * 1e6) as u64;
+    let mut cfg = SimConfig::new(seed, cal.profile(), g);
+    cfg.migration.channels = Some(c.channels);
+    cfg.migration.verify_digests = c.verify;
+    cfg.migration.downtime_limit_ms = 300;
+    cfg.validate()?;
+    let r = run(cfg)?;
+    let rep = &r.report;
+    Ok((rep.total_ms, rep.downtime_ms.unwrap_or(f64::NAN)))
+}
+
+/// The side-by-side table, in Markdown, and the largest errors (total, downtime) as fractions.
+pub fn table(cases: &[Case], cal: &Calibration) -> Result<(String, f64, f64), String> {
+    let mut s = String::from(
+        "| run | measured total / downtime (ms) | predicted total / downtime (ms) | error total | error downtime |\n|---|---|---|---|---|\n",
+    );
+    let (mut worst_t, mut worst_d) = (0f64, 0f64);
+    for c in cases {
+        let (t, d) = predict(c, cal, 1)?;
+        let (et, ed) = (
+            (t - c.total_ms) / c.total_ms,
+            (d - c.downtime_ms) / c.downtime_ms,
+        );
+        worst_t = worst_t.max(et.abs());
+        worst_d = worst_d.max(ed.abs());
+        s += &format!(
+            "| {} | {:.0} / {:.0} | {:.0} / {:.0} | {:+.0} % | {:+.0} % |\n",
+            c.name,
+            c.total_ms,
+            c.downtime_ms,
+            t,
+            d,
+            100.0 * et,
+            100.0 * ed
+        );
+    }
+    Ok((s, worst_t, worst_d))
+}
