@@ -112,7 +112,12 @@ pub enum RegMode {
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub enum DigestAlg {
     None = 0,
+    /// xxh3-64 of each chunk's bytes.
     Xxh3_64 = 1,
+    /// xxh3-64 of each chunk's pages' xxh3-64 hashes (little-endian, in page order): equal
+    /// bytes give equal digests as with `Xxh3_64`, and a side that keeps page hashes current
+    /// digests only the pages written since (spec: SW-4).
+    Xxh3PageTree = 2,
 }
 
 /// Authentication mode (spec: AUTH-1).
@@ -886,6 +891,7 @@ fn get_params(r: &mut Reader) -> Result<Params, WireError> {
     let digest = match r.u8()? {
         0 => DigestAlg::None,
         1 => DigestAlg::Xxh3_64,
+        2 => DigestAlg::Xxh3PageTree,
         v => {
             return Err(WireError::OutOfRange {
                 field: "digest",

@@ -404,16 +404,29 @@ fn run_length(rng: &mut Rng, zero: bool, z_ppm: u64, mean: u64) -> u64 {
 
 /// xxh3 digests of every chunk of `mem` (blocks in the given order), computed over the
 /// little-endian bytes of the page versions: what `ComputeDigests` answers.
-pub fn digests(mem: &[Vec<u32>], page_log2: u8, chunk_log2: u8, scratch: &mut Vec<u8>) -> Vec<u64> {
+pub fn digests(
+    mem: &[Vec<u32>],
+    alg: rdmig_model::wire::DigestAlg,
+    page_log2: u8,
+    chunk_log2: u8,
+    scratch: &mut Vec<u8>,
+) -> Vec<u64> {
+    use rdmig_model::digest::{chunk_digest, tree_digest};
     let ppc = 1usize << (chunk_log2 - page_log2);
     let mut out = Vec::new();
     for b in mem {
         for c in b.chunks(ppc) {
+            if alg == rdmig_model::wire::DigestAlg::Xxh3PageTree {
+                // Each page stands for its version's 4 bytes.
+                let pages: Vec<u64> = c.iter().map(|v| chunk_digest(&v.to_le_bytes())).collect();
+                out.push(tree_digest(&pages));
+                continue;
+            }
             scratch.resize(c.len() * 4, 0);
             for (d, v) in scratch.chunks_exact_mut(4).zip(c) {
                 d.copy_from_slice(&v.to_le_bytes());
             }
-            out.push(rdmig_model::digest::chunk_digest(&scratch[..c.len() * 4]));
+            out.push(chunk_digest(&scratch[..c.len() * 4]));
         }
     }
     out

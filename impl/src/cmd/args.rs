@@ -131,6 +131,11 @@ pub struct SendArgs {
     /// Verify every chunk with a digest before commit.
     #[arg(long)]
     pub verify: bool,
+    /// The digest --verify uses: page-tree (xxh3-64 of the pages' xxh3-64 hashes, kept
+    /// current as pages are scanned and land, so verifying costs little) or bytes (xxh3-64 of
+    /// each chunk's bytes).
+    #[arg(long, default_value = "page-tree", value_parser = ["page-tree", "bytes"])]
+    pub digest: String,
     /// Dirty tracking: none, bitmap:PATH, soft-dirty:PID, scan, or auto (soft-dirty on the
     /// --pid or QEMU process where the kernel supports it, else scan). Default: auto with
     /// --qemu-qmp or --pid, none otherwise.

@@ -123,10 +123,10 @@ fn config(a: &SendArgs, blocks: &Blocks, key: Option<Vec<u8>>) -> Result<SourceC
     } else {
         RegMode::Dynamic
     };
-    cfg.params.digest = if a.verify {
-        DigestAlg::Xxh3_64
-    } else {
-        DigestAlg::None
+    cfg.params.digest = match (a.verify, a.digest.as_str()) {
+        (false, _) => DigestAlg::None,
+        (true, "bytes") => DigestAlg::Xxh3_64,
+        (true, _) => DigestAlg::Xxh3PageTree,
     };
     if a.no_zero_elision {
         cfg.params.flags &= !wire::flag::ZERO_ELISION;
@@ -174,7 +174,13 @@ pub fn send(a: SendArgs) -> Result<ExitCode, String> {
             "none".into()
         }
     });
-    let mut tracker = super::open_dirty_log(&dirty_log, writer_pid, &blocks, a.common.threads)?;
+    let tracker = std::sync::Arc::new(std::sync::Mutex::new(super::open_dirty_log(
+        &dirty_log,
+        writer_pid,
+        &blocks,
+        a.common.threads,
+    )?));
+    let hashes_of = tracker.clone();
     let (workload, resume) = workload(&a, &qemu)?;
     let guard = resume.map(|r| spawn_guard(&r)).transpose()?;
     let progress = progress_bar(a.common.json);
@@ -187,7 +193,14 @@ pub fn send(a: SendArgs) -> Result<ExitCode, String> {
     let run = SourceRun {
         cfg,
         blocks,
-        scan: Box::new(move |all| tracker.scan(all).map_err(|e| e.to_string())),
+        scan: Box::new(move |all| {
+            tracker
+                .lock()
+                .expect("not poisoned")
+                .scan(all)
+                .map_err(|e| e.to_string())
+        }),
+        page_hashes: Box::new(move || hashes_of.lock().expect("not poisoned").page_hashes()),
         workload,
         guard,
         state_in: a.state_in.clone(),

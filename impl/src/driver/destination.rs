@@ -12,8 +12,8 @@ use rdmig_model::wire::{self, DataHello, DigestAlg};
 use rdmig_model::*;
 
 use super::{wait, Clock, Wake};
-use crate::memory::digest_cache::DigestCache;
-use crate::memory::ram::{chunk_digests, RamBlock};
+use crate::memory::digest_cache::{all_digests, DigestCache};
+use crate::memory::ram::RamBlock;
 use crate::report::{PhaseReport, Report, Status};
 use crate::transport::{DestLink, DstEvent};
 use crate::vmm::control::{DestWorkload, StateSink};
@@ -89,7 +89,7 @@ impl<L: DestLink> Driver<L> {
         if self.digests.is_some() || p.digest == DigestAlg::None {
             return;
         }
-        let c = Arc::new(DigestCache::new(&self.run.blocks, p.chunk_log2));
+        let c = Arc::new(DigestCache::new(&self.run.blocks, p.digest, p.chunk_log2));
         self.link.set_digest_cache(c.clone());
         self.digests = Some(c);
     }
@@ -189,8 +189,9 @@ impl<L: DestLink> Driver<L> {
             DstCommand::StoreDeviceState { offset, data } => self.run.state.store(offset, &data),
             DstCommand::ComputeDigests => {
                 let log2 = self.params.map_or(20, |p| p.chunk_log2);
+                let alg = self.params.map_or(DigestAlg::Xxh3_64, |p| p.digest);
                 let d = self.timed("digests of received memory", |d| match &d.digests {
-                    Some(c) if c.chunk_log2() == log2 => {
+                    Some(c) if c.chunk_log2() == log2 && c.alg() == alg => {
                         let (v, computed) = c.digests(&d.run.blocks, d.run.threads);
                         tracing::info!(
                             "digests: {computed} of {} chunks computed, the rest kept as data landed",
@@ -198,7 +199,7 @@ impl<L: DestLink> Driver<L> {
                         );
                         v
                     }
-                    _ => chunk_digests(&d.run.blocks, log2, d.run.threads),
+                    _ => all_digests(&d.run.blocks, alg, log2, d.run.threads),
                 });
                 self.local(DstInput::Digests(d));
             }

@@ -11,8 +11,8 @@ use rdmig_model::wire::{self, DigestAlg};
 use rdmig_model::*;
 
 use super::{wait, Clock, Wake};
-use crate::memory::digest_cache::DigestCache;
-use crate::memory::ram::{chunk_digests, RamBlock};
+use crate::memory::digest_cache::all_digests;
+use crate::memory::ram::RamBlock;
 use crate::report::{PhaseReport, Report, RoundReport, Status};
 use crate::transport::{SourceLink, SrcEvent, WriteReq};
 use crate::vmm::control::SourceWorkload;
@@ -20,6 +20,9 @@ use crate::vmm::guard::Guard;
 
 /// Fetch-and-clear of the dirty log; `true` asks for every page.
 pub type ScanFn = Box<dyn FnMut(bool) -> Result<DirtyScan, String> + Send>;
+/// The dirty log's page hashes as of its last scan, per block, if it keeps any (the `scan`
+/// log does).
+pub type PageHashesFn = Box<dyn FnMut() -> Option<Vec<Vec<u64>>> + Send>;
 
 /// Progress shown on a terminal while the source runs.
 pub trait Progress {
@@ -39,6 +42,7 @@ pub struct SourceRun {
     pub cfg: SourceConfig,
     pub blocks: Arc<Vec<Arc<RamBlock>>>,
     pub scan: ScanFn,
+    pub page_hashes: PageHashesFn,
     pub workload: SourceWorkload,
     /// Resumes the workload should this process die while it is paused (spec: SW-6).
     pub guard: Option<Guard>,
@@ -88,19 +92,57 @@ fn scanned(r: Result<DirtyScan, String>) -> SrcInput {
     }
 }
 
+/// What the scanner thread is asked for.
+enum ScanReq {
+    Scan(bool),
+    /// The chunk digests of source memory as the last scan saw it (after the final scan, the
+    /// workload paused: memory as it is).
+    Digests {
+        alg: DigestAlg,
+        chunk_log2: u8,
+        threads: usize,
+    },
+}
+
 /// Runs the dirty log's scans on a thread of its own, so that a scan the machine asks for
 /// while a round's writes travel (spec: RND-3) overlaps them; results come back as
-/// `SrcEvent::Scanned`.
-fn scanner(mut scan: ScanFn, events: Sender<SrcEvent>) -> Sender<bool> {
-    let (tx, rx) = std::sync::mpsc::channel::<bool>();
+/// `SrcEvent::Scanned` and `SrcEvent::Digests`.
+fn scanner(
+    mut scan: ScanFn,
+    mut hashes: PageHashesFn,
+    blocks: Arc<Vec<Arc<RamBlock>>>,
+    events: Sender<SrcEvent>,
+) -> Sender<ScanReq> {
+    let (tx, rx) = std::sync::mpsc::channel::<ScanReq>();
     std::thread::spawn(move || {
-        for all in rx {
-            if events.send(SrcEvent::Scanned(scan(all))).is_err() {
+        for req in rx {
+            let e = match req {
+                ScanReq::Scan(all) => SrcEvent::Scanned(scan(all)),
+                ScanReq::Digests {
+                    alg,
+                    chunk_log2,
+                    threads,
+                } => SrcEvent::Digests(match (alg, hashes()) {
+                    (DigestAlg::Xxh3PageTree, Some(h)) => tree_digests(&blocks, &h, chunk_log2),
+                    _ => all_digests(&blocks, alg, chunk_log2, threads),
+                }),
+            };
+            if events.send(e).is_err() {
                 return;
             }
         }
     });
     tx
+}
+
+/// Page-tree chunk digests from per-block page hashes (spec: SW-4).
+fn tree_digests(blocks: &[Arc<RamBlock>], hashes: &[Vec<u64>], chunk_log2: u8) -> Vec<u64> {
+    let mut v = Vec::new();
+    for (b, h) in blocks.iter().zip(hashes) {
+        let per = 1usize << (chunk_log2 - b.page_log2().min(chunk_log2));
+        v.extend(h.chunks(per).map(rdmig_model::digest::tree_digest));
+    }
+    v
 }
 
 /// The driver's own state around the machine.
@@ -119,12 +161,10 @@ struct Driver<'a, L: SourceLink> {
     timeline: Vec<PhaseReport>,
     /// Background work under way, for the timeline.
     background_phase: Option<(PhaseReport, Instant)>,
-    /// Digests of source chunks computed ahead, beside the rounds, when digests are
-    /// negotiated and work may run in the background; and the fill under way.
-    digests: Option<Arc<DigestCache>>,
-    fill: Option<std::thread::JoinHandle<usize>>,
+    /// The negotiated digest algorithm.
+    digest_alg: DigestAlg,
     /// The scanner thread, when scans run in the background, and the scan under way.
-    scanner: Option<Sender<bool>>,
+    scanner: Option<Sender<ScanReq>>,
     scan_phase: Option<(PhaseReport, Instant)>,
     /// Dirty scans run so far, to name them.
     scans: u32,
@@ -194,75 +234,48 @@ impl<L: SourceLink> Driver<'_, L> {
         }
     }
 
-    /// A dirty scan's result, before the machine sees it: with digests negotiated, the chunks
-    /// it reports forget their digests, and a background fill digests every chunk without one
-    /// from memory as it is now. After the final scan (the workload paused) only the final
-    /// round's chunks are left to digest, while that round travels (spec: SW-4).
-    fn dirty_seen(&mut self, scan: &DirtyScan, p: wire::Params) {
-        if p.digest == DigestAlg::None || self.run.background.is_none() {
-            return;
-        }
-        let blocks = self.run.blocks.clone();
-        let cache = self
-            .digests
-            .get_or_insert_with(|| Arc::new(DigestCache::new(&blocks, p.chunk_log2)))
-            .clone();
-        for (b, dirty) in scan.dirty.iter().enumerate() {
-            let mut page = 0;
-            while let Some(first) = dirty.next_set(page) {
-                let end = dirty.next_clear(first);
-                cache.invalidate_pages(b, first, end - first, blocks[b].page_log2());
-                page = end;
-            }
-        }
-        if self.fill.as_ref().is_none_or(|f| f.is_finished()) {
-            if let Some(f) = self.fill.take() {
-                let _ = f.join();
-            }
-            // One thread: the rounds' transfers keep the other cores.
-            self.fill = Some(std::thread::spawn(move || cache.fill(&blocks, 1)));
-        }
-    }
-
-    /// The source memory's chunk digests: on a thread of their own when the driver has a
-    /// channel for background work (the final round's writes keep flowing meanwhile), else
-    /// inline. Chunks digested ahead (see `dirty_seen`) are not digested again.
+    /// The source memory's chunk digests, beside the final round (memory is final once
+    /// paused and scanned, spec: SW-2). With the page tree and a dirty log that hashes pages
+    /// (`scan`), the scanner thread derives them from the final scan's page hashes without
+    /// reading memory again; otherwise they are computed from memory, on a thread of their own
+    /// when the driver has a channel for background work, else inline.
     fn digests(&mut self) {
+        let (alg, log2, threads) = (self.digest_alg, self.chunk_log2, self.run.threads);
+        let name = "digests of source memory (beside the final round)";
+        if let Some(tx) = &self.scanner {
+            if tx
+                .send(ScanReq::Digests {
+                    alg,
+                    chunk_log2: log2,
+                    threads,
+                })
+                .is_ok()
+            {
+                self.background_phase = Some((self.phase(name), Instant::now()));
+                return;
+            }
+        }
         let Some(tx) = self.run.background.clone() else {
-            let d = self.timed("digests of source memory".into(), |d| {
-                chunk_digests(&d.run.blocks, d.chunk_log2, d.run.threads)
+            let d = self.timed(name.into(), |d| {
+                all_digests(&d.run.blocks, alg, log2, threads)
             });
             return self.pending.push_back(SrcInput::Digests(d));
         };
-        let (blocks, log2, threads) = (self.run.blocks.clone(), self.chunk_log2, self.run.threads);
-        let ahead = self.digests.clone().filter(|c| c.chunk_log2() == log2);
-        let fill = self.fill.take();
-        let start = self.clock.now();
-        let t = Instant::now();
-        let phase = PhaseReport {
-            name: "digests of source memory (beside the final round)".into(),
-            start_ms: start,
+        let blocks = self.run.blocks.clone();
+        self.background_phase = Some((self.phase(name), Instant::now()));
+        std::thread::spawn(move || {
+            let _ = tx.send(SrcEvent::Digests(all_digests(&blocks, alg, log2, threads)));
+        });
+    }
+
+    /// A phase that starts now, its duration filled in when it ends.
+    fn phase(&self, name: &str) -> PhaseReport {
+        PhaseReport {
+            name: name.to_string(),
+            start_ms: self.clock.now(),
             duration_ms: 0,
             downtime: self.paused,
-        };
-        self.background_phase = Some((phase, t));
-        std::thread::spawn(move || {
-            let d = match ahead {
-                Some(cache) => {
-                    if let Some(f) = fill {
-                        let _ = f.join();
-                    }
-                    let (d, computed) = cache.digests(&blocks, threads);
-                    tracing::info!(
-                        "source digests: {computed} of {} chunks left after the pause",
-                        d.len()
-                    );
-                    d
-                }
-                None => chunk_digests(&blocks, log2, threads),
-            };
-            let _ = tx.send(SrcEvent::Digests(d));
-        });
+        }
     }
 
     fn scan(&mut self, all: bool) {
@@ -273,7 +286,7 @@ impl<L: SourceLink> Driver<'_, L> {
             (n, _) => format!("dirty scan {n}"),
         };
         if let Some(tx) = &self.scanner {
-            if tx.send(all).is_ok() {
+            if tx.send(ScanReq::Scan(all)).is_ok() {
                 let phase = PhaseReport {
                     name,
                     start_ms: self.clock.now(),
@@ -365,7 +378,8 @@ pub fn run_source(link: impl SourceLink, rx: Receiver<SrcEvent>, mut run: Source
             &mut run.scan,
             Box::new(|_| Err("the scanner thread owns the dirty log".to_string())),
         );
-        scanner(scan, events)
+        let hashes = std::mem::replace(&mut run.page_hashes, Box::new(|| None));
+        scanner(scan, hashes, run.blocks.clone(), events)
     });
     let mut d = Driver {
         link,
@@ -380,8 +394,7 @@ pub fn run_source(link: impl SourceLink, rx: Receiver<SrcEvent>, mut run: Source
         background_phase: None,
         scanner,
         scan_phase: None,
-        digests: None,
-        fill: None,
+        digest_alg: DigestAlg::None,
         scans: 0,
         paused: false,
     };
@@ -408,11 +421,9 @@ pub fn run_source(link: impl SourceLink, rx: Receiver<SrcEvent>, mut run: Source
                 Wake::Gone => SrcInput::TransportFailed,
             },
         };
-        if let SrcInput::Dirty(scan) = &input {
-            d.dirty_seen(scan, src.params());
-        }
         src.handle(clock.now(), input, &mut out);
         d.chunk_log2 = src.params().chunk_log2;
+        d.digest_alg = src.params().digest;
         for c in std::mem::take(&mut out.cmds) {
             d.exec(c);
         }

@@ -121,6 +121,12 @@ pub trait DirtyTracker: Send {
     fn scan(&mut self, all: bool) -> Result<DirtyScan, DirtyError>;
     /// One line for logs and reports.
     fn describe(&self) -> String;
+    /// The xxh3-64 hash of every page as the last scan read it, per block, if this log
+    /// hashes pages (spec: SW-4, `Xxh3PageTree`); after a scan of paused memory they are the
+    /// hashes of memory as it is.
+    fn page_hashes(&self) -> Option<Vec<Vec<u64>>> {
+        None
+    }
 }
 
 /// Opens the tracker `spec` names for `blocks` (in block-table order); large scans use up to
@@ -524,6 +530,23 @@ impl ScanTracker {
 impl DirtyTracker for ScanTracker {
     fn scan(&mut self, all: bool) -> Result<DirtyScan, DirtyError> {
         Ok(self.scan_now(all))
+    }
+    fn page_hashes(&self) -> Option<Vec<Vec<u64>>> {
+        if self.first {
+            return None; // nothing scanned yet
+        }
+        let s = &self.space;
+        Some(
+            (0..self.blocks.len())
+                .map(|b| {
+                    (0..s.pages[b])
+                        .map(|p| {
+                            self.hashes[(s.first[b] + (p / 64) as usize) * 64 + (p % 64) as usize]
+                        })
+                        .collect()
+                })
+                .collect(),
+        )
     }
     fn describe(&self) -> String {
         format!(

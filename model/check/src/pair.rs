@@ -10,11 +10,11 @@
 use std::collections::VecDeque;
 
 use rdmig_model::destination::{DestConfig, DestStats, Destination, DstCommand, DstInput};
-use rdmig_model::digest::digests;
+use rdmig_model::digest::digests_by;
 use rdmig_model::source::{Source, SourceConfig, SourceStats, SrcCommand, SrcInput, WriteCmd};
 use rdmig_model::table::{DstPhase, SrcPhase};
 use rdmig_model::types::*;
-use rdmig_model::wire::{self, BlockDesc, Frame, Message};
+use rdmig_model::wire::{self, BlockDesc, DigestAlg, Frame, Message};
 use rdmig_model::PageBitmap;
 
 use crate::env::{self, ByteMem, Nic};
@@ -97,6 +97,14 @@ pub struct Pair {
 }
 
 impl Pair {
+    /// Chunk digests `alg` of `mem`, each block with its own page size (spec: SW-4).
+    fn digests(&self, mem: &[Vec<u8>], alg: DigestAlg, chunk_log2: u8) -> Vec<u64> {
+        mem.iter()
+            .zip(&self.page_log2)
+            .flat_map(|(b, &pl)| digests_by(alg, std::slice::from_ref(b), pl, chunk_log2))
+            .collect()
+    }
+
     /// Builds a pair over `blocks`, filling the source memory with a pattern that includes
     /// zero pages. `device_state` is what the source workload hands over at switchover.
     pub fn new(
@@ -400,7 +408,8 @@ impl Pair {
                 .src_inputs
                 .push_back(SrcInput::DeviceState(self.device_state.clone())),
             SrcCommand::ComputeDigests => {
-                let d = digests(&self.src_mem, self.src.params().chunk_log2);
+                let p = self.src.params();
+                let d = self.digests(&self.src_mem, p.digest, p.chunk_log2);
                 self.src_inputs.push_back(SrcInput::Digests(d));
             }
             SrcCommand::Finish(_) => {}
@@ -439,8 +448,8 @@ impl Pair {
                 self.received_state.extend_from_slice(&data);
             }
             DstCommand::ComputeDigests => {
-                let log2 = self.dst.params().expect("negotiated").chunk_log2;
-                let d = digests(&self.dst_mem, log2);
+                let p = self.dst.params().expect("negotiated");
+                let d = self.digests(&self.dst_mem, p.digest, p.chunk_log2);
                 self.dst_inputs.push_back(DstInput::Digests(d));
             }
             DstCommand::StartWorkload => {

@@ -165,8 +165,11 @@ impl Sim {
         sent: u64,
     ) -> u64 {
         let c = &self.costs;
-        let recv_cpu =
-            self.core_share(ns(len, c.recv_fs_per_byte)) + ns(untouched, c.touch_fs_per_byte);
+        // A TCP destination verifying with the page tree hashes pages as they land.
+        let hashing =
+            !c.rdma && self.src.params().digest == rdmig_model::wire::DigestAlg::Xxh3PageTree;
+        let per_byte = c.recv_fs_per_byte + if hashing { c.digest_fs_per_byte } else { 0 };
+        let recv_cpu = self.core_share(ns(len, per_byte)) + ns(untouched, c.touch_fs_per_byte);
         let latency_ns = c.latency_ns;
         self.stats.cpu[DST].transport_ns += recv_cpu;
         let chan = &mut self.chans[ch];

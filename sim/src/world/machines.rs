@@ -184,11 +184,12 @@ impl Sim {
                 Ok(())
             }
             SrcCommand::ComputeDigests => {
-                let log2 = self.src.params().chunk_log2;
+                let p = self.src.params();
                 let d = digests(
                     &self.guest.mem,
+                    p.digest,
                     self.guest.page_log2(),
-                    log2,
+                    p.chunk_log2,
                     &mut self.scratch,
                 );
                 let t = self.digest_time(SRC);
@@ -285,6 +286,7 @@ impl Sim {
                 };
                 let d = digests(
                     &self.dmem,
+                    p.digest,
                     self.guest.page_log2(),
                     p.chunk_log2,
                     &mut self.scratch,
@@ -305,7 +307,21 @@ impl Sim {
         }
     }
 
+    /// Time to digest memory at the end. With the page tree, what rdmig keeps current costs
+    /// nothing here: the source's `scan` log already hashed every page of the paused memory,
+    /// and the TCP destination hashed pages as they landed (charged to its receive path); an
+    /// RDMA destination, and a source with a bitmap log, digest all memory.
     pub(super) fn digest_time(&mut self, side: usize) -> u64 {
+        let tree = self.src.params().digest == rdmig_model::wire::DigestAlg::Xxh3PageTree;
+        let kept = tree
+            && if side == SRC {
+                self.cfg.guest.hash_scan
+            } else {
+                !self.costs.rdma
+            };
+        if kept {
+            return 0;
+        }
         let cpu = ns(self.cfg.guest.ram_bytes, self.costs.digest_fs_per_byte);
         self.stats.cpu[side].digest_ns += cpu;
         cpu / self.costs.cores.max(1)

@@ -102,8 +102,9 @@ fn proposed_params(cfg: &SimConfig) -> Params {
             0
         },
         channels: cfg.channels(),
+        // What `rdmig send --verify` negotiates.
         digest: if m.verify_digests {
-            DigestAlg::Xxh3_64
+            DigestAlg::Xxh3PageTree
         } else {
             DigestAlg::None
         },

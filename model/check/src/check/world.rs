@@ -301,9 +301,24 @@ impl ProtocolModel {
         }
     }
 
+    /// Chunk digests of the abstract memory (one byte per page, its version), by the
+    /// configured algorithm (spec: SW-4).
     fn digests(&self, mem: &[Vec<u8>]) -> Vec<u64> {
+        let tree = self.cfg.digest == rdmig_model::wire::DigestAlg::Xxh3PageTree;
         mem.iter()
-            .flat_map(|b| b.chunks(self.cfg.chunk_pages as usize).map(chunk_digest))
+            .flat_map(|b| {
+                b.chunks(self.cfg.chunk_pages as usize).map(move |c| {
+                    if tree {
+                        let pages: Vec<u64> = c
+                            .iter()
+                            .map(|v| chunk_digest(std::slice::from_ref(v)))
+                            .collect();
+                        rdmig_model::digest::tree_digest(&pages)
+                    } else {
+                        chunk_digest(c)
+                    }
+                })
+            })
             .collect()
     }
 
