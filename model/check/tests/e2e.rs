@@ -1,7 +1,7 @@
 //! A full migration between the real machines, in memory (spec: INV-MEM-1 end to end).
 
 use rdmig_check::pair::{Guest, Pair};
-use rdmig_model::wire::{BlockDesc, RegMode};
+use rdmig_model::wire::{BlockDesc, DigestAlg, RegMode};
 use rdmig_model::*;
 
 fn blocks() -> Vec<BlockDesc> {
@@ -62,6 +62,20 @@ fn inv_mem_1_full_migration_with_eviction_matches_source_at_pause() {
     assert!(r.zero_pages > 0, "zero pages must travel as ZERO ranges");
     assert!(r.max_registered_bytes <= 64 << 10);
     assert!(!pair.source_running() && pair.destination_running());
+}
+
+/// spec: SW-4, SW-5: both digest algorithms verify a migration end to end; with the page tree
+/// as with the chunks' bytes, the destination votes PREPARED and starts.
+#[test]
+fn sw_5_both_digest_algorithms_verify_a_migration() {
+    for alg in [DigestAlg::Xxh3_64, DigestAlg::Xxh3PageTree] {
+        let (mut s, d) = configs(1 << 20);
+        s.params.digest = alg;
+        let mut pair = Pair::new(s, d, guest(), vec![9; 100]).unwrap();
+        let r = pair.run(200_000);
+        assert_eq!(r.source, Some(Outcome::Completed), "{alg:?}: {r:?}");
+        assert_eq!(r.memory_equal_at_start, Some(true));
+    }
 }
 
 /// spec: REG-8: pin-all registers whole blocks once and never sends REG_REQUEST.
