@@ -194,7 +194,7 @@ impl<L: DestLink> Driver<L> {
                     Some(c) if c.chunk_log2() == log2 && c.alg() == alg => {
                         let (v, computed) = c.digests(&d.run.blocks, d.run.threads);
                         tracing::info!(
-                            "digests: {computed} of {} chunks computed, the rest kept as data landed",
+                            "digests of {} chunks: {computed} pages or chunks hashed now, the rest kept as data landed",
                             v.len()
                         );
                         v

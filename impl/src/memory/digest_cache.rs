@@ -141,16 +141,31 @@ impl DigestCache {
     /// The write of `t` landed in `memory` (the block it named): units it covered whole, and
     /// that no other write began on since, get the hash of their bytes.
     pub fn end(&self, t: Ticket, memory: &RamBlock) {
-        let hashes: Vec<Option<u64>> = t
+        let spans: Vec<(u64, u64)> = t
             .generations
             .iter()
-            .map(|&(c, u, _)| {
-                let (off, len) = self.unit_span(t.block, c, u);
-                // A unit covered in part: its other bytes are not this write's to vouch for.
-                let whole = off >= t.offset && off + len <= t.offset + t.len;
-                whole.then(|| memory.digest(off, len))
-            })
+            .map(|&(c, u, _)| self.unit_span(t.block, c, u))
             .collect();
+        // A unit covered in part: its other bytes are not this write's to vouch for.
+        let whole = |&(off, len): &(u64, u64)| off >= t.offset && off + len <= t.offset + t.len;
+        let hashes: Vec<Option<u64>> = if self.alg == DigestAlg::Xxh3PageTree {
+            // The pages this write covered whole, in one pass (they are contiguous).
+            let covered: Vec<&(u64, u64)> = spans.iter().filter(|s| whole(s)).collect();
+            let mut h = Vec::with_capacity(covered.len());
+            if let (Some(first), Some(last)) = (covered.first(), covered.last()) {
+                memory.page_hashes(first.0, last.0 + last.1 - first.0, self.unit_log2, &mut h);
+            }
+            let mut h = h.into_iter();
+            spans
+                .iter()
+                .map(|s| if whole(s) { h.next() } else { None })
+                .collect()
+        } else {
+            spans
+                .iter()
+                .map(|s| whole(s).then(|| self.hash_unit(memory, s.0, s.1)))
+                .collect()
+        };
         let mut held: Option<(usize, std::sync::MutexGuard<'_, Units>)> = None;
         for (&(c, u, generation), h) in t.generations.iter().zip(hashes) {
             let Some(h) = h else { continue };
@@ -221,50 +236,72 @@ impl DigestCache {
         stored.into_inner()
     }
 
-    /// The chunk digests of `blocks` (the blocks this cache was made for), hashing the units
-    /// not known with `threads` threads; also how many units that was.
-    pub fn digests(&self, blocks: &[Arc<RamBlock>], threads: usize) -> (Vec<u64>, usize) {
-        let computed = self.units().len() - self.known();
-        self.fill(blocks, threads);
-        let mut out = Vec::with_capacity(self.chunks.len());
-        for (b, &first) in self.first_chunk.iter().enumerate() {
-            let end = self
-                .first_chunk
-                .get(b + 1)
-                .copied()
-                .unwrap_or(self.chunks.len());
-            for c in first..end {
-                let units = self.chunks[c].lock().unwrap();
-                // A unit written since the fill above: hash it now (memory is quiescent).
-                let hashes: Vec<u64> = (0..units.hash.len())
-                    .map(|u| {
-                        units.hash[u].unwrap_or_else(|| {
-                            let (off, len) = self.unit_span(b, c, u);
-                            blocks[b].digest(off, len)
-                        })
-                    })
-                    .collect();
-                out.push(match self.alg {
-                    DigestAlg::Xxh3PageTree => tree_digest(&hashes),
-                    _ => hashes[0],
-                });
-            }
-        }
-        (out, computed)
+    /// The hash of one unit's bytes: a page's, or a whole chunk's.
+    fn hash_unit(&self, memory: &RamBlock, off: u64, len: u64) -> u64 {
+        memory.digest(off, len)
     }
 
-    fn known(&self) -> usize {
-        self.chunks
+    /// The chunk digests of `blocks` (the blocks this cache was made for), hashing the units
+    /// not known with `threads` threads (memory must be quiescent); also how many units that
+    /// was.
+    pub fn digests(&self, blocks: &[Arc<RamBlock>], threads: usize) -> (Vec<u64>, usize) {
+        // Every chunk as (block, global index), split evenly across the threads.
+        let all: Vec<(usize, usize)> = self
+            .first_chunk
             .iter()
-            .map(|c| {
-                c.lock()
-                    .unwrap()
-                    .hash
-                    .iter()
-                    .filter(|h| h.is_some())
-                    .count()
+            .enumerate()
+            .flat_map(|(b, &first)| {
+                let end = self
+                    .first_chunk
+                    .get(b + 1)
+                    .copied()
+                    .unwrap_or(self.chunks.len());
+                (first..end).map(move |c| (b, c))
             })
-            .sum()
+            .collect();
+        let mut out = vec![0u64; all.len()];
+        let computed = std::sync::atomic::AtomicUsize::new(0);
+        let per = all.len().div_ceil(threads.clamp(1, 64)).max(1);
+        std::thread::scope(|sc| {
+            for (outs, ins) in out.chunks_mut(per).zip(all.chunks(per)) {
+                let computed = &computed;
+                sc.spawn(move || {
+                    let mut page_hashes = Vec::new();
+                    for (o, &(b, c)) in outs.iter_mut().zip(ins) {
+                        let units = self.chunks[c].lock().unwrap().hash.clone();
+                        let missing = units.iter().filter(|h| h.is_none()).count();
+                        computed.fetch_add(missing, std::sync::atomic::Ordering::Relaxed);
+                        let hashes: Vec<u64> = if missing == units.len() && units.len() > 1 {
+                            // Nothing known: hash the chunk's pages in one pass.
+                            let (off, _) = self.unit_span(b, c, 0);
+                            let (last, len) = self.unit_span(b, c, units.len() - 1);
+                            page_hashes.clear();
+                            blocks[b].page_hashes(
+                                off,
+                                last + len - off,
+                                self.unit_log2,
+                                &mut page_hashes,
+                            );
+                            page_hashes.clone()
+                        } else {
+                            (0..units.len())
+                                .map(|u| {
+                                    units[u].unwrap_or_else(|| {
+                                        let (off, len) = self.unit_span(b, c, u);
+                                        self.hash_unit(&blocks[b], off, len)
+                                    })
+                                })
+                                .collect()
+                        };
+                        *o = match self.alg {
+                            DigestAlg::Xxh3PageTree => tree_digest(&hashes),
+                            _ => hashes[0],
+                        };
+                    }
+                });
+            }
+        });
+        (out, computed.into_inner())
     }
 }
 

@@ -315,6 +315,31 @@ impl RamBlock {
         st.digest()
     }
 
+    /// xxh3-64 of each page of `[offset, offset+len)` (pages of `1 << page_log2` bytes, a
+    /// short last one over its length), appended to `out`, through one cache-sized buffer
+    /// (spec: SW-4, `Xxh3PageTree`).
+    pub fn page_hashes(&self, offset: u64, len: u64, page_log2: u8, out: &mut Vec<u64>) {
+        let page = 1u64 << page_log2;
+        if page > VISIT_PIECE {
+            let mut at = offset;
+            while at < offset + len {
+                let n = page.min(offset + len - at);
+                out.push(self.digest(at, n));
+                at += n;
+            }
+            return;
+        }
+        // Every piece but the last is a whole number of pages (VISIT_PIECE is a multiple of
+        // the page size, and `offset` is page-aligned); the last may end with a short page.
+        self.visit(offset, len, |piece| {
+            out.extend(
+                piece
+                    .chunks(page as usize)
+                    .map(rdmig_model::digest::chunk_digest),
+            );
+        });
+    }
+
     /// Sends `header` followed by `[offset, offset+len)` of the block on a socket with
     /// `writev`, straight from the mapping: no intermediate copy on the source's data path.
     pub fn send_range(
