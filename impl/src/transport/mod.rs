@@ -14,6 +14,7 @@ use rdmig_model::wire::DataHello;
 pub mod completions;
 pub mod regtable;
 pub mod tcp;
+pub mod tls;
 pub mod verbs;
 
 /// What a source-side transport tells the driver.

@@ -1,0 +1,444 @@
+//! TLS 1.3 on rdmig's TCP connections (spec: section 1.3, TCP binding, "TLS"): mutual
+//! authentication with x509 certificates in QEMU's `tls-creds-x509` layout, confidentiality
+//! and integrity for every control frame and every byte of memory.
+//!
+//! Credentials (a directory, as QEMU's `dir=`): `ca-cert.pem` (the CA both sides trust),
+//! `server-cert.pem` and `server-key.pem` (the destination), `client-cert.pem` and
+//! `client-key.pem` (the source). The source checks the destination's name; the destination
+//! requires a client certificate the CA signed.
+//!
+//! A [`TlsStream`] is shared by a connection's reading and writing threads: the rustls state
+//! is locked only to decrypt or encrypt, never across a blocking socket call, and one writer at
+//! a time puts records on the socket in the order they were sealed.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, ServerConfig};
+
+use crate::memory::ram::wait_readable;
+
+/// The label of the exporter value that binds the protocol's AUTH to the TLS session (spec:
+/// AUTH-1, channel binding).
+const BINDING_LABEL: &[u8] = b"EXPORTER-rdmig/1 channel binding";
+
+/// The files of a credentials directory.
+pub const CA: &str = "ca-cert.pem";
+pub const SERVER_CERT: &str = "server-cert.pem";
+pub const SERVER_KEY: &str = "server-key.pem";
+pub const CLIENT_CERT: &str = "client-cert.pem";
+pub const CLIENT_KEY: &str = "client-key.pem";
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certs(dir: &Path, name: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let p = dir.join(name);
+    let v: Vec<_> = CertificateDer::pem_file_iter(&p)
+        .map_err(|e| format!("{}: {e}", p.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", p.display()))?;
+    if v.is_empty() {
+        return Err(format!("{}: no certificate in it", p.display()));
+    }
+    Ok(v)
+}
+
+fn key(dir: &Path, name: &str) -> Result<PrivateKeyDer<'static>, String> {
+    let p = dir.join(name);
+    PrivateKeyDer::from_pem_file(&p).map_err(|e| format!("{}: {e}", p.display()))
+}
+
+fn roots(dir: &Path) -> Result<rustls::RootCertStore, String> {
+    let mut r = rustls::RootCertStore::empty();
+    for c in certs(dir, CA)? {
+        r.add(c)
+            .map_err(|e| format!("{}: {e}", dir.join(CA).display()))?;
+    }
+    Ok(r)
+}
+
+/// The source's side: its certificate, the CA, and the name the destination must prove.
+#[derive(Clone)]
+pub struct ClientTls {
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+}
+
+impl ClientTls {
+    pub fn load(dir: &Path, hostname: &str) -> Result<ClientTls, String> {
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots(dir)?)
+            .with_client_auth_cert(certs(dir, CLIENT_CERT)?, key(dir, CLIENT_KEY)?)
+            .map_err(|e| format!("{}: {e}", dir.join(CLIENT_KEY).display()))?;
+        let name = ServerName::try_from(hostname.to_string())
+            .map_err(|e| format!("--tls-hostname {hostname:?}: {e}"))?;
+        Ok(ClientTls {
+            config: Arc::new(config),
+            name,
+        })
+    }
+}
+
+/// The destination's side: its certificate, and the CA client certificates must chain to.
+#[derive(Clone)]
+pub struct ServerTls {
+    config: Arc<ServerConfig>,
+}
+
+impl ServerTls {
+    pub fn load(dir: &Path) -> Result<ServerTls, String> {
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots(dir)?),
+            provider(),
+        )
+        .build()
+        .map_err(|e| format!("{}: {e}", dir.join(CA).display()))?;
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs(dir, SERVER_CERT)?, key(dir, SERVER_KEY)?)
+            .map_err(|e| format!("{}: {e}", dir.join(SERVER_KEY).display()))?;
+        // Every connection is a fresh session; nothing to resume.
+        config.send_tls13_tickets = 0;
+        Ok(ServerTls {
+            config: Arc::new(config),
+        })
+    }
+}
+
+/// A TLS connection over a TCP socket, usable from one reading and several writing threads.
+pub struct TlsStream {
+    sock: TcpStream,
+    conn: Mutex<rustls::Connection>,
+    /// Held while sealed records go onto the socket, so they go in sealing order.
+    writing: Mutex<()>,
+}
+
+/// Turns a rustls error into an I/O error with the one-line explanation an operator needs.
+fn tls_error(e: rustls::Error) -> io::Error {
+    use rustls::{CertificateError as C, Error as E};
+    let why = match &e {
+        E::InvalidCertificate(C::UnknownIssuer) | E::InvalidCertificate(C::BadSignature) => {
+            "the peer's certificate is not signed by the CA in ca-cert.pem".to_string()
+        }
+        E::InvalidCertificate(C::Expired) | E::InvalidCertificate(C::ExpiredContext { .. }) => {
+            "the peer's certificate has expired".to_string()
+        }
+        E::InvalidCertificate(C::NotValidYet)
+        | E::InvalidCertificate(C::NotValidYetContext { .. }) => {
+            "the peer's certificate is not valid yet (check both clocks)".to_string()
+        }
+        E::InvalidCertificate(C::NotValidForName)
+        | E::InvalidCertificate(C::NotValidForNameContext { .. }) => {
+            "the destination's certificate is not for this name (see --tls-hostname)".to_string()
+        }
+        E::NoCertificatesPresented => {
+            "the source presented no client certificate (client-cert.pem)".to_string()
+        }
+        E::AlertReceived(a) => format!("the peer refused the TLS session ({a:?})"),
+        E::InvalidMessage(_) => "the peer does not speak TLS (a plaintext peer?)".to_string(),
+        E::DecryptError => "a TLS record failed its integrity check".to_string(),
+        other => format!("TLS: {other}"),
+    };
+    io::Error::new(io::ErrorKind::InvalidData, why)
+}
+
+impl TlsStream {
+    /// The source's end: a TLS 1.3 handshake on `sock`, finished by `deadline`.
+    pub fn client(sock: TcpStream, tls: &ClientTls, deadline: Instant) -> io::Result<TlsStream> {
+        let c = rustls::ClientConnection::new(tls.config.clone(), tls.name.clone())
+            .map_err(tls_error)?;
+        Self::handshake(sock, rustls::Connection::Client(c), deadline)
+    }
+
+    /// The destination's end: a TLS 1.3 handshake on `sock`, finished by `deadline`.
+    pub fn server(sock: TcpStream, tls: &ServerTls, deadline: Instant) -> io::Result<TlsStream> {
+        let c = rustls::ServerConnection::new(tls.config.clone()).map_err(tls_error)?;
+        Self::handshake(sock, rustls::Connection::Server(c), deadline)
+    }
+
+    fn handshake(
+        sock: TcpStream,
+        mut conn: rustls::Connection,
+        deadline: Instant,
+    ) -> io::Result<TlsStream> {
+        while conn.is_handshaking() {
+            while conn.wants_write() {
+                conn.write_tls(&mut &sock)?;
+            }
+            if !conn.is_handshaking() {
+                break;
+            }
+            wait_readable(sock.as_fd(), deadline)?;
+            if conn.read_tls(&mut &sock)? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection during the TLS handshake",
+                ));
+            }
+            if let Err(e) = conn.process_new_packets() {
+                // Tell the peer why (an alert), then fail.
+                let _ = conn.write_tls(&mut &sock);
+                return Err(tls_error(e));
+            }
+        }
+        while conn.wants_write() {
+            conn.write_tls(&mut &sock)?;
+        }
+        Ok(TlsStream {
+            sock,
+            conn: Mutex::new(conn),
+            writing: Mutex::new(()),
+        })
+    }
+
+    /// The exporter value of this session that binds the protocol's AUTH to it.
+    pub fn binding(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        self.conn
+            .lock()
+            .expect("not poisoned")
+            .export_keying_material(&mut out, BINDING_LABEL, None)
+            .expect("a finished TLS 1.3 session exports keying material");
+        out
+    }
+
+    /// Seals `buf` and puts it on the socket, whole.
+    pub fn write_all(&self, buf: &[u8]) -> io::Result<()> {
+        let _w = self.writing.lock().expect("not poisoned");
+        let mut sealed = Vec::with_capacity(buf.len() + 64);
+        {
+            let mut c = self.conn.lock().expect("not poisoned");
+            c.writer().write_all(buf)?;
+            while c.wants_write() {
+                c.write_tls(&mut sealed)?;
+            }
+        }
+        (&self.sock).write_all(&sealed)
+    }
+
+    /// Puts whatever rustls has to say on the socket (alerts, replies after a read).
+    fn flush(&self) -> io::Result<()> {
+        let _w = self.writing.lock().expect("not poisoned");
+        let mut sealed = Vec::new();
+        {
+            let mut c = self.conn.lock().expect("not poisoned");
+            while c.wants_write() {
+                c.write_tls(&mut sealed)?;
+            }
+        }
+        if !sealed.is_empty() {
+            (&self.sock).write_all(&sealed)?;
+        }
+        Ok(())
+    }
+
+    /// Reads some decrypted bytes, waiting until `deadline` (None: as long as it takes).
+    /// `Ok(0)` is the peer's orderly close.
+    pub fn read_some(&self, buf: &mut [u8], deadline: Option<Instant>) -> io::Result<usize> {
+        loop {
+            {
+                let mut c = self.conn.lock().expect("not poisoned");
+                match c.reader().read(buf) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            match deadline {
+                Some(d) => wait_readable(self.sock.as_fd(), d)?,
+                // The wait for a message's first byte is the machines' to bound; wake now and
+                // then only to stay interruptible by a socket shutdown.
+                None => match wait_readable(
+                    self.sock.as_fd(),
+                    Instant::now() + Duration::from_secs(3600),
+                ) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => continue,
+                    Err(e) => return Err(e),
+                },
+            }
+            let r = {
+                let mut c = self.conn.lock().expect("not poisoned");
+                match c.read_tls(&mut &self.sock) {
+                    Ok(0) => {
+                        // The socket ended: whatever rustls still holds is read above next;
+                        // an end without close_notify is reported by `reader()`.
+                        let _ = c.process_new_packets();
+                        Ok(())
+                    }
+                    Ok(_) => c.process_new_packets().map(|_| ()).map_err(tls_error),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+                    Err(e) => Err(e),
+                }
+            };
+            if let Err(e) = r {
+                let _ = self.flush();
+                return Err(e);
+            }
+            self.flush()?;
+        }
+    }
+
+    /// Ends the connection: close_notify first when closing for writing.
+    pub fn shutdown(&self, how: Shutdown) {
+        if how != Shutdown::Read {
+            if let Ok(mut c) = self.conn.lock() {
+                c.send_close_notify();
+            }
+            let _ = self.flush();
+        }
+        let _ = self.sock.shutdown(how);
+    }
+}
+
+/// `rdmig tls-init DIR`: a throwaway CA, a server certificate for `names` (host names or
+/// addresses; `localhost`, 127.0.0.1 and ::1 always), and a client certificate, in QEMU's
+/// layout. For tests and first steps; a deployment uses its own CA.
+pub fn init(dir: &Path, names: &[String]) -> Result<Vec<PathBuf>, String> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair, KeyUsagePurpose,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let e = |e: rcgen::Error| format!("generating certificates: {e}");
+    let ca_key = KeyPair::generate().map_err(e)?;
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca.distinguished_name = DistinguishedName::new();
+    let mut tag = [0u8; 4];
+    getrandom::fill(&mut tag).expect("the OS random source is available");
+    ca.distinguished_name.push(
+        DnType::CommonName,
+        format!("rdmig throwaway CA {:08x}", u32::from_le_bytes(tag)),
+    );
+    let ca_cert = ca.self_signed(&ca_key).map_err(e)?;
+    let mut all: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    all.extend(names.iter().cloned());
+    all.dedup();
+    let leaf = |cn: &str, sans: Vec<String>, usage| -> Result<(String, String), String> {
+        let key = KeyPair::generate().map_err(e)?;
+        let mut p = CertificateParams::new(sans).map_err(e)?;
+        p.distinguished_name = DistinguishedName::new();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.extended_key_usages = vec![usage];
+        let c = p.signed_by(&key, &ca_cert, &ca_key).map_err(e)?;
+        Ok((c.pem(), key.serialize_pem()))
+    };
+    let (server, server_key) = leaf(
+        "rdmig destination",
+        all,
+        ExtendedKeyUsagePurpose::ServerAuth,
+    )?;
+    let (client, client_key) = leaf(
+        "rdmig source",
+        vec!["rdmig-source".into()],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    )?;
+    let files = [
+        (CA, ca_cert.pem(), false),
+        (SERVER_CERT, server, false),
+        (SERVER_KEY, server_key, true),
+        (CLIENT_CERT, client, false),
+        (CLIENT_KEY, client_key, true),
+    ];
+    let mut written = Vec::new();
+    for (name, pem, secret) in files {
+        let p = dir.join(name);
+        write_file(&p, pem.as_bytes(), secret)?;
+        written.push(p);
+    }
+    Ok(written)
+}
+
+fn write_file(p: &Path, bytes: &[u8], secret: bool) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if secret { 0o600 } else { 0o644 })
+        .open(p)
+        .map_err(|e| format!("{}: {e}", p.display()))?;
+    f.write_all(bytes)
+        .map_err(|e| format!("{}: {e}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn pair(dir: &Path, host: &str) -> (io::Result<TlsStream>, io::Result<TlsStream>) {
+        let client = ClientTls::load(dir, host).unwrap();
+        let server = ServerTls::load(dir).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let t = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            TlsStream::server(s, &server, deadline)
+        });
+        let c = TlsStream::client(TcpStream::connect(addr).unwrap(), &client, deadline);
+        (c, t.join().unwrap())
+    }
+
+    /// A session between the generated credentials carries bytes both ways, and both ends
+    /// export the same binding.
+    #[test]
+    fn tls_init_credentials_make_a_mutual_session() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path(), &[]).unwrap();
+        let (c, s) = pair(d.path(), "localhost");
+        let (c, s) = (c.unwrap(), s.unwrap());
+        c.write_all(b"hello over tls").unwrap();
+        let mut buf = [0u8; 14];
+        let mut got = 0;
+        while got < buf.len() {
+            got += s
+                .read_some(
+                    &mut buf[got..],
+                    Some(Instant::now() + Duration::from_secs(5)),
+                )
+                .unwrap();
+        }
+        assert_eq!(&buf, b"hello over tls");
+        assert_eq!(c.binding(), s.binding());
+        c.shutdown(Shutdown::Write);
+        assert_eq!(
+            s.read_some(&mut buf, Some(Instant::now() + Duration::from_secs(5)))
+                .unwrap(),
+            0
+        );
+    }
+
+    /// The destination's name is checked, and a CA the peer does not trust is refused.
+    #[test]
+    fn wrong_name_and_unknown_ca_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path(), &[]).unwrap();
+        let (c, _) = pair(d.path(), "elsewhere.example");
+        let e = c.err().expect("refused");
+        assert!(e.to_string().contains("not for this name"), "{e}");
+        // A second CA: the source trusts it, the destination's certificate is from the first.
+        let other = tempfile::tempdir().unwrap();
+        init(other.path(), &[]).unwrap();
+        std::fs::copy(other.path().join(CA), d.path().join(CA)).unwrap();
+        let (c, _) = pair(d.path(), "localhost");
+        let e = c.err().expect("refused");
+        assert!(e.to_string().contains("not signed by the CA"), "{e}");
+    }
+}
