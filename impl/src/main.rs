@@ -39,6 +39,17 @@ enum Cmd {
     Bench(BenchArgs),
     /// List RDMA devices, their ports, port states and GIDs.
     Devices,
+    /// Write a throwaway CA and server and client certificates for --tls-creds (tests and
+    /// first steps; a deployment uses its own CA).
+    TlsInit {
+        /// Directory to write ca-cert.pem, server-cert.pem, server-key.pem,
+        /// client-cert.pem and client-key.pem into.
+        dir: PathBuf,
+        /// More names (host names or addresses) for the server certificate, besides
+        /// localhost, 127.0.0.1 and ::1.
+        #[arg(long = "name")]
+        names: Vec<String>,
+    },
     /// Internal: the guard `rdmig send` starts; it resumes a paused workload if send dies.
     #[command(hide = true)]
     Guard(GuardArgs),
@@ -81,6 +92,12 @@ fn main() -> ExitCode {
             None => rdmig::tools::bench::bench(a.size, a.dir, a.json, a.busy),
         },
         Cmd::Devices => cmd::devices(),
+        Cmd::TlsInit { dir, names } => rdmig::transport::tls::init(&dir, &names).map(|files| {
+            for f in files {
+                println!("{}", f.display());
+            }
+            ExitCode::SUCCESS
+        }),
         Cmd::Guard(a) => cmd::guard(a),
     };
     match r {

@@ -24,42 +24,66 @@ pub fn payload(msg: &Message) -> Vec<u8> {
     v
 }
 
-fn mac(key: &[u8], label: &[u8], parts: &[&[u8]]) -> HmacSha256 {
+/// The channel binding of a connection inside TLS: an exporter value of the TLS session
+/// (spec: AUTH-1). Both MACs cover it, so a handshake relayed between two TLS sessions fails.
+pub type Binding = [u8; 32];
+
+fn mac(key: &[u8], label: &[u8], parts: &[&[u8]], binding: Option<&Binding>) -> HmacSha256 {
     let mut m = HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length");
     m.update(label);
-    for p in parts {
+    for p in parts.iter().copied().chain(binding.map(|b| &b[..])) {
         m.update(&(p.len() as u32).to_le_bytes());
         m.update(p);
     }
     m
 }
 
-/// Destination's proof: over HELLO and HELLO_ACK with its mac field zeroed.
-pub fn dst_mac(key: &[u8], hello: &[u8], ack_zero_mac: &[u8]) -> [u8; MAC_LEN] {
-    mac(key, DST_LABEL, &[hello, ack_zero_mac])
+/// Destination's proof: over HELLO and HELLO_ACK with its mac field zeroed, and the channel
+/// binding inside TLS.
+pub fn dst_mac(
+    key: &[u8],
+    hello: &[u8],
+    ack_zero_mac: &[u8],
+    binding: Option<&Binding>,
+) -> [u8; MAC_LEN] {
+    mac(key, DST_LABEL, &[hello, ack_zero_mac], binding)
         .finalize()
         .into_bytes()
         .into()
 }
 
-/// Source's proof: over HELLO and the complete HELLO_ACK.
-pub fn src_mac(key: &[u8], hello: &[u8], ack: &[u8]) -> [u8; MAC_LEN] {
-    mac(key, SRC_LABEL, &[hello, ack])
+/// Source's proof: over HELLO and the complete HELLO_ACK, and the channel binding inside TLS.
+pub fn src_mac(key: &[u8], hello: &[u8], ack: &[u8], binding: Option<&Binding>) -> [u8; MAC_LEN] {
+    mac(key, SRC_LABEL, &[hello, ack], binding)
         .finalize()
         .into_bytes()
         .into()
 }
 
 /// Constant-time check of the destination's proof (spec: AUTH-5).
-pub fn verify_dst(key: &[u8], hello: &[u8], ack_zero_mac: &[u8], tag: &[u8; MAC_LEN]) -> bool {
-    mac(key, DST_LABEL, &[hello, ack_zero_mac])
+pub fn verify_dst(
+    key: &[u8],
+    hello: &[u8],
+    ack_zero_mac: &[u8],
+    binding: Option<&Binding>,
+    tag: &[u8; MAC_LEN],
+) -> bool {
+    mac(key, DST_LABEL, &[hello, ack_zero_mac], binding)
         .verify_slice(tag)
         .is_ok()
 }
 
 /// Constant-time check of the source's proof (spec: AUTH-5).
-pub fn verify_src(key: &[u8], hello: &[u8], ack: &[u8], tag: &[u8; MAC_LEN]) -> bool {
-    mac(key, SRC_LABEL, &[hello, ack]).verify_slice(tag).is_ok()
+pub fn verify_src(
+    key: &[u8],
+    hello: &[u8],
+    ack: &[u8],
+    binding: Option<&Binding>,
+    tag: &[u8; MAC_LEN],
+) -> bool {
+    mac(key, SRC_LABEL, &[hello, ack], binding)
+        .verify_slice(tag)
+        .is_ok()
 }
 
 const DATA_LABEL: &[u8] = b"rdmig/1 data";
@@ -78,6 +102,7 @@ pub fn data_token(
             k,
             DATA_LABEL,
             &[&session_id.to_le_bytes(), &[channel], dst_nonce],
+            None,
         )
         .finalize()
         .into_bytes()
@@ -99,6 +124,7 @@ pub fn verify_data_token(
             k,
             DATA_LABEL,
             &[&session_id.to_le_bytes(), &[channel], dst_nonce],
+            None,
         )
         .verify_slice(tag)
         .is_ok(),

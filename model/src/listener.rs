@@ -53,10 +53,12 @@ impl ListenerConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum LsnInput {
     /// A connection was accepted. `nonce` comes from a CSPRNG, fresh for the session this
-    /// connection may start (spec: AUTH-1).
+    /// connection may start (spec: AUTH-1); `binding` is its TLS channel binding when it runs
+    /// inside TLS.
     Accepted {
         conn: ConnId,
         nonce: [u8; NONCE_LEN],
+        binding: Option<crate::auth::Binding>,
     },
     /// A control frame arrived on `conn` (the first one makes it a control connection).
     Frame {
@@ -137,6 +139,7 @@ pub type LsnOut = Out<LsnCommand, DestStats>;
 struct Pending {
     deadline: Millis,
     nonce: [u8; NONCE_LEN],
+    binding: Option<crate::auth::Binding>,
 }
 
 /// A control connection in its handshake.
@@ -244,7 +247,11 @@ impl Listener {
             return;
         }
         match input {
-            LsnInput::Accepted { conn, nonce } => self.on_accepted(conn, nonce, out),
+            LsnInput::Accepted {
+                conn,
+                nonce,
+                binding,
+            } => self.on_accepted(conn, nonce, binding, out),
             LsnInput::Frame { conn, frame } => self.on_frame(conn, frame, out),
             LsnInput::DataHello { conn, hello } => self.on_data_hello(conn, hello, out),
             LsnInput::Closed { conn } => self.on_closed(conn, out),
@@ -284,9 +291,22 @@ impl Listener {
         out.cmds
     }
 
-    fn on_accepted(&mut self, conn: ConnId, nonce: [u8; NONCE_LEN], out: &mut LsnOut) {
+    fn on_accepted(
+        &mut self,
+        conn: ConnId,
+        nonce: [u8; NONCE_LEN],
+        binding: Option<crate::auth::Binding>,
+        out: &mut LsnOut,
+    ) {
         let deadline = self.now + self.cfg.handshake_timeout_ms;
-        self.pending.insert(conn, Pending { deadline, nonce });
+        self.pending.insert(
+            conn,
+            Pending {
+                deadline,
+                nonce,
+                binding,
+            },
+        );
         // spec: LIVE-5: a bounded number in their handshake; the oldest makes room.
         while self.handshaking() > self.cfg.max_pending {
             let oldest_pending = self.pending.keys().next().copied();
@@ -316,6 +336,7 @@ impl Listener {
             }
             let dst = Destination::new(self.cfg.dest.clone(), p.nonce)
                 .expect("configuration validated in Listener::new")
+                .with_binding(p.binding)
                 .with_clock(self.now);
             self.candidates.insert(
                 conn,

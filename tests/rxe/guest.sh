@@ -101,11 +101,13 @@ echo "RXE-RESULT case=wrong-key ok=$ok src_exit=$src dst_exit=$dst src_reason=$(
 kill -9 $WPID 2>/dev/null; wait $WPID 2>/dev/null
 rm -f /dev/shm/src.ram* /dev/shm/dst.ram*
 
-# Killed destination: a migration that cannot converge (1 ms downtime limit); the destination
+# Killed destination: a migration that cannot converge (1 ms downtime limit, 40 MB/s dirtied
+# against a 10 MB/s cap, so the 64 MiB baseline alone takes 6 s); the destination
 # is killed mid-way; the source must abort and resume the workload.
 start_workload /dev/shm/src.ram 40 uniform
 start_recv 7005 key
 RDMIG_LOG=info rdmig send --connect $IP:7005 --transport rdma --psk-file key --json --max-rounds 100000 \
+	--max-bandwidth 10MB/s \
 	--downtime-limit 1 --on-limit abort --ram ram=/dev/shm/src.ram --pid $WPID \
 	--dirty-log bitmap:/dev/shm/src.ram.dirty >src.json 2>src.err &
 SPID=$!

@@ -16,9 +16,55 @@ pub struct TransportArgs {
     /// GID index (default: the port's IPv4-mapped RoCE v2 GID).
     #[arg(long)]
     pub gid_index: Option<u8>,
+    /// Mutual TLS 1.3 on every TCP connection, with x509 credentials in QEMU's layout in this
+    /// directory (ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem,
+    /// client-key.pem; `rdmig tls-init DIR` writes throwaway ones).
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+    /// The name the destination's certificate must carry (default: the host of --connect).
+    #[arg(long, requires = "tls_creds")]
+    pub tls_hostname: Option<String>,
 }
 
 impl TransportArgs {
+    fn tls_rdma(&self) -> Result<(), String> {
+        if self.tls_creds.is_some() && self.transport == "rdma" {
+            return Err(
+                "--tls-creds works with --transport tcp only: RDMA one-sided writes \
+                        travel in clear, so protect an RDMA fabric itself (see the README)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The source's TLS, for a destination at `connect` (HOST:PORT).
+    pub fn client_tls(
+        &self,
+        connect: &str,
+    ) -> Result<Option<rdmig::transport::tls::ClientTls>, String> {
+        self.tls_rdma()?;
+        let Some(dir) = &self.tls_creds else {
+            return Ok(None);
+        };
+        let host = match &self.tls_hostname {
+            Some(h) => h.clone(),
+            None => {
+                let h = connect.rsplit_once(':').map_or(connect, |(h, _)| h);
+                h.trim_start_matches('[').trim_end_matches(']').to_string()
+            }
+        };
+        rdmig::transport::tls::ClientTls::load(dir, &host).map(Some)
+    }
+
+    /// The destination's TLS.
+    pub fn server_tls(&self) -> Result<Option<rdmig::transport::tls::ServerTls>, String> {
+        self.tls_rdma()?;
+        match &self.tls_creds {
+            Some(dir) => rdmig::transport::tls::ServerTls::load(dir).map(Some),
+            None => Ok(None),
+        }
+    }
     pub fn verbs(&self) -> Option<rdmig::transport::verbs::VerbsOptions> {
         (self.transport == "rdma").then(|| rdmig::transport::verbs::VerbsOptions {
             device: self.rdma_device.clone(),

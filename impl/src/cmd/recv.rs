@@ -105,7 +105,13 @@ fn config(
 pub fn recv(a: RecvArgs) -> Result<ExitCode, String> {
     let log2 = page_log2(a.common.page_size)?;
     let listen = resolve(&a.listen)?;
-    let key = rdmig::cli::resolve_key(a.common.psk_file.as_deref(), a.common.insecure, listen)?;
+    let tls = a.transport.server_tls()?;
+    // Inside mutual TLS the certificates authenticate both ends: a key is optional.
+    let key = rdmig::cli::resolve_key(
+        a.common.psk_file.as_deref(),
+        a.common.insecure || (tls.is_some() && a.common.psk_file.is_none()),
+        listen,
+    )?;
     if a.common.idle_timeout == 0 {
         return Err("--idle-timeout must be at least 1 second".into());
     }
@@ -155,7 +161,7 @@ pub fn recv(a: RecvArgs) -> Result<ExitCode, String> {
             driver::run_destination(link, rx, run)
         }
         None => {
-            let link = DestTcp::listen(listener, blocks, rand_u32(), deadlines, tx)
+            let link = DestTcp::listen(listener, tls, blocks, rand_u32(), deadlines, tx)
                 .map_err(|e| format!("accepting: {e}"))?;
             link_up("tcp")?;
             driver::run_destination(link, rx, run)

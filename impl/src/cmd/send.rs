@@ -161,7 +161,13 @@ pub fn send(a: SendArgs) -> Result<ExitCode, String> {
         return Err("--idle-timeout must be at least 1 second".into());
     }
     let addr = resolve(&a.connect)?;
-    let key = rdmig::cli::resolve_key(a.common.psk_file.as_deref(), a.common.insecure, addr)?;
+    let tls = a.transport.client_tls(&a.connect)?;
+    // Inside mutual TLS the certificates authenticate both ends: a key is optional.
+    let key = rdmig::cli::resolve_key(
+        a.common.psk_file.as_deref(),
+        a.common.insecure || (tls.is_some() && a.common.psk_file.is_none()),
+        addr,
+    )?;
     let blocks = open_blocks(&a, log2)?;
     let cfg = config(&a, &blocks, key)?;
     let qemu = attach_qemu(&a, &blocks)?;
@@ -190,7 +196,7 @@ pub fn send(a: SendArgs) -> Result<ExitCode, String> {
         .map_err(|e| format!("watching signals: {e}"))?;
     let credit_window = cfg.credit_window;
     let channels = cfg.params.channels;
-    let run = SourceRun {
+    let mut run = SourceRun {
         cfg,
         blocks,
         scan: Box::new(move |all| {
@@ -227,6 +233,7 @@ pub fn send(a: SendArgs) -> Result<ExitCode, String> {
         None => {
             let link = SourceTcp::connect(
                 addr,
+                tls,
                 run.blocks.clone(),
                 a.max_bandwidth.unwrap_or(0),
                 channels,
@@ -234,6 +241,8 @@ pub fn send(a: SendArgs) -> Result<ExitCode, String> {
                 tx,
             )
             .map_err(|e| format!("connecting to {addr}: {e}"))?;
+            // spec: AUTH-1: inside TLS, the key's proofs cover the TLS session.
+            run.cfg.channel_binding = link.channel_binding();
             driver::run_source(link, rx, run)
         }
     };

@@ -40,9 +40,10 @@ fn fresh_nonce() -> [u8; wire::NONCE_LEN] {
 fn to_input(e: DstEvent) -> LsnInput {
     match e {
         // spec: AUTH-1: every connection that may start a session gets a fresh nonce.
-        DstEvent::Accepted(conn) => LsnInput::Accepted {
+        DstEvent::Accepted(conn, binding) => LsnInput::Accepted {
             conn,
             nonce: fresh_nonce(),
+            binding,
         },
         DstEvent::Frame(conn, bytes) => {
             let frame = wire::decode(&bytes);
@@ -116,7 +117,7 @@ impl<L: DestLink> Driver<L> {
     /// the listener would answer by closing a legitimate connection.
     fn check_order(&mut self, e: &DstEvent) {
         let conn = match *e {
-            DstEvent::Accepted(c) => {
+            DstEvent::Accepted(c, _) => {
                 self.open.insert(c);
                 return;
             }

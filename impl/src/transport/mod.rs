@@ -46,8 +46,9 @@ pub enum SrcEvent {
 /// several threads reports the accept before the peer can send anything.
 #[derive(Debug)]
 pub enum DstEvent {
-    /// A connection was accepted.
-    Accepted(ConnId),
+    /// A connection was accepted (its TLS handshake done, when the listener uses TLS, with
+    /// the session's channel binding).
+    Accepted(ConnId, Option<[u8; 32]>),
     /// `conn` sent a complete control frame (header and payload), not yet decoded.
     Frame(ConnId, Vec<u8>),
     /// `conn` opened with DATA_HELLO (the 56 bytes, not yet decoded).

@@ -270,6 +270,8 @@ const MAX_OUTBOX: usize = 4 * MAX_REG_INFLIGHT as usize + 8;
 pub struct Destination {
     cfg: DestConfig,
     nonce: [u8; NONCE_LEN],
+    /// The connection's TLS channel binding, when it runs inside TLS (spec: AUTH-1).
+    binding: Option<crate::auth::Binding>,
     credits: Credits,
     outbox: VecDeque<Message>,
     last_recv: Millis,
@@ -289,6 +291,7 @@ impl Destination {
             credits: Credits::new(cfg.credit_window),
             cfg,
             nonce,
+            binding: None,
             outbox: VecDeque::new(),
             last_recv: 0,
             last_send: 0,
@@ -298,6 +301,12 @@ impl Destination {
     }
 
     /// Starts the idle clock (a connection was accepted at `now`).
+    /// The connection this machine serves runs inside TLS with this channel binding.
+    pub fn with_binding(mut self, binding: Option<crate::auth::Binding>) -> Self {
+        self.binding = binding;
+        self
+    }
+
     pub fn with_clock(mut self, now: Millis) -> Self {
         self.now = now;
         self.last_recv = now;
@@ -686,7 +695,13 @@ impl Destination {
             unreachable!("phase AwaitAuth");
         };
         let ok = match &self.cfg.psk {
-            Some(key) => auth::verify_src(key, &hs.hello_payload, &hs.ack_payload, &mac),
+            Some(key) => auth::verify_src(
+                key,
+                &hs.hello_payload,
+                &hs.ack_payload,
+                self.binding.as_ref(),
+                &mac,
+            ),
             None => mac == [0; MAC_LEN],
         };
         if !ok {
@@ -758,7 +773,8 @@ impl Destination {
         };
         if let Some(key) = &self.cfg.psk {
             let zero = auth::payload(&Message::HelloAck(ack.clone()));
-            ack.mac = auth::dst_mac(key, &hello_payload, &zero); // spec: AUTH-1
+            ack.mac = auth::dst_mac(key, &hello_payload, &zero, self.binding.as_ref());
+            // spec: AUTH-1
         }
         let ack_payload = auth::payload(&Message::HelloAck(ack.clone()));
         let hs = Handshake {

@@ -55,6 +55,8 @@ pub struct SourceConfig {
     pub idle_timeout_ms: u64,
     /// 0 disables keepalives.
     pub keepalive_ms: u64,
+    /// The control connection's TLS channel binding, when it runs inside TLS (spec: AUTH-1).
+    pub channel_binding: Option<crate::auth::Binding>,
 }
 
 impl SourceConfig {
@@ -87,6 +89,7 @@ impl SourceConfig {
             on_limit: LimitPolicy::Switchover,
             idle_timeout_ms: 30_000,
             keepalive_ms: 5_000,
+            channel_binding: None,
         }
     }
 }
@@ -851,7 +854,8 @@ impl Source {
                     mac: [0; MAC_LEN],
                     ..a.clone()
                 }));
-                if !auth::verify_dst(key, &self.hello_payload, &zero, &a.mac) {
+                let binding = self.cfg.channel_binding.as_ref();
+                if !auth::verify_dst(key, &self.hello_payload, &zero, binding, &a.mac) {
                     // spec: AUTH-5
                     return self.abort(out, AbortReason::AuthFailed, Detail::DestinationKey);
                 }
@@ -875,7 +879,13 @@ impl Source {
         self.link.credits.learn_peer_window(a.credit_window);
         self.params = q;
         let mac = match &self.cfg.psk {
-            Some(key) => auth::src_mac(key, &self.hello_payload, &ack_payload), // spec: AUTH-1
+            // spec: AUTH-1
+            Some(key) => auth::src_mac(
+                key,
+                &self.hello_payload,
+                &ack_payload,
+                self.cfg.channel_binding.as_ref(),
+            ),
             None => [0; MAC_LEN],
         };
         // spec: AUTH-3: no memory data before BLOCK_TABLE_ACK, which follows the verified AUTH.

@@ -403,7 +403,14 @@ impl Sim {
         let conn = data_conn(ch);
         // A data connection never becomes a session, so its nonce is never used.
         let nonce = [0u8; wire::NONCE_LEN];
-        self.push(at, Ev::Lsn(Box::new(LsnInput::Accepted { conn, nonce })));
+        self.push(
+            at,
+            Ev::Lsn(Box::new(LsnInput::Accepted {
+                conn,
+                nonce,
+                binding: None,
+            })),
+        );
         self.push(
             at,
             Ev::Lsn(Box::new(LsnInput::DataHello {

@@ -202,7 +202,11 @@ impl Sim {
         self.record_fault(FaultKind::Stray, k as u64);
         self.strays.push(conn);
         let nonce = [0x5a; wire::NONCE_LEN];
-        self.feed_lsn(LsnInput::Accepted { conn, nonce })?;
+        self.feed_lsn(LsnInput::Accepted {
+            conn,
+            nonce,
+            binding: None,
+        })?;
         let hello = self.hello.clone();
         match k {
             Stray::HalfOpen => Ok(()),

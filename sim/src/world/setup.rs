@@ -269,6 +269,7 @@ impl Sim {
             Ev::Lsn(Box::new(LsnInput::Accepted {
                 conn: CTRL_CONN,
                 nonce: dst_nonce,
+                binding: None,
             })),
         );
         self.push(0, Ev::Src(Box::new(SrcInput::Start)));

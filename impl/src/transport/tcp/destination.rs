@@ -4,7 +4,7 @@
 //! this end reports what each connection sends first and carries the decisions out.
 
 use std::collections::HashMap;
-use std::io::{self, Write};
+use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender, SyncSender};
@@ -15,10 +15,11 @@ use rdmig_model::listener::ConnId;
 use rdmig_model::wire;
 
 use super::{parse_data_header, DataFrameError, DATA_HEADER_LEN};
-use super::{read_control_frame, read_exact_by, read_first_byte};
+use super::{read_control_frame, read_exact_by, read_first_byte, Stream};
 use crate::memory::digest_cache::DigestCache;
 use crate::memory::ram::RamBlock;
 use crate::transport::regtable::{RegTable, Region};
+use crate::transport::tls::ServerTls;
 
 /// The digest cache data connections keep current, once the driver set one.
 type DigestSlot = Arc<Mutex<Option<Arc<DigestCache>>>>;
@@ -32,8 +33,10 @@ enum Decision {
 
 /// One accepted connection.
 struct Conn {
-    /// A handle for sends and for closing it (wakes its reader).
-    stream: TcpStream,
+    /// A handle for closing it (wakes its reader).
+    tcp: TcpStream,
+    /// For sends, once its TLS handshake (if any) is done.
+    stream: Option<Stream>,
     /// Set while its reader waits for the listener's decision on its DATA_HELLO.
     decide: Option<SyncSender<Decision>>,
 }
@@ -61,6 +64,7 @@ impl DestTcp {
     /// Starts accepting on `listener`; connections and what they send arrive on `tx`.
     pub fn listen(
         listener: TcpListener,
+        tls: Option<ServerTls>,
         blocks: Arc<Vec<Arc<RamBlock>>>,
         salt: u32,
         deadlines: Deadlines,
@@ -74,11 +78,14 @@ impl DestTcp {
         {
             let (conns, table, closing) = (conns.clone(), table.clone(), closing.clone());
             let digests = digests.clone();
-            std::thread::spawn(move || {
-                acceptor(
-                    listener, conns, table, digests, blocks, closing, tx, deadlines,
-                )
-            });
+            let ends = Ends {
+                conns,
+                table,
+                digests,
+                blocks,
+                tls,
+            };
+            std::thread::spawn(move || acceptor(listener, ends, closing, tx, deadlines));
         }
         let (reaper, reap) = mpsc::channel::<(Instant, TcpStream)>();
         std::thread::spawn(move || {
@@ -104,13 +111,19 @@ impl DestTcp {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn acceptor(
-    listener: TcpListener,
+/// What every connection's thread shares.
+#[derive(Clone)]
+struct Ends {
     conns: Conns,
     table: Arc<RegTable>,
     digests: DigestSlot,
     blocks: Arc<Vec<Arc<RamBlock>>>,
+    tls: Option<ServerTls>,
+}
+
+fn acceptor(
+    listener: TcpListener,
+    ends: Ends,
     closing: Arc<AtomicBool>,
     events: Sender<DstEvent>,
     d: Deadlines,
@@ -125,30 +138,55 @@ fn acceptor(
         let conn = next;
         next += 1;
         let Ok(handle) = s.try_clone() else { continue };
-        conns.lock().unwrap().insert(
+        ends.conns.lock().unwrap().insert(
             conn,
             Conn {
-                stream: handle,
+                tcp: handle,
+                stream: None,
                 decide: None,
             },
         );
-        if events.send(DstEvent::Accepted(conn)).is_err() {
-            return;
-        }
-        let (conns, table, blocks, events) =
-            (conns.clone(), table.clone(), blocks.clone(), events.clone());
-        let digests = digests.clone();
+        let (ends, events) = (ends.clone(), events.clone());
         std::thread::spawn(move || {
-            let land = Landing {
-                table: &table,
-                digests: &digests,
-                blocks: &blocks,
-            };
-            let why = serve(s, conn, &conns, &land, &events, d);
-            conns.lock().unwrap().remove(&conn);
-            let _ = events.send(DstEvent::Closed(conn, why));
+            let why = open(s, conn, &ends, &events, d);
+            ends.conns.lock().unwrap().remove(&conn);
+            if let Some(why) = why {
+                let _ = events.send(DstEvent::Closed(conn, why));
+            }
         });
     }
+}
+
+/// Runs the TLS handshake (when configured) within the connect deadline, reports the
+/// connection accepted, and serves it. `None`: the handshake failed and the listener never
+/// heard of the connection.
+fn open(
+    tcp: TcpStream,
+    conn: ConnId,
+    ends: &Ends,
+    events: &Sender<DstEvent>,
+    d: Deadlines,
+) -> Option<String> {
+    let s = match Stream::server(tcp, ends.tls.as_ref(), Instant::now() + d.connect()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("connection {conn}: TLS handshake failed: {e}");
+            return None;
+        }
+    };
+    match ends.conns.lock().unwrap().get_mut(&conn) {
+        Some(c) => c.stream = s.try_clone().ok(),
+        None => return None,
+    }
+    if events.send(DstEvent::Accepted(conn, s.binding())).is_err() {
+        return None;
+    }
+    let land = Landing {
+        table: &ends.table,
+        digests: &ends.digests,
+        blocks: &ends.blocks,
+    };
+    Some(serve(s, conn, &ends.conns, &land, events, d))
 }
 
 /// Reads what `conn` sends first and serves it as a control or a data connection; returns
@@ -161,7 +199,7 @@ struct Landing<'a> {
 }
 
 fn serve(
-    mut s: TcpStream,
+    mut s: Stream,
     conn: ConnId,
     conns: &Conns,
     land: &Landing<'_>,
@@ -202,7 +240,7 @@ fn serve(
 
 /// A control connection: frames, each whole within the frame deadline once begun.
 fn control(
-    mut s: TcpStream,
+    mut s: Stream,
     mut first: u8,
     conn: ConnId,
     events: &Sender<DstEvent>,
@@ -230,7 +268,7 @@ fn control(
 
 /// Applies data frames straight into registered memory (spec: DATA-1, INV-REG-1), and
 /// acknowledges each once placed.
-fn data_receiver(mut s: TcpStream, land: &Landing<'_>, d: Deadlines) -> String {
+fn data_receiver(mut s: Stream, land: &Landing<'_>, d: Deadlines) -> String {
     let mut applied: u64 = 0;
     // Set by the driver once the chunk size is negotiated, before any channel is admitted.
     let cache = land.digests.lock().unwrap().clone();
@@ -249,14 +287,12 @@ fn data_receiver(mut s: TcpStream, land: &Landing<'_>, d: Deadlines) -> String {
         // Checked and received under the table's read lock: the payload goes from the socket
         // straight into memory, and an unregister waits until it has landed, which the frame
         // deadline bounds (INV-REG-1, LIVE-3).
-        let fd = std::os::fd::AsFd::as_fd(&s);
         let r = parse_data_header(&hb).and_then(|h| {
             land.table
                 .with_write(h.rkey, h.remote_offset, h.len as u64, |block, off| {
                     let block = block as usize;
                     let ticket = cache.as_ref().map(|c| c.begin(block, off, h.len as u64));
-                    land.blocks[block]
-                        .recv_range(fd, off, h.len as u64, deadline)
+                    s.recv_into(&land.blocks[block], off, h.len as u64, deadline)
                         .map(|()| (block, ticket))
                 })
                 .map_err(DataFrameError::from)
@@ -286,7 +322,7 @@ impl DestLink for DestTcp {
             .lock()
             .unwrap()
             .get(&conn)
-            .map(|c| c.stream.try_clone());
+            .and_then(|c| c.stream.as_ref().map(Stream::try_clone));
         match s {
             Some(s) => s?.write_all(frame),
             None => Err(io::Error::new(
@@ -303,8 +339,13 @@ impl DestLink for DestTcp {
             if let Some(d) = c.decide.take() {
                 let _ = d.try_send(Decision::Refuse);
             }
-            let _ = c.stream.shutdown(Shutdown::Write);
-            if let Ok(s) = c.stream.try_clone() {
+            match &c.stream {
+                Some(s) => s.shutdown(Shutdown::Write),
+                None => {
+                    let _ = c.tcp.shutdown(Shutdown::Write);
+                }
+            }
+            if let Ok(s) = c.tcp.try_clone() {
                 let _ = self.reaper.send((Instant::now() + LINGER, s));
             }
         }
@@ -342,7 +383,7 @@ impl DestLink for DestTcp {
             if let Some(d) = c.decide.take() {
                 let _ = d.try_send(Decision::Refuse);
             }
-            let _ = c.stream.shutdown(Shutdown::Both);
+            let _ = c.tcp.shutdown(Shutdown::Both);
         }
         // Wake the acceptor so it sees `closing`.
         let _ = TcpStream::connect_timeout(&self.local, Duration::from_millis(200));

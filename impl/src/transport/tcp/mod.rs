@@ -16,10 +16,9 @@
 mod destination;
 pub mod frames;
 mod source;
+pub mod stream;
 
-use std::io::{self, Read};
-use std::net::TcpStream;
-use std::os::fd::AsFd;
+use std::io;
 use std::time::{Duration, Instant};
 
 use rdmig_model::wire;
@@ -28,19 +27,15 @@ pub use destination::DestTcp;
 pub use frames::*;
 pub use source::SourceTcp;
 
-use crate::memory::ram::wait_readable;
+pub use stream::Stream;
 
 /// Reads exactly `buf.len()` bytes, all of them by `deadline`.
-fn read_exact_by(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+fn read_exact_by(s: &mut Stream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
     let mut got = 0;
     while got < buf.len() {
-        wait_readable(s.as_fd(), deadline)?;
-        match s.read(&mut buf[got..]) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+        match s.read_some(&mut buf[got..], Some(deadline))? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => got += n,
         }
     }
     Ok(())
@@ -50,28 +45,18 @@ fn read_exact_by(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Re
 /// machines' to time out (their idle and progress deadlines), and closing the socket ends
 /// the wait. `Ok(None)` is the end of the stream. A receive timeout left on the socket (see
 /// `RamBlock::recv_range`) only means nothing came yet.
-fn read_first_byte(s: &mut TcpStream) -> io::Result<Option<u8>> {
+fn read_first_byte(s: &mut Stream) -> io::Result<Option<u8>> {
     let mut b = [0u8; 1];
-    loop {
-        match s.read(&mut b) {
-            Ok(0) => return Ok(None),
-            Ok(_) => return Ok(Some(b[0])),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::Interrupted
-                        | io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => return Err(e),
-        }
+    match s.read_some(&mut b, None)? {
+        0 => Ok(None),
+        _ => Ok(Some(b[0])),
     }
 }
 
 /// Reads one control frame whose first byte is `first`: the rest by `frame` after it (spec:
 /// LIVE-3). A header that fails to decode is returned as-is, so the machine sees the
 /// malformed bytes and aborts.
-fn read_control_frame(s: &mut TcpStream, first: u8, frame: Duration) -> io::Result<Vec<u8>> {
+fn read_control_frame(s: &mut Stream, first: u8, frame: Duration) -> io::Result<Vec<u8>> {
     let deadline = Instant::now() + frame;
     let mut buf = vec![0u8; wire::HEADER_LEN];
     buf[0] = first;
@@ -87,7 +72,8 @@ fn read_control_frame(s: &mut TcpStream, first: u8, frame: Duration) -> io::Resu
 mod tests {
     use super::*;
     use std::io::Write;
-    use std::net::TcpListener;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsFd;
 
     /// A connected pair and a thread that writes `bytes` one per `gap` to its far end.
     fn trickle(bytes: Vec<u8>, gap: Duration) -> TcpStream {
@@ -118,7 +104,7 @@ mod tests {
             },
         })
         .unwrap();
-        let mut r = trickle(frame.clone(), Duration::from_millis(40));
+        let mut r = Stream::plain(trickle(frame.clone(), Duration::from_millis(40)));
         let t = Instant::now();
         let first = read_first_byte(&mut r).unwrap().unwrap();
         let e = read_control_frame(&mut r, first, Duration::from_millis(200)).unwrap_err();
@@ -129,7 +115,7 @@ mod tests {
             t.elapsed()
         );
         // The same bytes sent at once arrive whole.
-        let mut r = trickle(frame.clone(), Duration::ZERO);
+        let mut r = Stream::plain(trickle(frame.clone(), Duration::ZERO));
         let first = read_first_byte(&mut r).unwrap().unwrap();
         assert_eq!(
             read_control_frame(&mut r, first, Duration::from_secs(5)).unwrap(),

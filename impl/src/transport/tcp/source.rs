@@ -1,7 +1,7 @@
 //! The source's end of the TCP binding: the control connection, and data connections opened
 //! one per channel when the machine asks (spec: AUTH-6).
 
-use std::io::{self, Write};
+use std::io;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use rdmig_model::wire::{self, DataHello};
 
 use super::{encode_data_header, DataHeader, MAX_DATA_FRAME};
-use super::{read_control_frame, read_exact_by, read_first_byte};
+use super::{read_control_frame, read_exact_by, read_first_byte, Stream};
 use crate::memory::ram::RamBlock;
 use crate::transport::completions::ChannelCompletions;
+use crate::transport::tls::ClientTls;
 use crate::transport::{tune, Deadlines, SourceLink, SrcEvent, WriteReq};
 
 /// Writes queued per channel: deeper than the machine's per-channel window, which it never
@@ -22,12 +23,14 @@ const QUEUE_DEPTH: usize = 4096;
 /// The source's end: control connection plus data channels opened after authentication.
 pub struct SourceTcp {
     addr: SocketAddr,
-    control: TcpStream,
+    control: Stream,
+    /// TLS for every connection, when configured.
+    tls: Option<ClientTls>,
     events: Sender<SrcEvent>,
     /// Per channel: the queue of its sending thread, once admitted.
     channels: Arc<Mutex<Vec<Option<SyncSender<WriteReq>>>>>,
     /// Every data connection, for shutdown.
-    streams: Arc<Mutex<Vec<TcpStream>>>,
+    streams: Arc<Mutex<Vec<Stream>>>,
     blocks: Arc<Vec<Arc<RamBlock>>>,
     /// Bytes per second per channel, 0 for unlimited.
     rate: u64,
@@ -35,24 +38,31 @@ pub struct SourceTcp {
 }
 
 impl SourceTcp {
+    /// The control connection's TLS channel binding, when it runs inside TLS (spec: AUTH-1).
+    pub fn channel_binding(&self) -> Option<[u8; 32]> {
+        self.control.binding()
+    }
+
     /// Connects the control channel; what happens arrives on `tx`. `max_bandwidth` (bytes per
     /// second, 0 for none) is shared by the `channels` data channels.
+    #[allow(clippy::too_many_arguments)]
     pub fn connect(
         addr: SocketAddr,
+        tls: Option<ClientTls>,
         blocks: Arc<Vec<Arc<RamBlock>>>,
         max_bandwidth: u64,
         channels: u8,
         deadlines: Deadlines,
         tx: Sender<SrcEvent>,
     ) -> io::Result<Self> {
-        let control = TcpStream::connect_timeout(&addr, deadlines.connect())?;
-        tune(&control, deadlines);
+        let control = connect(addr, tls.as_ref(), deadlines)?;
         let reader = control.try_clone()?;
         let events = tx.clone();
         std::thread::spawn(move || control_reader(reader, events, deadlines));
         Ok(SourceTcp {
             addr,
             control,
+            tls,
             events: tx,
             channels: Arc::new(Mutex::new(Vec::new())),
             streams: Arc::new(Mutex::new(Vec::new())),
@@ -63,7 +73,16 @@ impl SourceTcp {
     }
 }
 
-fn control_reader(mut s: TcpStream, events: Sender<SrcEvent>, d: Deadlines) {
+/// A connection to the destination: TCP with the liveness options, then TLS when configured,
+/// all within the connect deadline (spec: LIVE-4).
+fn connect(addr: SocketAddr, tls: Option<&ClientTls>, d: Deadlines) -> io::Result<Stream> {
+    let deadline = Instant::now() + d.connect();
+    let tcp = TcpStream::connect_timeout(&addr, d.connect())?;
+    tune(&tcp, d);
+    Stream::client(tcp, tls, deadline)
+}
+
+fn control_reader(mut s: Stream, events: Sender<SrcEvent>, d: Deadlines) {
     loop {
         let r = read_first_byte(&mut s).and_then(|first| match first {
             None => Err(io::Error::new(
@@ -94,11 +113,11 @@ impl SourceLink for SourceTcp {
 
     fn open_data(&mut self, hello: DataHello) -> io::Result<()> {
         let ch = hello.channel;
-        let (addr, d, rate) = (self.addr, self.deadlines, self.rate);
+        let (addr, d, rate, tls) = (self.addr, self.deadlines, self.rate, self.tls.clone());
         let (events, blocks) = (self.events.clone(), self.blocks.clone());
         let (channels, streams) = (self.channels.clone(), self.streams.clone());
         std::thread::spawn(move || {
-            let opened = join(addr, &hello, d).and_then(|s| {
+            let opened = join(addr, tls.as_ref(), &hello, d).and_then(|s| {
                 let comps = Arc::new(ChannelCompletions::new());
                 let (tx, rx) = mpsc::sync_channel::<WriteReq>(QUEUE_DEPTH);
                 let (reader, writer) = (s.try_clone()?, s.try_clone()?);
@@ -134,10 +153,9 @@ impl SourceLink for SourceTcp {
 
     /// Closes every connection; the threads end on their own.
     fn shutdown(&mut self) {
-        let _ = self.control.flush();
-        let _ = self.control.shutdown(Shutdown::Both);
+        self.control.shutdown(Shutdown::Both);
         for s in self.streams.lock().unwrap().iter() {
-            let _ = s.shutdown(Shutdown::Both);
+            s.shutdown(Shutdown::Both);
         }
         self.channels.lock().unwrap().clear();
     }
@@ -149,10 +167,14 @@ impl SourceLink for SourceTcp {
 
 /// Connects a data channel and presents its DATA_HELLO; the destination's DATA_JOIN_ACK, within
 /// the connect deadline, admits it (spec: AUTH-6, LIVE-4).
-fn join(addr: SocketAddr, hello: &DataHello, d: Deadlines) -> io::Result<TcpStream> {
+fn join(
+    addr: SocketAddr,
+    tls: Option<&ClientTls>,
+    hello: &DataHello,
+    d: Deadlines,
+) -> io::Result<Stream> {
     let deadline = Instant::now() + d.connect();
-    let mut s = TcpStream::connect_timeout(&addr, d.connect())?;
-    tune(&s, d);
+    let mut s = connect(addr, tls, d)?;
     s.write_all(&hello.encode())?;
     let mut ack = [0u8; 8];
     read_exact_by(&mut s, &mut ack, deadline).map_err(|e| {
@@ -174,7 +196,7 @@ fn join(addr: SocketAddr, hello: &DataHello, d: Deadlines) -> io::Result<TcpStre
 /// count is the machine's to bound (its progress deadline, spec: ERR-4); a count once begun
 /// must arrive whole within the frame deadline.
 fn ack_reader(
-    mut s: TcpStream,
+    mut s: Stream,
     ch: u8,
     comps: Arc<ChannelCompletions>,
     events: Sender<SrcEvent>,
@@ -221,7 +243,7 @@ fn ack_reader(
 }
 
 fn data_sender(
-    s: TcpStream,
+    mut s: Stream,
     ch: u8,
     rx: Receiver<WriteReq>,
     comps: Arc<ChannelCompletions>,
@@ -242,9 +264,8 @@ fn data_sender(
                 len: n as u32,
             };
             comps.posted(last.then_some(w.wr_id));
-            let fd = std::os::fd::AsFd::as_fd(&s);
-            if let Err(e) = blocks[w.block as usize].send_range(
-                fd,
+            if let Err(e) = s.send_from(
+                &blocks[w.block as usize],
                 &encode_data_header(&h),
                 w.offset + done,
                 n as u64,

@@ -960,7 +960,11 @@ impl Bootstrap {
             tracing::warn!("connecting the control queue pair: {e}");
             return;
         }
-        if self.events.send(DstEvent::Accepted(CONTROL_CONN)).is_err() {
+        if self
+            .events
+            .send(DstEvent::Accepted(CONTROL_CONN, None))
+            .is_err()
+        {
             return;
         }
         if let Err(e) = s.write_all(&connect_msg(&ctl.endpoint())) {
@@ -998,7 +1002,7 @@ impl Bootstrap {
             ep.copy_from_slice(&m[DATA_HELLO_LEN..]);
             let (tx, rx) = mpsc::sync_channel(1);
             self.decisions.lock().unwrap().insert(conn, tx);
-            let sent = self.events.send(DstEvent::Accepted(conn)).is_ok()
+            let sent = self.events.send(DstEvent::Accepted(conn, None)).is_ok()
                 && self.events.send(DstEvent::DataHello(conn, hello)).is_ok();
             let admitted = sent
                 && rx.recv_timeout(self.deadlines.connect()) == Ok(true)

@@ -438,6 +438,7 @@ impl ProtocolModel {
             LsnInput::Accepted {
                 conn: CTRL_CONN,
                 nonce: [2; wire::NONCE_LEN],
+                binding: None,
             },
         );
         self.feed_src(&mut s, SrcInput::Start);

@@ -432,6 +432,7 @@ impl ProtocolModel {
             LsnInput::Accepted {
                 conn,
                 nonce: [0xd0; wire::NONCE_LEN],
+                binding: None,
             },
         );
         self.feed_lsn(
@@ -580,6 +581,7 @@ impl ProtocolModel {
             LsnInput::Accepted {
                 conn,
                 nonce: [0x5a; wire::NONCE_LEN],
+                binding: None,
             },
         );
         let hello = || {
