@@ -86,7 +86,7 @@ fn main() -> ExitCode {
                 Ok::<(), String>(())
             })
             .map(|_| ExitCode::SUCCESS),
-        Cmd::Demo(a) => rdmig::tools::demo::demo(a.size, a.dirty_rate, a.channels, a.dir),
+        Cmd::Demo(a) => rdmig::tools::demo::demo(a.size, a.dirty_rate, a.channels, a.dir, a.tls),
         Cmd::Bench(a) => match a.sink_port {
             Some(p) => rdmig::tools::bench::raw_sink(p),
             None => rdmig::tools::bench::bench(a.size, a.dir, a.json, a.busy),

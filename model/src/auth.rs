@@ -131,3 +131,27 @@ pub fn verify_data_token(
         None => *tag == [0; MAC_LEN],
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// spec: AUTH-1: inside TLS both proofs cover the session's binding: a proof made on one
+    /// TLS session (or outside TLS) does not verify on another.
+    #[test]
+    fn auth_1_proofs_are_bound_to_the_tls_session() {
+        let (key, hello, ack) = (b"k".as_slice(), b"hello".as_slice(), b"ack".as_slice());
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let d = dst_mac(key, hello, ack, Some(&a));
+        assert!(verify_dst(key, hello, ack, Some(&a), &d));
+        assert!(!verify_dst(key, hello, ack, Some(&b), &d));
+        assert!(!verify_dst(key, hello, ack, None, &d));
+        let s = src_mac(key, hello, ack, Some(&a));
+        assert!(verify_src(key, hello, ack, Some(&a), &s));
+        assert!(!verify_src(key, hello, ack, Some(&b), &s));
+        let plain = src_mac(key, hello, ack, None);
+        assert!(!verify_src(key, hello, ack, Some(&a), &plain));
+        // The parts are length-prefixed: moving bytes between them changes the proof.
+        assert!(!verify_src(key, b"hell", b"oack", None, &plain));
+    }
+}

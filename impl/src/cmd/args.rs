@@ -259,6 +259,9 @@ pub struct DemoArgs {
     /// Directory for the RAM files (default: /dev/shm if present, else a temp dir).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Every connection inside TLS 1.3, with throwaway credentials from `tls-init`.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 #[derive(clap::Args, Clone)]

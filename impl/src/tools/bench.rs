@@ -2,7 +2,7 @@
 //! same run: iperf3 (`-l 1M`) when it is installed, else an in-tree stream that does what
 //! iperf3 does (one hot 1 MiB buffer written over and over, read into one hot buffer), for one
 //! stream and for two pairs at once; then rdmig moving the same amount of non-zero memory with
-//! 1 and 2 channels. Every figure is the median of three runs; the machine is shared.
+//! 1 and 2 channels, in the clear and inside TLS 1.3. Every figure is the median of three runs; the machine is shared.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -163,23 +163,36 @@ pub fn raw_sink(port: u16) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// One rdmig migration of the source file with `channels` channels: both reports.
+/// One rdmig migration of the source file with `channels` channels, inside TLS with the
+/// credentials in `tls` when given: both reports.
 fn rdmig_run(
     d: &Path,
     key: &Path,
     src: &Path,
     size: u64,
     channels: u8,
+    tls: Option<&Path>,
 ) -> Result<(Value, Value), String> {
     let tag = channels.to_string();
     let dst = d.join(format!("dst-{tag}.ram"));
-    let (recv, addr) = start_recv(d, key, &[(format!("ram{tag}"), dst.clone(), size)], &[])?;
+    let creds = tls.map(|p| p.display().to_string());
+    let tls_args: Vec<&str> = match &creds {
+        Some(c) => vec!["--tls-creds", c],
+        None => vec![],
+    };
+    let (recv, addr) = start_recv(
+        d,
+        key,
+        &[(format!("ram{tag}"), dst.clone(), size)],
+        &tls_args,
+    )?;
     let send = Command::new(exe())
         .args(["send", "--connect", &addr, "--json", "--channels", &tag])
         .arg("--ram")
         .arg(format!("ram{tag}={}", src.display()))
         .arg("--psk-file")
         .arg(key)
+        .args(&tls_args)
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| e.to_string())?;
@@ -238,6 +251,8 @@ struct Figures {
     one: f64,
     two: f64,
     rdmig: [f64; 2],
+    /// The same migrations inside TLS 1.3.
+    tls: [f64; 2],
     phases: [String; 2],
     overhead: [(u64, u64); 2],
     scan: [f64; 2],
@@ -263,6 +278,9 @@ fn measure(d: &Path, size: u64) -> Result<Figures, String> {
     let mut one = Vec::new();
     let mut two = Vec::new();
     let mut rdmig = [Vec::new(), Vec::new()];
+    let mut tls = [Vec::new(), Vec::new()];
+    let creds = d.join("tls");
+    crate::transport::tls::init(&creds, &[])?;
     let mut last = Vec::new();
     // Interleaved, so that a noisy moment hits every figure alike.
     for _ in 0..RUNS {
@@ -270,9 +288,11 @@ fn measure(d: &Path, size: u64) -> Result<Figures, String> {
         two.push(wire(2)?);
         last.clear();
         for (i, ch) in [1u8, 2].into_iter().enumerate() {
-            let (s, r) = rdmig_run(d, &key, &src_path, size, ch)?;
+            let (s, r) = rdmig_run(d, &key, &src_path, size, ch, None)?;
             rdmig[i].push(rdmig_gb_s(&s, size));
             last.push((s, r));
+            let (s, _) = rdmig_run(d, &key, &src_path, size, ch, Some(&creds))?;
+            tls[i].push(rdmig_gb_s(&s, size));
         }
     }
     let phases = |s: &Value| -> String {
@@ -307,11 +327,13 @@ fn measure(d: &Path, size: u64) -> Result<Figures, String> {
         scan_rate(src, size, 2)?,
     ];
     let [r1, r2] = rdmig;
+    let [t1, t2] = tls;
     Ok(Figures {
         reference,
         one: median(one),
         two: median(two),
         rdmig: [median(r1), median(r2)],
+        tls: [median(t1), median(t2)],
         phases: [phases(&last[0].0), phases(&last[1].0)],
         overhead: [overhead(&last[0]), overhead(&last[1])],
         scan,
@@ -353,6 +375,10 @@ pub fn bench(size: u64, dir: Option<PathBuf>, json: bool, busy: usize) -> Result
             "rdmig_2ch_gb_s": f.rdmig[1],
             "ratio_1ch": r1,
             "ratio_2ch": r2,
+            "rdmig_tls_1ch_gb_s": f.tls[0],
+            "rdmig_tls_2ch_gb_s": f.tls[1],
+            "tls_ratio_1ch": f.tls[0] / f.rdmig[0],
+            "tls_ratio_2ch": f.tls[1] / f.rdmig[1],
             "scan_1_thread_gb_s": f.scan[0],
             "scan_2_threads_gb_s": f.scan[1],
             "rss_anon_mib": {"1ch": f.overhead[0], "2ch": f.overhead[1]},
@@ -388,6 +414,15 @@ pub fn bench(size: u64, dir: Option<PathBuf>, json: bool, busy: usize) -> Result
         println!(
             "    memory overhead: source {} MiB, destination {} MiB (limit 1% of RAM + 64 MiB = {limit} MiB)",
             f.overhead[i].0, f.overhead[i].1
+        );
+        println!(
+            "  {:<44} {:6.2} GB/s  {:.2}x rdmig in the clear",
+            format!(
+                "rdmig inside TLS 1.3, {ch} channel{}",
+                if ch > 1 { "s" } else { "" }
+            ),
+            f.tls[i],
+            f.tls[i] / f.rdmig[i]
         );
     }
     println!(

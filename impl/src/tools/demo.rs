@@ -14,14 +14,26 @@ pub fn demo(
     dirty_rate: f64,
     channels: u8,
     dir: Option<PathBuf>,
+    tls: bool,
 ) -> Result<ExitCode, String> {
     let d = work_dir(dir, "demo")?;
     let key = write_key(&d)?;
+    let creds = d.join("tls");
+    let mut tls_args: Vec<String> = Vec::new();
+    if tls {
+        crate::transport::tls::init(&creds, &[])?;
+        tls_args = vec!["--tls-creds".into(), creds.display().to_string()];
+    }
+    let tls_args: Vec<&str> = tls_args.iter().map(String::as_str).collect();
     let src_ram = d.join("source.ram");
     let dst_ram = d.join("destination.ram");
     let bitmap = d.join("source.dirty");
     let ready = d.join("ready");
-    println!("rdmig demo: {} MiB workload writing {dirty_rate} MB/s, {channels} TCP data channels, loopback", size >> 20);
+    println!(
+        "rdmig demo: {} MiB workload writing {dirty_rate} MB/s, {channels} TCP data channels{}, loopback",
+        size >> 20,
+        if tls { " inside TLS 1.3" } else { "" }
+    );
     let mut wl = Command::new(exe())
         .args([
             "workload",
@@ -42,7 +54,12 @@ pub fn demo(
         .map_err(|e| format!("starting workload: {e}"))?;
     let result = (|| {
         wait_file(&ready, Duration::from_secs(120), &mut wl)?;
-        let (recv, addr) = start_recv(&d, &key, &[("ram".into(), dst_ram.clone(), size)], &[])?;
+        let (recv, addr) = start_recv(
+            &d,
+            &key,
+            &[("ram".into(), dst_ram.clone(), size)],
+            &tls_args,
+        )?;
         println!(
             "workload pid {} running; destination listening on {addr}",
             wl.id()
@@ -64,6 +81,7 @@ pub fn demo(
             .arg("--dirty-log")
             .arg(format!("bitmap:{}", bitmap.display()))
             .args(["--pid", &wl.id().to_string(), "--downtime-limit", "50"])
+            .args(&tls_args)
             .stdout(Stdio::piped())
             .spawn()
             .map_err(|e| format!("starting rdmig send: {e}"))?;

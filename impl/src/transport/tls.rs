@@ -35,6 +35,8 @@ pub const SERVER_KEY: &str = "server-key.pem";
 pub const CLIENT_CERT: &str = "client-cert.pem";
 pub const CLIENT_KEY: &str = "client-key.pem";
 
+/// ring: built from Rust and assembly with the C compiler every Rust toolchain has (no cmake
+/// or Go as aws-lc-rs needs), so a fresh Debian machine builds it as it is.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -170,6 +172,21 @@ impl TlsStream {
 
     fn handshake(
         sock: TcpStream,
+        conn: rustls::Connection,
+        deadline: Instant,
+    ) -> io::Result<TlsStream> {
+        Self::handshake_io(sock, conn, deadline).map_err(|e| match e.kind() {
+            // A reset or an end mid-handshake is most often a peer without TLS.
+            io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof => io::Error::new(
+                e.kind(),
+                format!("{e} during the TLS handshake (does the peer use --tls-creds too?)"),
+            ),
+            _ => e,
+        })
+    }
+
+    fn handshake_io(
+        sock: TcpStream,
         mut conn: rustls::Connection,
         deadline: Instant,
     ) -> io::Result<TlsStream> {
@@ -184,7 +201,7 @@ impl TlsStream {
             if conn.read_tls(&mut &sock)? == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    "the peer closed the connection during the TLS handshake",
+                    "the peer closed the connection",
                 ));
             }
             if let Err(e) = conn.process_new_packets() {
@@ -308,6 +325,16 @@ impl TlsStream {
 /// addresses; `localhost`, 127.0.0.1 and ::1 always), and a client certificate, in QEMU's
 /// layout. For tests and first steps; a deployment uses its own CA.
 pub fn init(dir: &Path, names: &[String]) -> Result<Vec<PathBuf>, String> {
+    generate(dir, names, |_| {})
+}
+
+/// [`init`], with `server` adjusting the destination certificate's parameters (tests make it
+/// expired).
+fn generate(
+    dir: &Path,
+    names: &[String],
+    server: impl Fn(&mut rcgen::CertificateParams),
+) -> Result<Vec<PathBuf>, String> {
     use rcgen::{
         BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
         IsCa, KeyPair, KeyUsagePurpose,
@@ -329,12 +356,17 @@ pub fn init(dir: &Path, names: &[String]) -> Result<Vec<PathBuf>, String> {
     let mut all: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
     all.extend(names.iter().cloned());
     all.dedup();
-    let leaf = |cn: &str, sans: Vec<String>, usage| -> Result<(String, String), String> {
+    let leaf = |cn: &str,
+                sans: Vec<String>,
+                usage,
+                adjust: &dyn Fn(&mut CertificateParams)|
+     -> Result<(String, String), String> {
         let key = KeyPair::generate().map_err(e)?;
         let mut p = CertificateParams::new(sans).map_err(e)?;
         p.distinguished_name = DistinguishedName::new();
         p.distinguished_name.push(DnType::CommonName, cn);
         p.extended_key_usages = vec![usage];
+        adjust(&mut p);
         let c = p.signed_by(&key, &ca_cert, &ca_key).map_err(e)?;
         Ok((c.pem(), key.serialize_pem()))
     };
@@ -342,11 +374,13 @@ pub fn init(dir: &Path, names: &[String]) -> Result<Vec<PathBuf>, String> {
         "rdmig destination",
         all,
         ExtendedKeyUsagePurpose::ServerAuth,
+        &server,
     )?;
     let (client, client_key) = leaf(
         "rdmig source",
         vec!["rdmig-source".into()],
         ExtendedKeyUsagePurpose::ClientAuth,
+        &|_| {},
     )?;
     let files = [
         (CA, ca_cert.pem(), false),
@@ -440,5 +474,164 @@ mod tests {
         let (c, _) = pair(d.path(), "localhost");
         let e = c.err().expect("refused");
         assert!(e.to_string().contains("not signed by the CA"), "{e}");
+    }
+
+    fn secs(n: u64) -> Option<Instant> {
+        Some(Instant::now() + Duration::from_secs(n))
+    }
+
+    /// A certificate past its validity is refused with an error that says so.
+    #[test]
+    fn an_expired_destination_certificate_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        generate(d.path(), &[], |p| {
+            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        })
+        .unwrap();
+        let (c, _) = pair(d.path(), "localhost");
+        let e = c.err().expect("refused");
+        assert!(e.to_string().contains("has expired"), "{e}");
+    }
+
+    /// A source without a client certificate does not get a session.
+    #[test]
+    fn a_source_without_a_client_certificate_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path(), &[]).unwrap();
+        let server = ServerTls::load(d.path()).unwrap();
+        let anonymous = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots(d.path()).unwrap())
+            .with_no_client_auth();
+        let client = ClientTls {
+            config: Arc::new(anonymous),
+            name: ServerName::try_from("localhost").unwrap(),
+        };
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            TlsStream::server(s, &server, secs(5).unwrap())
+        });
+        // TLS 1.3: the client finishes its side before the server judges its certificate;
+        // its first read then sees the server's alert.
+        let c = TlsStream::client(TcpStream::connect(addr).unwrap(), &client, secs(5).unwrap());
+        let e = t.join().unwrap().err().expect("refused");
+        assert!(e.to_string().contains("no client certificate"), "{e}");
+        if let Ok(c) = c {
+            let mut b = [0u8; 8];
+            assert!(c.read_some(&mut b, secs(5)).is_err());
+        }
+    }
+
+    /// A plaintext peer on either side fails the handshake at once, and a silent one at the
+    /// deadline, never later.
+    #[test]
+    fn a_plaintext_or_silent_peer_fails_the_handshake_in_bounded_time() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path(), &[]).unwrap();
+        let server = ServerTls::load(d.path()).unwrap();
+        let client = ClientTls::load(d.path(), "localhost").unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        // A plaintext source talking to a TLS destination.
+        let mut plain = TcpStream::connect(addr).unwrap();
+        plain
+            .write_all(&[0x52, 0x44, 0x4d, 0x47, 0, 1, 0, 0])
+            .unwrap();
+        let (s, _) = l.accept().unwrap();
+        let e = TlsStream::server(s, &server, secs(5).unwrap())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("does not speak TLS"), "{e}");
+        // A TLS source talking to a plaintext destination that answers with its own bytes.
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(&[0x52, 0x44, 0x4d, 0x47, 0, 2, 0, 0]).unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+            let (silent, _) = l.accept().unwrap();
+            std::thread::sleep(Duration::from_secs(2));
+            drop(silent);
+        });
+        let e = TlsStream::client(TcpStream::connect(addr).unwrap(), &client, secs(5).unwrap())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("does not speak TLS"), "{e}");
+        // A destination that accepts and says nothing: the handshake ends at its deadline.
+        let started = Instant::now();
+        let e = TlsStream::client(
+            TcpStream::connect(addr).unwrap(),
+            &client,
+            Instant::now() + Duration::from_millis(300),
+        )
+        .err()
+        .unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(started.elapsed() < Duration::from_millis(1500));
+        t.join().unwrap();
+    }
+
+    /// A record changed in flight fails its integrity check, and a connection cut inside a
+    /// record is an error, not an orderly end.
+    #[test]
+    fn a_tampered_or_truncated_record_is_an_error() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path(), &[]).unwrap();
+        let server = ServerTls::load(d.path()).unwrap();
+        let client = ClientTls::load(d.path(), "localhost").unwrap();
+        for tamper in [true, false] {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            let srv = server.clone();
+            let t = std::thread::spawn(move || {
+                let (s, _) = l.accept().unwrap();
+                let s = TlsStream::server(s, &srv, secs(5).unwrap()).unwrap();
+                let mut b = [0u8; 64];
+                s.read_some(&mut b, secs(5))
+            });
+            let mut sock = TcpStream::connect(addr).unwrap();
+            let mut c =
+                rustls::ClientConnection::new(client.config.clone(), client.name.clone()).unwrap();
+            while c.is_handshaking() {
+                c.complete_io(&mut sock).unwrap();
+            }
+            c.writer()
+                .write_all(b"forty-two bytes of memory, or a header..")
+                .unwrap();
+            let mut sealed = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut sealed).unwrap();
+            }
+            if tamper {
+                let last = sealed.len() - 1;
+                sealed[last] ^= 1;
+                sock.write_all(&sealed).unwrap();
+            } else {
+                sock.write_all(&sealed[..sealed.len() / 2]).unwrap();
+                sock.shutdown(Shutdown::Write).unwrap();
+            }
+            let e = t.join().unwrap().expect_err("an error");
+            if tamper {
+                assert!(e.to_string().contains("integrity"), "{e}");
+            } else {
+                assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+            }
+        }
+    }
+
+    /// spec: AUTH-1: two sessions between the same credentials export different bindings,
+    /// so a HELLO MAC computed on one does not verify on another.
+    #[test]
+    fn auth_1_each_session_exports_its_own_binding() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path(), &[]).unwrap();
+        let (c1, s1) = pair(d.path(), "localhost");
+        let (c2, s2) = pair(d.path(), "localhost");
+        let (c1, s1, c2, s2) = (c1.unwrap(), s1.unwrap(), c2.unwrap(), s2.unwrap());
+        assert_eq!(c1.binding(), s1.binding());
+        assert_eq!(c2.binding(), s2.binding());
+        assert_ne!(c1.binding(), c2.binding());
     }
 }

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -84,6 +84,7 @@ impl DestTcp {
                 digests,
                 blocks,
                 tls,
+                handshaking: Arc::new(AtomicUsize::new(0)),
             };
             std::thread::spawn(move || acceptor(listener, ends, closing, tx, deadlines));
         }
@@ -119,7 +120,13 @@ struct Ends {
     digests: DigestSlot,
     blocks: Arc<Vec<Arc<RamBlock>>>,
     tls: Option<ServerTls>,
+    /// TLS handshakes in progress: they run before the listener hears of a connection, so
+    /// they are bounded here (spec: TLS-2), as the listener bounds what it holds.
+    handshaking: Arc<AtomicUsize>,
 }
+
+/// TLS handshakes in progress at most; one more cuts the oldest.
+const MAX_HANDSHAKES: usize = rdmig_model::listener::MAX_PENDING;
 
 fn acceptor(
     listener: TcpListener,
@@ -138,6 +145,20 @@ fn acceptor(
         let conn = next;
         next += 1;
         let Ok(handle) = s.try_clone() else { continue };
+        // Counted here, before its thread exists; uncounted when its handshake ends. Full:
+        // the oldest handshake is cut, so connections that stall their handshake cannot keep
+        // a source out (as the listener evicts its oldest pending connection).
+        if ends.tls.is_some() && ends.handshaking.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKES {
+            let conns = ends.conns.lock().unwrap();
+            let oldest = conns
+                .iter()
+                .filter(|(_, c)| c.stream.is_none())
+                .min_by_key(|(id, _)| **id);
+            if let Some((id, c)) = oldest {
+                tracing::debug!("{MAX_HANDSHAKES} TLS handshakes in progress: connection {id} cut");
+                let _ = c.tcp.shutdown(Shutdown::Both);
+            }
+        }
         ends.conns.lock().unwrap().insert(
             conn,
             Conn {
@@ -167,7 +188,11 @@ fn open(
     events: &Sender<DstEvent>,
     d: Deadlines,
 ) -> Option<String> {
-    let s = match Stream::server(tcp, ends.tls.as_ref(), Instant::now() + d.connect()) {
+    let s = Stream::server(tcp, ends.tls.as_ref(), Instant::now() + d.connect());
+    if ends.tls.is_some() {
+        ends.handshaking.fetch_sub(1, Ordering::SeqCst);
+    }
+    let s = match s {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!("connection {conn}: TLS handshake failed: {e}");
