@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-FUZZ_TARGETS := wire_decode wire_roundtrip destination_session source_session handshake_auth tcp_data_frame
+FUZZ_TARGETS := wire_decode wire_roundtrip destination_session source_session handshake_auth tcp_data_frame tls_data_frame
 # Seconds each fuzz target runs inside `make test`.
 FUZZ_SMOKE_SECONDS ?= 30
 TARGET ?= wire_decode

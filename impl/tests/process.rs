@@ -28,8 +28,13 @@ fn live_migration(channels: &str, pin_all: bool) {
     let s = send(&addr, &k, &w, &extra).wait_with_output().unwrap();
     let r = r.wait_with_output().unwrap();
     let (sr, rr) = (report(&s), report(&r));
-    assert_eq!(sr["status"], "completed", "{sr}");
-    assert_eq!(rr["status"], "completed", "{rr}");
+    let logs = format!(
+        "source stderr: {}\ndestination stderr: {}",
+        String::from_utf8_lossy(&s.stderr),
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert_eq!(sr["status"], "completed", "{sr}\n{rr}\n{logs}");
+    assert_eq!(rr["status"], "completed", "{rr}\n{logs}");
     assert_eq!(s.status.code(), Some(0));
     assert!(sr["verified"].as_bool().unwrap());
     assert!(

@@ -582,8 +582,22 @@ fn rdmig_migrate(
     src_extra: Vec<String>,
     send_extra: &[&str],
 ) -> RdmigRun {
+    rdmig_migrate_with(a, s, rate, start_by_recv, src_extra, send_extra, &[])
+}
+
+/// [`rdmig_migrate`] with arguments for `rdmig recv` too.
+fn rdmig_migrate_with(
+    a: &Assets,
+    s: &Scratch,
+    rate: u64,
+    start_by_recv: bool,
+    src_extra: Vec<String>,
+    send_extra: &[&str],
+    recv_extra: &[&str],
+) -> RdmigRun {
     let (src, dstg) = boot_source(a, s, rate, src_extra);
     let mut recv_args = recv_args(s);
+    recv_args.extend(recv_extra.iter().map(|x| x.to_string()));
     let dst = if start_by_recv {
         recv_args.push("--qemu-start".into());
         recv_args.push(shell_line(&a.qemu, &qemu_args(a, s, &dstg)));
@@ -692,7 +706,13 @@ fn rdmig_live_migrates_qemu_guest_at_0_50_200_mb_s_and_memory_stays_intact() {
 /// QEMU's own live migration of the same guest over TCP on loopback: precopy, and multifd
 /// with 2 channels; max-bandwidth raised, downtime-limit 300 ms.
 fn qemu_migrate(a: &Assets, rate: u64, multifd: bool) -> Row {
-    let s = Scratch::new(&format!("qemu-{rate}-{multifd}"));
+    qemu_migrate_with(a, rate, multifd, None)
+}
+
+/// QEMU's own migration, inside TLS with `tls-creds-x509` objects on the credentials in
+/// `tls` (the layout `rdmig tls-init` writes) when given.
+fn qemu_migrate_with(a: &Assets, rate: u64, multifd: bool, tls: Option<&Path>) -> Row {
+    let s = Scratch::new(&format!("qemu-{rate}-{multifd}-{}", tls.is_some()));
     let (src, dstg) = boot_source(a, &s, rate, vec![]);
     let dst = Guest::start(a, &s, &dstg);
     let mut qs = src.qmp();
@@ -701,15 +721,26 @@ fn qemu_migrate(a: &Assets, rate: u64, multifd: bool) -> Row {
     qs.execute("migrate-set-capabilities", Some(caps.clone()))
         .unwrap();
     qd.execute("migrate-set-capabilities", Some(caps)).unwrap();
-    let params =
+    let mut params =
         json!({"max-bandwidth": 10u64 << 30, "downtime-limit": 300, "multifd-channels": 2});
+    let mut dparams = json!({"multifd-channels": 2});
+    if let Some(dir) = tls {
+        for (q, endpoint) in [(&mut qs, "client"), (&mut qd, "server")] {
+            q.execute(
+                "object-add",
+                Some(json!({"qom-type": "tls-creds-x509", "id": "tls0",
+                    "dir": dir.display().to_string(), "endpoint": endpoint,
+                    "verify-peer": true})),
+            )
+            .unwrap();
+        }
+        params["tls-creds"] = json!("tls0");
+        params["tls-hostname"] = json!("localhost");
+        dparams["tls-creds"] = json!("tls0");
+    }
     qs.execute("migrate-set-parameters", Some(params.clone()))
         .unwrap();
-    qd.execute(
-        "migrate-set-parameters",
-        Some(json!({"multifd-channels": 2})),
-    )
-    .unwrap();
+    qd.execute("migrate-set-parameters", Some(dparams)).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -728,10 +759,10 @@ fn qemu_migrate(a: &Assets, rate: u64, multifd: bool) -> Row {
             _ => std::thread::sleep(Duration::from_millis(5)),
         }
     };
-    let tool = if multifd {
-        "qemu multifd 2ch"
-    } else {
-        "qemu precopy"
+    let tool = match (multifd, tls.is_some()) {
+        (true, true) => "qemu multifd 2ch tls",
+        (true, false) => "qemu multifd 2ch",
+        (false, _) => "qemu precopy",
     };
     let survived = if m["status"] == "completed" {
         check_continues(&src, &dst)
@@ -814,6 +845,57 @@ fn bench_rdmig_2ch_against_qemu_multifd_2ch() {
                 continue;
             }
             let q = qemu_migrate(&a, rate, true);
+            record(&q);
+            assert!(q.survived.is_ok(), "{:?}", q.survived);
+        }
+    }
+}
+
+/// `make qemu-bench`, TLS: rdmig with 2 channels inside TLS 1.3 (`--tls-creds`, with the
+/// PSK bound to the session) next to QEMU's multifd with 2 channels and `tls-creds-x509` on
+/// the same credentials, at 0 and 200 MB/s, interleaved, rows as above.
+#[test]
+#[ignore = "a benchmark: run `make qemu-bench`"]
+fn bench_tls_rdmig_2ch_against_qemu_multifd_tls_2ch() {
+    let a = assets();
+    let runs = env_mb("RDMIG_QEMU_BENCH_RUNS", 3);
+    let creds = Scratch::new("tls-creds");
+    let dir = creds.path("tls");
+    let o = Command::new(env!("CARGO_BIN_EXE_rdmig"))
+        .arg("tls-init")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d = dir.display().to_string();
+    for run in 0..runs {
+        for rate in [0, 200] {
+            let s = Scratch::new(&format!("bench-tls-{rate}-{run}"));
+            let tls = ["--tls-creds", d.as_str()];
+            let r = rdmig_migrate_with(
+                &a,
+                &s,
+                rate,
+                false,
+                vec![],
+                &["--channels", "2", "--tls-creds", &d],
+                &tls,
+            );
+            let sr = report(&r.send, "send");
+            assert_eq!(r.send.code, Some(0), "rate {rate}: {sr}");
+            let row = Row {
+                tool: "rdmig 2ch tls",
+                rate,
+                total_ms: sr["total_time_ms"].as_u64().unwrap(),
+                downtime_ms: sr["downtime_ms"].as_u64().unwrap(),
+                transferred_mb: sr["bytes"]["data"].as_u64().unwrap() as f64 / 1e6,
+                dirtied_mb_s: dirtied(&r.src),
+                survived: check_continues(&r.src, &r.dst),
+                phases: sr["phases"].clone(),
+            };
+            record(&row);
+            assert!(row.survived.is_ok(), "{:?}", row.survived);
+            let q = qemu_migrate_with(&a, rate, true, Some(&dir));
             record(&q);
             assert!(q.survived.is_ok(), "{:?}", q.survived);
         }

@@ -2,8 +2,10 @@
 # `make qemu-bench`: a QEMU guest (1 GiB, 768 MiB filled by memcheck; RDMIG_QEMU_GUEST_MB and
 # RDMIG_QEMU_FILL_MB to change) migrated by rdmig with 2 channels, with and without --verify,
 # next to QEMU's own multifd migration with 2 channels, at 0, 50 and 200 MB/s, three runs each
-# (RDMIG_QEMU_BENCH_RUNS), interleaved. Every run is a JSON line in
-# target/qemu-cache/results.jsonl; the table shows medians and the ratios rdmig / QEMU.
+# (RDMIG_QEMU_BENCH_RUNS), interleaved; then both inside TLS (rdmig --tls-creds, QEMU multifd
+# with tls-creds-x509 on the same credentials) at 0 and 200 MB/s (RDMIG_QEMU_BENCH_TLS=0 to
+# skip). Every run is a JSON line in target/qemu-cache/results.jsonl; the tables show medians
+# and the ratios rdmig / QEMU.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 CACHE=${QEMU_CACHE:-$ROOT/target/qemu-cache}
@@ -16,6 +18,10 @@ rm -f "$RDMIG_QEMU_RESULTS"
 cd "$ROOT"
 cargo test --release -q -p rdmig --test qemu_guest -- --ignored --test-threads=1 --nocapture \
 	bench_rdmig_2ch_against_qemu_multifd_2ch 2>&1 | grep -E '^(ROW|DIFF|test |thread)' || true
+if [ "${RDMIG_QEMU_BENCH_TLS:-1}" != 0 ]; then
+	cargo test --release -q -p rdmig --test qemu_guest -- --ignored --test-threads=1 --nocapture \
+		bench_tls_rdmig_2ch_against_qemu_multifd_tls_2ch 2>&1 | grep -E '^(ROW|DIFF|test |thread)' || true
+fi
 python3 - "$RDMIG_QEMU_RESULTS" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
@@ -27,12 +33,23 @@ print(f"guest {rows[0]['guest_mb']} MiB, {rows[0]['fill_mb']} MiB filled; median
       f"{len([r for r in rows if r['tool'] == 'qemu multifd 2ch' and r['rate_mb_s'] == 0])} runs")
 print("| dirty MB/s | rdmig 2ch total / downtime (ms) | rdmig 2ch --verify total / downtime (ms) | QEMU multifd 2ch total / downtime (ms) | ratio total | ratio downtime | --verify adds to downtime |")
 print("|---|---|---|---|---|---|---|")
-for rate in sorted({r["rate_mb_s"] for r in rows}):
+for rate in sorted({r["rate_mb_s"] for r in rows if r["tool"] == "rdmig 2ch"}):
     rt, rd = med("rdmig 2ch", rate, "total_ms"), med("rdmig 2ch", rate, "downtime_ms")
     vt, vd = med("rdmig 2ch --verify", rate, "total_ms"), med("rdmig 2ch --verify", rate, "downtime_ms")
     qt, qd = med("qemu multifd 2ch", rate, "total_ms"), med("qemu multifd 2ch", rate, "downtime_ms")
     print(f"| {rate} | {rt:.0f} / {rd:.0f} | {vt:.0f} / {vd:.0f} | {qt:.0f} / {qd:.0f} | "
           f"{rt / qt:.2f} | {rd / qd:.2f} | {100 * (vd - rd) / rd:+.0f} % |")
+tls = sorted({r["rate_mb_s"] for r in rows if r["tool"] == "rdmig 2ch tls"})
+if tls:
+    print()
+    print("| dirty MB/s | rdmig 2ch TLS total / downtime (ms) | QEMU multifd 2ch TLS total / downtime (ms) | ratio total | ratio downtime | rdmig TLS / rdmig clear, total |")
+    print("|---|---|---|---|---|---|")
+    for rate in tls:
+        rt, rd = med("rdmig 2ch tls", rate, "total_ms"), med("rdmig 2ch tls", rate, "downtime_ms")
+        qt, qd = med("qemu multifd 2ch tls", rate, "total_ms"), med("qemu multifd 2ch tls", rate, "downtime_ms")
+        ct = med("rdmig 2ch", rate, "total_ms")
+        clear = f"{rt / ct:.2f}" if ct else "-"
+        print(f"| {rate} | {rt:.0f} / {rd:.0f} | {qt:.0f} / {qd:.0f} | {rt / qt:.2f} | {rd / qd:.2f} | {clear} |")
 for r in bad:
     print("GUEST FAILED:", r)
 sys.exit(1 if bad else 0)

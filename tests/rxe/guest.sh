@@ -101,17 +101,22 @@ echo "RXE-RESULT case=wrong-key ok=$ok src_exit=$src dst_exit=$dst src_reason=$(
 kill -9 $WPID 2>/dev/null; wait $WPID 2>/dev/null
 rm -f /dev/shm/src.ram* /dev/shm/dst.ram*
 
-# Killed destination: a migration that cannot converge (1 ms downtime limit, 40 MB/s dirtied
-# against a 10 MB/s cap, so the 64 MiB baseline alone takes 6 s); the destination
-# is killed mid-way; the source must abort and resume the workload.
+# Killed destination: a migration that cannot converge (1 ms downtime limit); the destination
+# is killed 0.2 s into the baseline copy (64 MiB take about a second over rxe); the source
+# must abort and resume the workload.
 start_workload /dev/shm/src.ram 40 uniform
 start_recv 7005 key
 RDMIG_LOG=info rdmig send --connect $IP:7005 --transport rdma --psk-file key --json --max-rounds 100000 \
-	--max-bandwidth 10MB/s \
 	--downtime-limit 1 --on-limit abort --ram ram=/dev/shm/src.ram --pid $WPID \
 	--dirty-log bitmap:/dev/shm/src.ram.dirty >src.json 2>src.err &
 SPID=$!
-sleep 2
+# The first scan's log line comes right before the baseline copy starts.
+i=0
+while ! grep -q "dirty scan" src.err 2>/dev/null && [ $i -lt 600 ]; do
+	sleep 0.01
+	i=$((i + 1))
+done
+sleep 0.2
 kill -9 $RPID
 t0=$(date +%s)
 bounded $SPID 60; src=$?

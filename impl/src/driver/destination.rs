@@ -87,12 +87,14 @@ impl<L: DestLink> Driver<L> {
     /// Once the parameters are agreed, with digests: a cache the transport keeps current as
     /// data lands, so verification digests only what it must (spec: SW-5).
     fn start_digest_cache(&mut self, p: wire::Params) {
-        if self.digests.is_some() || p.digest == DigestAlg::None {
+        if self.params.is_some() || p.digest == DigestAlg::None {
             return;
         }
         let c = Arc::new(DigestCache::new(&self.run.blocks, p.digest, p.chunk_log2));
-        self.link.set_digest_cache(c.clone());
-        self.digests = Some(c);
+        // Only a cache every landing write goes through; else all memory is digested.
+        if self.link.set_digest_cache(c.clone()) {
+            self.digests = Some(c);
+        }
     }
 
     /// Runs `f` and records it as phase `name`; at the destination everything after the
@@ -257,8 +259,9 @@ pub fn run_destination(link: impl DestLink, rx: Receiver<DstEvent>, run: DestRun
         };
         lsn.handle(clock.now(), input, &mut out);
         if let Some(p) = lsn.session().and_then(|s| s.params()) {
-            d.params = Some(p);
+            // Once, when the parameters are first agreed.
             d.start_digest_cache(p);
+            d.params = Some(p);
         }
         for c in std::mem::take(&mut out.cmds) {
             d.exec(c);

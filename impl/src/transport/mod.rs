@@ -99,12 +99,15 @@ pub trait DestLink {
     fn register(&mut self, block: u16, offset: u64, len: u64) -> io::Result<u32>;
     /// Revokes a key; no write under it lands after this returns.
     fn unregister(&mut self, key: u32) -> bool;
-    /// Keep `cache` current as data lands, where this transport sees the data (TCP does; an
-    /// RDMA NIC writes memory behind the CPU's back, so the verbs transport cannot).
+    /// Keep `cache` current as data lands, where this transport sees the data; returns
+    /// whether it does. TCP does; an RDMA NIC writes memory behind the CPU's back, so the
+    /// verbs transport cannot, and a cache nobody invalidates would keep digests of pages the
+    /// NIC has since overwritten: the driver then digests all memory (spec: SW-5).
     fn set_digest_cache(
         &mut self,
         _cache: std::sync::Arc<crate::memory::digest_cache::DigestCache>,
-    ) {
+    ) -> bool {
+        false
     }
     /// Closes everything.
     fn shutdown(&mut self);

@@ -91,6 +91,13 @@ impl ClientTls {
     }
 }
 
+impl ClientTls {
+    /// A client session of these credentials, for driving TLS by hand (the fuzz targets).
+    pub(crate) fn connection(&self) -> Result<rustls::ClientConnection, rustls::Error> {
+        rustls::ClientConnection::new(self.config.clone(), self.name.clone())
+    }
+}
+
 /// The destination's side: its certificate, and the CA client certificates must chain to.
 #[derive(Clone)]
 pub struct ServerTls {
@@ -125,6 +132,18 @@ pub struct TlsStream {
     conn: Mutex<rustls::Connection>,
     /// Held while sealed records go onto the socket, so they go in sealing order.
     writing: Mutex<()>,
+    /// Records read off the socket and not yet given to rustls: one system call takes up to
+    /// [`INBUF`] bytes, many records (rustls alone would read 4 KiB at a time).
+    inbuf: Mutex<InBuf>,
+}
+
+/// Bytes of records read ahead of rustls at most.
+const INBUF: usize = 256 << 10;
+
+struct InBuf {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
 }
 
 /// Turns a rustls error into an I/O error with the one-line explanation an operator needs.
@@ -217,6 +236,11 @@ impl TlsStream {
             sock,
             conn: Mutex::new(conn),
             writing: Mutex::new(()),
+            inbuf: Mutex::new(InBuf {
+                buf: Vec::new(),
+                start: 0,
+                end: 0,
+            }),
         })
     }
 
@@ -237,9 +261,18 @@ impl TlsStream {
         let mut sealed = Vec::with_capacity(buf.len() + 64);
         {
             let mut c = self.conn.lock().expect("not poisoned");
-            c.writer().write_all(buf)?;
-            while c.wants_write() {
-                c.write_tls(&mut sealed)?;
+            // rustls takes at most its buffer limit (64 KiB) of plaintext per call: seal, move
+            // the records out, and go on.
+            let mut rest = buf;
+            while !rest.is_empty() {
+                let n = c.writer().write(rest)?;
+                while c.wants_write() {
+                    c.write_tls(&mut sealed)?;
+                }
+                if n == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                rest = &rest[n..];
             }
         }
         (&self.sock).write_all(&sealed)
@@ -262,16 +295,37 @@ impl TlsStream {
     }
 
     /// Reads some decrypted bytes, waiting until `deadline` (None: as long as it takes).
-    /// `Ok(0)` is the peer's orderly close.
+    /// `Ok(0)` is the peer's orderly close. Only the connection's one reading thread calls it.
     pub fn read_some(&self, buf: &mut [u8], deadline: Option<Instant>) -> io::Result<usize> {
+        let mut inb = self.inbuf.lock().expect("not poisoned");
         loop {
-            {
+            let fed = {
                 let mut c = self.conn.lock().expect("not poisoned");
                 match c.reader().read(buf) {
                     Ok(n) => return Ok(n),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e),
                 }
+                // No plaintext left: give rustls the next record(s) read ahead, if any.
+                if inb.start < inb.end {
+                    let InBuf { buf: b, start, end } = &mut *inb;
+                    let n = c.read_tls(&mut &b[*start..*end])?;
+                    *start += n;
+                    Some(c.process_new_packets().map(|_| ()).map_err(tls_error))
+                } else {
+                    None
+                }
+            };
+            match fed {
+                Some(Ok(())) => {
+                    self.flush()?;
+                    continue;
+                }
+                Some(Err(e)) => {
+                    let _ = self.flush();
+                    return Err(e);
+                }
+                None => {}
             }
             match deadline {
                 Some(d) => wait_readable(self.sock.as_fd(), d)?,
@@ -286,26 +340,35 @@ impl TlsStream {
                     Err(e) => return Err(e),
                 },
             }
-            let r = {
-                let mut c = self.conn.lock().expect("not poisoned");
-                match c.read_tls(&mut &self.sock) {
-                    Ok(0) => {
-                        // The socket ended: whatever rustls still holds is read above next;
-                        // an end without close_notify is reported by `reader()`.
-                        let _ = c.process_new_packets();
-                        Ok(())
-                    }
-                    Ok(_) => c.process_new_packets().map(|_| ()).map_err(tls_error),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
-                    Err(e) => Err(e),
-                }
-            };
-            if let Err(e) = r {
-                let _ = self.flush();
-                return Err(e);
+            if inb.buf.is_empty() {
+                inb.buf = vec![0u8; INBUF];
             }
-            self.flush()?;
+            let got = match (&self.sock).read(&mut inb.buf) {
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e),
+            };
+            (inb.start, inb.end) = (0, got);
+            if got == 0 {
+                // The socket ended: an end without close_notify is reported by `reader()`.
+                let mut c = self.conn.lock().expect("not poisoned");
+                let _ = c.read_tls(&mut io::empty());
+                let _ = c.process_new_packets();
+                return match c.reader().read(buf) {
+                    Ok(n) => Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        Err(io::ErrorKind::UnexpectedEof.into())
+                    }
+                    Err(e) => Err(e),
+                };
+            }
         }
     }
 
@@ -480,9 +543,9 @@ mod tests {
         Some(Instant::now() + Duration::from_secs(n))
     }
 
-    /// A certificate past its validity is refused with an error that says so.
+    /// A certificate outside its validity is refused with an error that says which way.
     #[test]
-    fn an_expired_destination_certificate_is_refused() {
+    fn an_expired_or_not_yet_valid_destination_certificate_is_refused() {
         let d = tempfile::tempdir().unwrap();
         generate(d.path(), &[], |p| {
             p.not_before = rcgen::date_time_ymd(2020, 1, 1);
@@ -492,6 +555,15 @@ mod tests {
         let (c, _) = pair(d.path(), "localhost");
         let e = c.err().expect("refused");
         assert!(e.to_string().contains("has expired"), "{e}");
+        // And one whose validity has not begun (a clock behind).
+        generate(d.path(), &[], |p| {
+            p.not_before = rcgen::date_time_ymd(2090, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2091, 1, 1);
+        })
+        .unwrap();
+        let (c, _) = pair(d.path(), "localhost");
+        let e = c.err().expect("refused");
+        assert!(e.to_string().contains("not valid yet"), "{e}");
     }
 
     /// A source without a client certificate does not get a session.

@@ -90,68 +90,63 @@ pub fn apply_data_frame(
     Ok(())
 }
 
-/// Fuzz target body for `tcp_data_frame`: a stream of data frames against a small registered
-/// memory. Panics if any byte outside a live registration changes (spec: INV-REG-1).
-///
-/// Input: repeated `[selector u8][24-byte header][payload]`; an odd selector replaces the
-/// header's key with one of the table's keys (registered, or registered then revoked), so the
-/// fuzzer reaches the apply path without guessing keys. One straight sequence (build the
-/// table, apply every frame, check the invariants), kept whole so a crash reads in order.
-pub fn fuzz_data_frames(mut data: &[u8]) {
-    let blocks = vec![
-        Arc::new(RamBlock::anonymous("ram0", 64 << 10, 12).expect("anonymous memory")),
-        Arc::new(RamBlock::anonymous("ram1", 16 << 10, 12).expect("anonymous memory")),
-    ];
-    let table = RegTable::new();
-    let live = [
-        (
-            table.register(
-                crate::transport::regtable::Region {
-                    block: 0,
-                    offset: 16 << 10,
-                    len: 16 << 10,
-                },
-                0,
-            ),
-            0u16,
-            16u64 << 10,
-            16u64 << 10,
-        ),
-        (
-            table.register(
-                crate::transport::regtable::Region {
-                    block: 1,
-                    offset: 0,
-                    len: 8 << 10,
-                },
-                0,
-            ),
-            1,
-            0,
-            8 << 10,
-        ),
-    ];
-    let revoked = table.register(
-        crate::transport::regtable::Region {
-            block: 0,
-            offset: 0,
-            len: 64 << 10,
-        },
-        0,
-    );
-    table.unregister(revoked);
-    let keys = [live[0].0, live[1].0, revoked];
-    let mut allowed: Vec<Vec<bool>> = blocks
-        .iter()
-        .map(|b| vec![false; b.len() as usize])
-        .collect();
-    for &(_, b, off, len) in &live {
-        allowed[b as usize][off as usize..(off + len) as usize]
-            .iter_mut()
-            .for_each(|a| *a = true);
+/// What the data-frame fuzz targets write into: two small blocks, two live registrations and
+/// one revoked, and which bytes a frame may change (spec: INV-REG-1).
+pub struct FuzzMemory {
+    pub blocks: Vec<Arc<RamBlock>>,
+    pub table: RegTable,
+    keys: [u32; 3],
+    allowed: Vec<Vec<bool>>,
+}
+
+impl Default for FuzzMemory {
+    fn default() -> Self {
+        Self::new()
     }
-    let snapshot = |blocks: &[Arc<RamBlock>]| -> Vec<Vec<u8>> {
-        blocks
+}
+
+impl FuzzMemory {
+    pub fn new() -> FuzzMemory {
+        use crate::transport::regtable::Region;
+        let blocks = vec![
+            Arc::new(RamBlock::anonymous("ram0", 64 << 10, 12).expect("anonymous memory")),
+            Arc::new(RamBlock::anonymous("ram1", 16 << 10, 12).expect("anonymous memory")),
+        ];
+        let table = RegTable::new();
+        // (block, offset, len) of the live registrations.
+        let live = [(0u16, 16u64 << 10, 16u64 << 10), (1, 0, 8 << 10)];
+        let keys: Vec<u32> = live
+            .iter()
+            .map(|&(block, offset, len)| table.register(Region { block, offset, len }, 0))
+            .collect();
+        let revoked = table.register(
+            Region {
+                block: 0,
+                offset: 0,
+                len: 64 << 10,
+            },
+            0,
+        );
+        table.unregister(revoked);
+        let mut allowed: Vec<Vec<bool>> = blocks
+            .iter()
+            .map(|b| vec![false; b.len() as usize])
+            .collect();
+        for &(b, off, len) in &live {
+            allowed[b as usize][off as usize..(off + len) as usize]
+                .iter_mut()
+                .for_each(|a| *a = true);
+        }
+        FuzzMemory {
+            blocks,
+            table,
+            keys: [keys[0], keys[1], revoked],
+            allowed,
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<Vec<u8>> {
+        self.blocks
             .iter()
             .map(|b| {
                 let mut v = vec![0u8; b.len() as usize];
@@ -159,34 +154,59 @@ pub fn fuzz_data_frames(mut data: &[u8]) {
                 v
             })
             .collect()
-    };
-    while data.len() > DATA_HEADER_LEN {
-        let sel = data[0];
-        let mut hb = [0u8; DATA_HEADER_LEN];
-        hb.copy_from_slice(&data[1..1 + DATA_HEADER_LEN]);
-        data = &data[1 + DATA_HEADER_LEN..];
-        if sel & 1 == 1 {
-            hb[4..8].copy_from_slice(&keys[(sel >> 1) as usize % keys.len()].to_le_bytes());
-        }
-        let Ok(h) = parse_data_header(&hb) else {
-            return;
-        };
-        let n = (h.len as usize).min(data.len());
-        let before = snapshot(&blocks);
-        let r = apply_data_frame(&table, &blocks, &h, &data[..n]);
-        let after = snapshot(&blocks);
-        for (b, (x, y)) in before.iter().zip(&after).enumerate() {
+    }
+
+    /// Panics if a byte outside a live registration differs between the snapshots.
+    pub fn assert_inside(&self, before: &[Vec<u8>], after: &[Vec<u8>]) {
+        for (b, (x, y)) in before.iter().zip(after).enumerate() {
             for (i, (p, q)) in x.iter().zip(y).enumerate() {
                 assert!(
-                    p == q || allowed[b][i],
+                    p == q || self.allowed[b][i],
                     "INV-REG-1: byte {i} of block {b} written outside a registration"
                 );
             }
         }
-        if r.is_ok() {
-            assert_eq!(n, h.len as usize);
+    }
+
+    /// The frames of a fuzz input: repeated `[selector u8][24-byte header][payload]`; an odd
+    /// selector replaces the header's key with one of the table's keys (registered, or
+    /// registered then revoked), so the fuzzer reaches the apply path without guessing keys.
+    /// The payload is what the input still holds, up to the header's length.
+    pub fn frames<'a>(&self, mut data: &'a [u8]) -> Vec<([u8; DATA_HEADER_LEN], &'a [u8])> {
+        let mut out = Vec::new();
+        while data.len() > DATA_HEADER_LEN {
+            let sel = data[0];
+            let mut hb = [0u8; DATA_HEADER_LEN];
+            hb.copy_from_slice(&data[1..1 + DATA_HEADER_LEN]);
+            data = &data[1 + DATA_HEADER_LEN..];
+            if sel & 1 == 1 {
+                let key = self.keys[(sel >> 1) as usize % self.keys.len()];
+                hb[4..8].copy_from_slice(&key.to_le_bytes());
+            }
+            let len = u32::from_le_bytes([hb[16], hb[17], hb[18], hb[19]]) as usize;
+            let n = len.min(data.len());
+            out.push((hb, &data[..n]));
+            data = &data[n..];
         }
-        data = &data[n..];
+        out
+    }
+}
+
+/// Fuzz target body for `tcp_data_frame`: a stream of data frames (see
+/// [`FuzzMemory::frames`]) applied to a small registered memory. Panics if any byte outside a
+/// live registration changes (spec: INV-REG-1).
+pub fn fuzz_data_frames(data: &[u8]) {
+    let m = FuzzMemory::new();
+    for (hb, payload) in m.frames(data) {
+        let Ok(h) = parse_data_header(&hb) else {
+            return;
+        };
+        let before = m.snapshot();
+        let r = apply_data_frame(&m.table, &m.blocks, &h, payload);
+        m.assert_inside(&before, &m.snapshot());
+        if r.is_ok() {
+            assert_eq!(payload.len(), h.len as usize);
+        }
     }
 }
 

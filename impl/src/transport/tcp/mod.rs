@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use rdmig_model::wire;
 
-pub use destination::DestTcp;
+pub use destination::{fuzz_tls_data_frames, DestTcp};
 pub use frames::*;
 pub use source::SourceTcp;
 
