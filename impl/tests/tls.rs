@@ -70,6 +70,8 @@ fn tls_destination_refuses_plaintext_and_untrusted_sources_and_listens_on() {
     );
     assert_eq!(report(&plain)["status"], "aborted");
     assert!(took.as_secs() <= 10, "took {took:?}");
+    let detail = report(&plain)["detail"].to_string();
+    assert!(detail.contains("--tls-creds"), "{detail}");
     assert_ne!(state(w.child.id()), 'T');
     let untrusted = send(&addr, &k, &w, &["--tls-creds", &other])
         .wait_with_output()

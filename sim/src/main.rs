@@ -777,9 +777,11 @@ fn cmd_validate(
         return Err(format!("{}: no completed rdmig runs", results.display()));
     }
     println!(
-        "calibration: data {:.2} GB/s (2 channels), hash scan {:.1} GB/s, {} busy cores; VMM pause {pause_ms} ms, start {start_ms} ms",
+        "calibration: data {:.2} GB/s (2 channels), {:.0} ns per data frame, hash scan {:.1} GB/s ({:.1} GB/s paused), {} busy cores; VMM pause {pause_ms} ms, start {start_ms} ms",
         cal.data_gb_s,
+        cal.recv_write_ns,
         cal.scan_gb_s,
+        cal.paused_scan_gb_s,
         b["busy_cores"].as_u64().unwrap_or(0)
     );
     let (t, worst_t, worst_d) = table(&cases, &cal)?;

@@ -70,8 +70,15 @@ pub struct Profile {
     /// The `scan` dirty log: hashing all of memory once per scan (every page, every round),
     /// with the source's scan threads. `rdmig bench` measures it on a host.
     pub scan_s_per_gb: f64,
+    /// The same once the workload is paused: the final scan no longer shares the cores with
+    /// a running guest (`rdmig bench --busy N` measures both).
+    pub paused_scan_s_per_gb: f64,
     /// Destination memset for ZERO ranges.
     pub zero_fill_s_per_gb: f64,
+    /// TCP: a receiving core's fixed cost per data frame (header, registration lookup,
+    /// acknowledgement, the system calls), on top of its per-byte cost; what makes a round of
+    /// scattered single pages slower than one of contiguous memory.
+    pub recv_write_ns: u64,
 }
 
 /// Names accepted by [`Profile::named`].
@@ -112,7 +119,9 @@ impl Profile {
             zero_check_s_per_gb: 0.063,
             digest_s_per_gb: 0.1,
             scan_s_per_gb: 0.06,
+            paused_scan_s_per_gb: 0.06,
             zero_fill_s_per_gb: 0.1,
+            recv_write_ns: 0,
         }
     }
 
@@ -147,7 +156,9 @@ impl Profile {
             zero_check_s_per_gb: 0.063,
             digest_s_per_gb: 0.1,
             scan_s_per_gb: 0.06,
+            paused_scan_s_per_gb: 0.06,
             zero_fill_s_per_gb: 0.1,
+            recv_write_ns: 0,
         }
     }
 
@@ -207,6 +218,8 @@ impl Profile {
             "zero_check_s_per_gb" => self.zero_check_s_per_gb = f(value)?,
             "digest_s_per_gb" => self.digest_s_per_gb = f(value)?,
             "scan_s_per_gb" => self.scan_s_per_gb = f(value)?,
+            "paused_scan_s_per_gb" => self.paused_scan_s_per_gb = f(value)?,
+            "recv_write_ns" => self.recv_write_ns = f(value)? as u64,
             "zero_fill_s_per_gb" => self.zero_fill_s_per_gb = f(value)?,
             _ => return Err(format!("unknown profile parameter {key:?}")),
         }
@@ -267,6 +280,8 @@ impl Profile {
             zero_check_fs_per_byte: fs(self.zero_check_s_per_gb),
             digest_fs_per_byte: fs(self.digest_s_per_gb),
             scan_fs_per_byte: fs(self.scan_s_per_gb),
+            paused_scan_fs_per_byte: fs(self.paused_scan_s_per_gb),
+            recv_write_ns: self.recv_write_ns,
             zero_fill_fs_per_byte: fs(self.zero_fill_s_per_gb),
         }
     }
@@ -296,6 +311,8 @@ pub struct Costs {
     pub digest_fs_per_byte: u64,
     pub zero_fill_fs_per_byte: u64,
     pub scan_fs_per_byte: u64,
+    pub paused_scan_fs_per_byte: u64,
+    pub recv_write_ns: u64,
 }
 
 /// Nanoseconds for `bytes` at `fs_per_byte`, rounded up so no transfer is free.

@@ -37,6 +37,9 @@ for rate in sorted({r["rate_mb_s"] for r in rows if r["tool"] == "rdmig 2ch"}):
     rt, rd = med("rdmig 2ch", rate, "total_ms"), med("rdmig 2ch", rate, "downtime_ms")
     vt, vd = med("rdmig 2ch --verify", rate, "total_ms"), med("rdmig 2ch --verify", rate, "downtime_ms")
     qt, qd = med("qemu multifd 2ch", rate, "total_ms"), med("qemu multifd 2ch", rate, "downtime_ms")
+    if None in (rt, rd, vt, vd, qt, qd):
+        print(f"| {rate} | (missing runs) |")
+        continue
     print(f"| {rate} | {rt:.0f} / {rd:.0f} | {vt:.0f} / {vd:.0f} | {qt:.0f} / {qd:.0f} | "
           f"{rt / qt:.2f} | {rd / qd:.2f} | {100 * (vd - rd) / rd:+.0f} % |")
 tls = sorted({r["rate_mb_s"] for r in rows if r["tool"] == "rdmig 2ch tls"})
@@ -48,6 +51,9 @@ if tls:
         rt, rd = med("rdmig 2ch tls", rate, "total_ms"), med("rdmig 2ch tls", rate, "downtime_ms")
         qt, qd = med("qemu multifd 2ch tls", rate, "total_ms"), med("qemu multifd 2ch tls", rate, "downtime_ms")
         ct = med("rdmig 2ch", rate, "total_ms")
+        if None in (rt, rd, qt, qd):
+            print(f"| {rate} | (missing runs) |")
+            continue
         clear = f"{rt / ct:.2f}" if ct else "-"
         print(f"| {rate} | {rt:.0f} / {rd:.0f} | {qt:.0f} / {qd:.0f} | {rt / qt:.2f} | {rd / qd:.2f} | {clear} |")
 for r in bad:

@@ -154,6 +154,8 @@ struct Driver<'a, L: SourceLink> {
     /// The transport failed a send or post: the machine heard it once; nothing more is
     /// handed to the transport, so a batch of frames never waits out one failure each.
     link_down: bool,
+    /// The first connection failure the transport reported, for the report.
+    transport_error: Option<String>,
     paused_state: Vec<u8>,
     control_bytes: u64,
     chunk_log2: u8,
@@ -388,6 +390,7 @@ pub fn run_source(link: impl SourceLink, rx: Receiver<SrcEvent>, mut run: Source
         clock: &clock,
         pending: VecDeque::from([SrcInput::Start]),
         link_down: false,
+        transport_error: None,
         paused_state: Vec::new(),
         control_bytes: 0,
         timeline: Vec::new(),
@@ -405,6 +408,9 @@ pub fn run_source(link: impl SourceLink, rx: Receiver<SrcEvent>, mut run: Source
             Some(i) => i,
             None => match wait(&rx, d.clock, src.timers().next()) {
                 Wake::Event(e) => {
+                    if let SrcEvent::ControlClosed(why) | SrcEvent::DataLost(_, why) = &e {
+                        d.transport_error.get_or_insert_with(|| why.clone());
+                    }
                     let done = match &e {
                         SrcEvent::Digests(_) => d.background_phase.take(),
                         SrcEvent::Scanned(_) => d.scan_phase.take(),
@@ -541,6 +547,12 @@ fn report<L: SourceLink>(
         ..Default::default()
     };
     r.set_outcome(src.outcome());
+    // What the transport said, so an operator sees why (a reset, a peer that wants TLS).
+    if r.reason.as_deref() == Some("TransportFailed") {
+        if let (Some(why), Some(detail)) = (&d.transport_error, r.detail.as_mut()) {
+            *detail = format!("{detail}: {why}");
+        }
+    }
     r.phases = phases(st, &d.timeline, total_ms);
     if r.status == Status::Completed {
         // From the moment the pause was requested: stopping the workload is downtime too.

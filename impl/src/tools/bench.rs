@@ -230,6 +230,21 @@ fn source_memory(path: &Path, size: u64) -> Result<crate::memory::ram::RamBlock,
     Ok(src)
 }
 
+/// A RAM file whose every other page is zero: moved with zero elision, its data travels
+/// as single-page writes, as a running guest's scattered dirty pages do in later rounds.
+fn scattered_memory(path: &Path, size: u64) -> Result<(), String> {
+    let src =
+        crate::memory::ram::RamBlock::create("bench", path, size, 12).map_err(|e| e.to_string())?;
+    let mut page = vec![0u8; 4096];
+    let mut p = 0u64;
+    while p < size >> 12 {
+        crate::tools::workload::page_content(9, p, 1, &mut page);
+        src.write(p << 12, &page);
+        p += 2;
+    }
+    Ok(())
+}
+
 /// Hash-scan rate of the dirty tracker with `threads` threads, GB/s.
 fn scan_rate(src: crate::memory::ram::RamBlock, size: u64, threads: usize) -> Result<f64, String> {
     let blocks = vec![std::sync::Arc::new(src)];
@@ -253,6 +268,8 @@ struct Figures {
     rdmig: [f64; 2],
     /// The same migrations inside TLS 1.3.
     tls: [f64; 2],
+    /// Seconds (end of setup to end) for 2 channels to move the scattered memory.
+    scattered_s: f64,
     phases: [String; 2],
     overhead: [(u64, u64); 2],
     scan: [f64; 2],
@@ -281,6 +298,9 @@ fn measure(d: &Path, size: u64) -> Result<Figures, String> {
     let mut tls = [Vec::new(), Vec::new()];
     let creds = d.join("tls");
     crate::transport::tls::init(&creds, &[])?;
+    let scattered_path = d.join("scattered.ram");
+    scattered_memory(&scattered_path, size)?;
+    let mut scattered = Vec::new();
     let mut last = Vec::new();
     // Interleaved, so that a noisy moment hits every figure alike.
     for _ in 0..RUNS {
@@ -294,6 +314,8 @@ fn measure(d: &Path, size: u64) -> Result<Figures, String> {
             let (s, _) = rdmig_run(d, &key, &src_path, size, ch, Some(&creds))?;
             tls[i].push(rdmig_gb_s(&s, size));
         }
+        let (s, _) = rdmig_run(d, &key, &scattered_path, size, 2, None)?;
+        scattered.push((field(&s, "total_time_ms") - field(&s, "setup_time_ms")) as f64 / 1e3);
     }
     let phases = |s: &Value| -> String {
         s["phases"]
@@ -334,6 +356,7 @@ fn measure(d: &Path, size: u64) -> Result<Figures, String> {
         two: median(two),
         rdmig: [median(r1), median(r2)],
         tls: [median(t1), median(t2)],
+        scattered_s: median(scattered),
         phases: [phases(&last[0].0), phases(&last[1].0)],
         overhead: [overhead(&last[0]), overhead(&last[1])],
         scan,
@@ -361,8 +384,17 @@ pub fn bench(size: u64, dir: Option<PathBuf>, json: bool, busy: usize) -> Result
     for s in spinners {
         let _ = s.join();
     }
+    // The scan once nothing else runs: a paused guest's final scan (for the simulator).
+    let idle_scan = match (&result, busy) {
+        (Ok(f), 0) => Ok(f.scan[1]),
+        (Ok(_), _) => crate::memory::ram::RamBlock::open("bench", &d.join("src.ram"), 12)
+            .map_err(|e| e.to_string())
+            .and_then(|b| scan_rate(b, size, 2)),
+        (Err(e), _) => Err(e.clone()),
+    };
     let _ = std::fs::remove_dir_all(&d);
     let f = result?;
+    let idle_scan = idle_scan?;
     let (r1, r2) = (f.rdmig[0] / f.one, f.rdmig[1] / f.two);
     if json {
         let v = json!({
@@ -381,6 +413,9 @@ pub fn bench(size: u64, dir: Option<PathBuf>, json: bool, busy: usize) -> Result
             "tls_ratio_2ch": f.tls[1] / f.rdmig[1],
             "scan_1_thread_gb_s": f.scan[0],
             "scan_2_threads_gb_s": f.scan[1],
+            "scan_2_threads_idle_gb_s": idle_scan,
+            "scattered_2ch_s": f.scattered_s,
+            "scattered_writes": size >> 13,
             "rss_anon_mib": {"1ch": f.overhead[0], "2ch": f.overhead[1]},
         });
         println!("{}", serde_json::to_string_pretty(&v).expect("plain JSON"));
@@ -425,6 +460,13 @@ pub fn bench(size: u64, dir: Option<PathBuf>, json: bool, busy: usize) -> Result
             f.tls[i] / f.rdmig[i]
         );
     }
+    println!(
+        "  {:<44} {:6.0} ms  ({} single-page writes of {} MiB)",
+        "rdmig, 2 channels, every other page zero",
+        f.scattered_s * 1e3,
+        size >> 13,
+        size >> 21
+    );
     println!(
         "  {:<44} {:6.2} GB/s",
         "dirty-log hash scan, 1 thread", f.scan[0]

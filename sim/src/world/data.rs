@@ -169,7 +169,8 @@ impl Sim {
         let hashing =
             !c.rdma && self.src.params().digest == rdmig_model::wire::DigestAlg::Xxh3PageTree;
         let per_byte = c.recv_fs_per_byte + if hashing { c.digest_fs_per_byte } else { 0 };
-        let recv_cpu = self.core_share(ns(len, per_byte)) + ns(untouched, c.touch_fs_per_byte);
+        let recv_cpu = self.core_share(ns(len, per_byte) + c.recv_write_ns)
+            + ns(untouched, c.touch_fs_per_byte);
         let latency_ns = c.latency_ns;
         self.stats.cpu[DST].transport_ns += recv_cpu;
         let chan = &mut self.chans[ch];

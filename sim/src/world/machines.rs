@@ -135,8 +135,13 @@ impl Sim {
                 let compared = (zero << page_log2) + (dirty - zero) * 256;
                 let mut t = 50_000 + ns(compared, self.costs.zero_check_fs_per_byte);
                 if self.cfg.guest.hash_scan {
-                    // Content hashing reads every page, whatever changed.
-                    t += ns(self.cfg.guest.ram_bytes, self.costs.scan_fs_per_byte);
+                    // Content hashing reads every page, whatever changed; once the workload is
+                    // paused its cores are the scan's too.
+                    let per_byte = match self.stats.paused_ns {
+                        Some(_) => self.costs.paused_scan_fs_per_byte,
+                        None => self.costs.scan_fs_per_byte,
+                    };
+                    t += ns(self.cfg.guest.ram_bytes, per_byte);
                 }
                 self.stats.cpu[SRC].scan_ns += t;
                 self.trace.rec(self.now, Tag::Scan, all as u64, dirty);

@@ -83,14 +83,27 @@ fn connect(addr: SocketAddr, tls: Option<&ClientTls>, d: Deadlines) -> io::Resul
 }
 
 fn control_reader(mut s: Stream, events: Sender<SrcEvent>, d: Deadlines) {
+    let mut frames = 0u64;
     loop {
         let r = read_first_byte(&mut s).and_then(|first| match first {
+            // A TLS destination closes a plaintext connection before answering anything.
+            None if frames == 0 && !s.is_tls() => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the control connection was closed before the destination's first frame \
+                 (a destination with --tls-creds closes plaintext connections)",
+            )),
             None => Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "closed by the peer",
             )),
+            // 0x15 and 0x16 are TLS's alert and handshake records, and no type code of ours.
+            Some(0x15 | 0x16) if frames == 0 && !s.is_tls() => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the destination answered with TLS: give --tls-creds",
+            )),
             Some(b) => read_control_frame(&mut s, b, d.frame()),
         });
+        frames += 1;
         match r {
             Ok(f) => {
                 let bad = wire::decode_header(&f).is_err();
