@@ -168,7 +168,10 @@ fn tls_error(e: rustls::Error) -> io::Error {
             "the source presented no client certificate (client-cert.pem)".to_string()
         }
         E::AlertReceived(a) => format!("the peer refused the TLS session ({a:?})"),
-        E::InvalidMessage(_) => "the peer does not speak TLS (a plaintext peer?)".to_string(),
+        E::InvalidMessage(_) => {
+            "the peer does not speak TLS (a plaintext peer? both sides need --tls-creds)"
+                .to_string()
+        }
         E::DecryptError => "a TLS record failed its integrity check".to_string(),
         other => format!("TLS: {other}"),
     };
