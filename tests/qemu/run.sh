@@ -14,7 +14,8 @@ export RDMIG_QEMU_ENV=$CACHE/env
 export RDMIG_QEMU_RESULTS=$CACHE/results.jsonl
 rm -f "$RDMIG_QEMU_RESULTS"
 cd "$ROOT"
-cargo test --release -q -p rdmig --test qemu_guest -- --ignored --test-threads=1 ${QEMU_TESTS:-}
+# The benchmarks (bench_*) are `make qemu-bench`'s.
+cargo test --release -q -p rdmig --test qemu_guest -- --ignored --test-threads=1 --skip bench_ ${QEMU_TESTS:-}
 python3 - "$RDMIG_QEMU_RESULTS" <<'PY'
 import json, os, sys
 rows = [json.loads(l) for l in open(sys.argv[1])] if os.path.exists(sys.argv[1]) else []
