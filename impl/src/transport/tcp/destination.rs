@@ -293,32 +293,114 @@ fn control(
 
 /// Applies data frames straight into registered memory (spec: DATA-1, INV-REG-1), and
 /// acknowledges each once placed.
+/// Bytes a data connection reads ahead of the frame it is applying: the headers and
+/// payloads of small frames (a round's scattered pages) come in one system call; a large
+/// payload's rest goes from the socket straight into memory.
+const DATA_READ_AHEAD: usize = 64 << 10;
+
+/// Frames applied at most before their acknowledgement goes out: acknowledgements are
+/// cumulative and sent once nothing more is waiting, or after this many frames, so the
+/// source's window (64 writes a channel) keeps moving.
+const ACK_EVERY: u64 = 16;
+
+/// Bytes read off a data connection and not yet consumed.
+struct ReadAhead {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl ReadAhead {
+    fn available(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        debug_assert!(self.start <= self.end);
+    }
+
+    /// Reads what the socket has (at least a byte) by `deadline` (None: as long as it
+    /// takes); `Ok(0)` is the end of the stream.
+    fn fill(&mut self, s: &mut Stream, deadline: Option<Instant>) -> io::Result<usize> {
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        } else if self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+        }
+        let n = s.read_some(&mut self.buf[self.end..], deadline)?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// Takes exactly `out.len()` bytes, reading more by `deadline` as needed.
+    fn take(&mut self, s: &mut Stream, out: &mut [u8], deadline: Instant) -> io::Result<()> {
+        let mut got = 0;
+        while got < out.len() {
+            if self.start == self.end && self.fill(s, Some(deadline))? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let n = (out.len() - got).min(self.end - self.start);
+            out[got..got + n].copy_from_slice(&self.buf[self.start..self.start + n]);
+            self.consume(n);
+            got += n;
+        }
+        Ok(())
+    }
+}
+
 fn data_receiver(mut s: Stream, land: &Landing<'_>, d: Deadlines) -> String {
     let mut applied: u64 = 0;
+    let mut acked: u64 = 0;
+    let mut ahead = ReadAhead {
+        buf: vec![0u8; DATA_READ_AHEAD],
+        start: 0,
+        end: 0,
+    };
     // Set by the driver once the chunk size is negotiated, before any channel is admitted.
     let cache = land.digests.lock().unwrap().clone();
     loop {
-        // An idle channel (between rounds) is normal; a frame, once begun, is bounded.
-        let mut hb = [0u8; DATA_HEADER_LEN];
-        hb[0] = match read_first_byte(&mut s) {
-            Ok(Some(b)) => b,
-            Ok(None) => return "closed by the source".into(),
-            Err(e) => return e.to_string(),
-        };
+        // Nothing read ahead: acknowledge what was applied before waiting (the source may be
+        // waiting for it), then wait. An idle channel (between rounds) is normal; a frame,
+        // once begun, is bounded.
+        if ahead.available().is_empty() {
+            if acked < applied {
+                if let Err(e) = s.write_all(&applied.to_le_bytes()) {
+                    return format!("acknowledging: {e}");
+                }
+                acked = applied;
+            }
+            match ahead.fill(&mut s, None) {
+                Ok(0) => return "closed by the source".into(),
+                Ok(_) => {}
+                Err(e) => return e.to_string(),
+            }
+        }
         let deadline = Instant::now() + d.frame();
-        if let Err(e) = read_exact_by(&mut s, &mut hb[1..], deadline) {
+        let mut hb = [0u8; DATA_HEADER_LEN];
+        if let Err(e) = ahead.take(&mut s, &mut hb, deadline) {
             return format!("data frame header: {e}");
         }
-        // Checked and received under the table's read lock: the payload goes from the socket
-        // straight into memory, and an unregister waits until it has landed, which the frame
-        // deadline bounds (INV-REG-1, LIVE-3).
+        // Checked and received under the table's read lock: the payload goes into memory
+        // from what was read ahead and then straight from the socket, and an unregister waits
+        // until it has landed, which the frame deadline bounds (INV-REG-1, LIVE-3).
         let r = parse_data_header(&hb).and_then(|h| {
             land.table
                 .with_write(h.rkey, h.remote_offset, h.len as u64, |block, off| {
                     let block = block as usize;
                     let ticket = cache.as_ref().map(|c| c.begin(block, off, h.len as u64));
-                    s.recv_into(&land.blocks[block], off, h.len as u64, deadline)
-                        .map(|()| (block, ticket))
+                    let mem = &land.blocks[block];
+                    let have = ahead.available();
+                    let n = have.len().min(h.len as usize);
+                    mem.write(off, &have[..n]);
+                    ahead.consume(n);
+                    let rest = h.len as u64 - n as u64;
+                    let landed = match rest {
+                        0 => Ok(()),
+                        _ => s.recv_into(mem, off + n as u64, rest, deadline),
+                    };
+                    landed.map(|()| (block, ticket))
                 })
                 .map_err(DataFrameError::from)
         });
@@ -328,11 +410,16 @@ fn data_receiver(mut s: Stream, land: &Landing<'_>, d: Deadlines) -> String {
             Err(e) => return format!("refused a data frame: {e}"),
         };
         applied += 1;
-        if let Err(e) = s.write_all(&applied.to_le_bytes()) {
-            return format!("acknowledging: {e}");
+        // Acknowledged now when nothing more is waiting (the usual case for large frames) or
+        // enough frames went by; else with the frames read ahead.
+        if ahead.available().is_empty() || applied - acked >= ACK_EVERY {
+            if let Err(e) = s.write_all(&applied.to_le_bytes()) {
+                return format!("acknowledging: {e}");
+            }
+            acked = applied;
         }
-        // After the acknowledgement, while the bytes are still in cache: the digests of the
-        // chunks this frame covered (spec: SW-5, verification digests only what is unknown).
+        // While the bytes are still in cache: the digests of the units this frame covered
+        // (spec: SW-5, verification digests only what is unknown).
         if let (Some(c), (block, Some(ticket))) = (&cache, landed) {
             c.end(ticket, &land.blocks[block]);
         }

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use rdmig_model::wire::{self, DataHello};
 
-use super::{encode_data_header, DataHeader, MAX_DATA_FRAME};
+use super::{encode_data_header, DataHeader, DATA_HEADER_LEN, MAX_DATA_FRAME};
 use super::{read_control_frame, read_exact_by, read_first_byte, Stream};
-use crate::memory::ram::RamBlock;
+use crate::memory::ram::{FramePart, RamBlock};
 use crate::transport::completions::ChannelCompletions;
 use crate::transport::tls::ClientTls;
 use crate::transport::{tune, Deadlines, SourceLink, SrcEvent, WriteReq};
@@ -255,6 +255,12 @@ fn ack_reader(
     }
 }
 
+/// Writes at most this long go out together with the small writes queued behind them.
+const SMALL_WRITE: u64 = 64 << 10;
+/// A batch of small writes: at most this many, and this many bytes.
+const BATCH_WRITES: usize = 64;
+const BATCH_BYTES: u64 = 1 << 20;
+
 fn data_sender(
     mut s: Stream,
     ch: u8,
@@ -266,35 +272,110 @@ fn data_sender(
 ) {
     let start = Instant::now();
     let mut sent: u64 = 0;
-    while let Ok(w) = rx.recv() {
-        let mut done = 0u64;
-        while done < w.len {
-            let n = (w.len - done).min(MAX_DATA_FRAME as u64) as usize;
-            let last = done + n as u64 == w.len;
-            let h = DataHeader {
-                rkey: w.rkey,
-                remote_offset: w.remote_offset + done,
-                len: n as u32,
-            };
-            comps.posted(last.then_some(w.wr_id));
-            if let Err(e) = s.send_from(
-                &blocks[w.block as usize],
-                &encode_data_header(&h),
-                w.offset + done,
-                n as u64,
-            ) {
-                let why = format!("data channel {ch} write failed: {e}");
-                let _ = events.send(SrcEvent::DataLost(ch, why));
-                return;
-            }
-            done += n as u64;
-            sent += n as u64;
-            if rate > 0 {
-                let due = Duration::from_secs_f64(sent as f64 / rate as f64);
-                if let Some(wait) = due.checked_sub(start.elapsed()) {
-                    std::thread::sleep(wait);
+    let mut next: Option<WriteReq> = None;
+    loop {
+        let w = match next.take() {
+            Some(w) => w,
+            None => match rx.recv() {
+                Ok(w) => w,
+                Err(_) => return,
+            },
+        };
+        let r = if w.len <= SMALL_WRITE {
+            // The small writes queued behind it go in the same system call, in order; a large
+            // one taken from the queue goes next.
+            let mut batch = vec![w];
+            let mut bytes = batch[0].len;
+            while batch.len() < BATCH_WRITES && bytes < BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(x) if x.len <= SMALL_WRITE => {
+                        bytes += x.len;
+                        batch.push(x);
+                    }
+                    Ok(x) => {
+                        next = Some(x);
+                        break;
+                    }
+                    Err(_) => break,
                 }
+            }
+            sent += bytes;
+            send_small(&mut s, &batch, &comps, &blocks)
+        } else {
+            sent += w.len;
+            send_large(&mut s, &w, &comps, &blocks)
+        };
+        if let Err(e) = r {
+            let why = format!("data channel {ch} write failed: {e}");
+            let _ = events.send(SrcEvent::DataLost(ch, why));
+            return;
+        }
+        if rate > 0 {
+            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
             }
         }
     }
+}
+
+/// Small writes, one frame each, in one go.
+fn send_small(
+    s: &mut Stream,
+    batch: &[WriteReq],
+    comps: &ChannelCompletions,
+    blocks: &[Arc<RamBlock>],
+) -> io::Result<()> {
+    let headers: Vec<[u8; DATA_HEADER_LEN]> = batch
+        .iter()
+        .map(|w| {
+            encode_data_header(&DataHeader {
+                rkey: w.rkey,
+                remote_offset: w.remote_offset,
+                len: w.len as u32,
+            })
+        })
+        .collect();
+    let frames: Vec<FramePart<'_>> = batch
+        .iter()
+        .zip(&headers)
+        .map(|(w, h)| FramePart {
+            header: h,
+            block: &blocks[w.block as usize],
+            offset: w.offset,
+            len: w.len,
+        })
+        .collect();
+    for w in batch {
+        comps.posted(Some(w.wr_id));
+    }
+    s.send_frames(&frames)
+}
+
+/// One write, split into frames of at most 16 MiB; it completes with its last frame.
+fn send_large(
+    s: &mut Stream,
+    w: &WriteReq,
+    comps: &ChannelCompletions,
+    blocks: &[Arc<RamBlock>],
+) -> io::Result<()> {
+    let mut done = 0u64;
+    while done < w.len {
+        let n = (w.len - done).min(MAX_DATA_FRAME as u64) as usize;
+        let last = done + n as u64 == w.len;
+        let h = DataHeader {
+            rkey: w.rkey,
+            remote_offset: w.remote_offset + done,
+            len: n as u32,
+        };
+        comps.posted(last.then_some(w.wr_id));
+        s.send_from(
+            &blocks[w.block as usize],
+            &encode_data_header(&h),
+            w.offset + done,
+            n as u64,
+        )?;
+        done += n as u64;
+    }
+    Ok(())
 }

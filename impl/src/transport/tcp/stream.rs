@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::super::tls::{ClientTls, ServerTls, TlsStream};
-use crate::memory::ram::{wait_readable, RamBlock};
+use crate::memory::ram::{send_frames, wait_readable, FramePart, RamBlock};
 
 pub struct Stream {
     tcp: TcpStream,
@@ -139,6 +139,18 @@ impl Stream {
             }
             block.write(offset + done, &buf[..n]);
             done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Sends frames back to back: in one `writev` where it can in clear, one after the other
+    /// under TLS.
+    pub fn send_frames(&mut self, frames: &[FramePart<'_>]) -> io::Result<()> {
+        if self.tls.is_none() {
+            return send_frames(self.tcp.as_fd(), frames);
+        }
+        for f in frames {
+            self.send_from(f.block, f.header, f.offset, f.len)?;
         }
         Ok(())
     }
