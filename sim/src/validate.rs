@@ -3,7 +3,7 @@
 //! A profile for the host's loopback TCP is calibrated from `rdmig bench --json` (rdmig's own
 //! data rate with two channels, and its hash-scan rate), measured with as many cores kept busy
 //! as the real runs' guests keep busy (`rdmig bench --busy N`). Each real run, a row of
-//! `make qemu-bench`'s `results.jsonl` or an `rdmig send --json` report, becomes a simulated
+//! `make qemu-bench`'s `results.jsonl`, becomes a simulated
 //! migration of the same size, zero fraction, dirty rate, channels, dirty log and
 //! verification; the table shows predicted against measured total time and downtime.
 
