@@ -127,6 +127,8 @@ impl ServerTls {
 }
 
 /// A TLS connection over a TCP socket, usable from one reading and several writing threads.
+/// Locks, always in this order: `inbuf`, `writing`, `conn`. A writer holds `writing` and
+/// `conn` while its records go onto the socket (no copy of them).
 pub struct TlsStream {
     sock: TcpStream,
     conn: Mutex<rustls::Connection>,
@@ -261,24 +263,21 @@ impl TlsStream {
     /// Seals `buf` and puts it on the socket, whole.
     pub fn write_all(&self, buf: &[u8]) -> io::Result<()> {
         let _w = self.writing.lock().expect("not poisoned");
-        let mut sealed = Vec::with_capacity(buf.len() + 64);
-        {
-            let mut c = self.conn.lock().expect("not poisoned");
-            // rustls takes at most its buffer limit (64 KiB) of plaintext per call: seal, move
-            // the records out, and go on.
-            let mut rest = buf;
-            while !rest.is_empty() {
-                let n = c.writer().write(rest)?;
-                while c.wants_write() {
-                    c.write_tls(&mut sealed)?;
-                }
-                if n == 0 {
-                    return Err(io::ErrorKind::WriteZero.into());
-                }
-                rest = &rest[n..];
+        let mut c = self.conn.lock().expect("not poisoned");
+        // rustls takes at most its buffer limit (64 KiB) of plaintext per call: seal, put the
+        // records on the socket, and go on.
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let n = c.writer().write(rest)?;
+            while c.wants_write() {
+                c.write_tls(&mut &self.sock)?;
             }
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            rest = &rest[n..];
         }
-        (&self.sock).write_all(&sealed)
+        Ok(())
     }
 
     /// Puts whatever rustls has to say on the socket (alerts, replies after a read).
@@ -376,12 +375,21 @@ impl TlsStream {
     }
 
     /// Ends the connection: close_notify first when closing for writing.
+    /// Never waits: a writer blocked on a silent peer holds the locks, and shutting the socket
+    /// is what ends its wait, so close_notify goes out only if nobody is writing and the
+    /// socket takes it at once.
     pub fn shutdown(&self, how: Shutdown) {
         if how != Shutdown::Read {
-            if let Ok(mut c) = self.conn.lock() {
+            if let (Ok(_w), Ok(mut c)) = (self.writing.try_lock(), self.conn.try_lock()) {
                 c.send_close_notify();
+                let mut sealed = Vec::new();
+                while c.wants_write() {
+                    if c.write_tls(&mut sealed).is_err() {
+                        break;
+                    }
+                }
+                let _ = rustix::net::send(&self.sock, &sealed, rustix::net::SendFlags::DONTWAIT);
             }
-            let _ = self.flush();
         }
         let _ = self.sock.shutdown(how);
     }
@@ -708,5 +716,37 @@ mod tests {
         assert_eq!(c1.binding(), s1.binding());
         assert_eq!(c2.binding(), s2.binding());
         assert_ne!(c1.binding(), c2.binding());
+    }
+
+    /// LIVE-2: closing a connection whose writer is blocked on a peer that reads nothing
+    /// returns at once, and the writer's send then fails: no wait on the writer's locks.
+    #[test]
+    fn shutdown_does_not_wait_for_a_writer_blocked_on_a_silent_peer() {
+        let d = tempfile::tempdir().unwrap();
+        init(d.path(), &[]).unwrap();
+        let (c, s) = pair(d.path(), "localhost");
+        let (c, _silent) = (Arc::new(c.unwrap()), s.unwrap());
+        let w = c.clone();
+        let writer = std::thread::spawn(move || {
+            let chunk = vec![7u8; 1 << 20];
+            // Far more than the socket buffers hold: blocks until the shutdown below.
+            (0..256).try_for_each(|_| w.write_all(&chunk))
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!writer.is_finished(), "the writer should be blocked by now");
+        let closer = std::thread::spawn(move || c.shutdown(Shutdown::Both));
+        let t = Instant::now();
+        while !closer.is_finished() && t.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            closer.is_finished(),
+            "shutdown waited on the blocked writer"
+        );
+        let r = writer.join().unwrap();
+        assert!(
+            r.is_err(),
+            "the blocked send should fail once the socket is shut"
+        );
     }
 }
