@@ -395,32 +395,44 @@ pub fn bench(size: u64, dir: Option<PathBuf>, json: bool, busy: usize) -> Result
     let _ = std::fs::remove_dir_all(&d);
     let f = result?;
     let idle_scan = idle_scan?;
-    let (r1, r2) = (f.rdmig[0] / f.one, f.rdmig[1] / f.two);
     if json {
-        let v = json!({
-            "bytes": size,
-            "busy_cores": busy,
-            "reference": f.reference,
-            "iperf3_1_gb_s": f.one,
-            "iperf3_2_gb_s": f.two,
-            "rdmig_1ch_gb_s": f.rdmig[0],
-            "rdmig_2ch_gb_s": f.rdmig[1],
-            "ratio_1ch": r1,
-            "ratio_2ch": r2,
-            "rdmig_tls_1ch_gb_s": f.tls[0],
-            "rdmig_tls_2ch_gb_s": f.tls[1],
-            "tls_ratio_1ch": f.tls[0] / f.rdmig[0],
-            "tls_ratio_2ch": f.tls[1] / f.rdmig[1],
-            "scan_1_thread_gb_s": f.scan[0],
-            "scan_2_threads_gb_s": f.scan[1],
-            "scan_2_threads_idle_gb_s": idle_scan,
-            "scattered_2ch_s": f.scattered_s,
-            "scattered_writes": size >> 13,
-            "rss_anon_mib": {"1ch": f.overhead[0], "2ch": f.overhead[1]},
-        });
-        println!("{}", serde_json::to_string_pretty(&v).expect("plain JSON"));
-        return Ok(ExitCode::SUCCESS);
+        print_json(&f, size, busy, idle_scan);
+    } else {
+        print_table(&f, size);
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--json`: the figures as one object.
+fn print_json(f: &Figures, size: u64, busy: usize, idle_scan: f64) {
+    let (r1, r2) = (f.rdmig[0] / f.one, f.rdmig[1] / f.two);
+    let v = json!({
+        "bytes": size,
+        "busy_cores": busy,
+        "reference": f.reference,
+        "iperf3_1_gb_s": f.one,
+        "iperf3_2_gb_s": f.two,
+        "rdmig_1ch_gb_s": f.rdmig[0],
+        "rdmig_2ch_gb_s": f.rdmig[1],
+        "ratio_1ch": r1,
+        "ratio_2ch": r2,
+        "rdmig_tls_1ch_gb_s": f.tls[0],
+        "rdmig_tls_2ch_gb_s": f.tls[1],
+        "tls_ratio_1ch": f.tls[0] / f.rdmig[0],
+        "tls_ratio_2ch": f.tls[1] / f.rdmig[1],
+        "scan_1_thread_gb_s": f.scan[0],
+        "scan_2_threads_gb_s": f.scan[1],
+        "scan_2_threads_idle_gb_s": idle_scan,
+        "scattered_2ch_s": f.scattered_s,
+        "scattered_writes": size >> 13,
+        "rss_anon_mib": {"1ch": f.overhead[0], "2ch": f.overhead[1]},
+    });
+    println!("{}", serde_json::to_string_pretty(&v).expect("plain JSON"));
+}
+
+/// The figures as a table, each ratio beside its target.
+fn print_table(f: &Figures, size: u64) {
+    let (r1, r2) = (f.rdmig[0] / f.one, f.rdmig[1] / f.two);
     let limit = (size / 100 + (64 << 20)) >> 20;
     println!(
         "rdmig bench: {} MiB of non-zero memory, loopback TCP, median of {RUNS} interleaved runs",
@@ -475,5 +487,4 @@ pub fn bench(size: u64, dir: Option<PathBuf>, json: bool, busy: usize) -> Result
         "  {:<44} {:6.2} GB/s",
         "dirty-log hash scan, 2 threads", f.scan[1]
     );
-    Ok(ExitCode::SUCCESS)
 }

@@ -507,6 +507,40 @@ impl DestLink for DestTcp {
     }
 }
 
+/// The client half of `tls_data_frame`: a TLS 1.3 session with `client`, `plain` sealed into
+/// records, one byte of them flipped (mode 1) or the records cut (mode 2) at `at`, sent, and
+/// the connection half-closed. Returns the socket.
+fn fuzz_tls_client_sends(
+    addr: SocketAddr,
+    client: &crate::transport::tls::ClientTls,
+    plain: &[u8],
+    mode: u8,
+    at: usize,
+) -> TcpStream {
+    use std::io::Write;
+    let mut sock = TcpStream::connect(addr).expect("connected");
+    let mut c = client.connection().expect("client session");
+    while c.is_handshaking() {
+        c.complete_io(&mut sock).expect("handshake");
+    }
+    c.writer().write_all(plain).expect("sealed");
+    let mut sealed = Vec::new();
+    while c.wants_write() {
+        c.write_tls(&mut sealed).expect("sealed");
+    }
+    match mode {
+        1 if !sealed.is_empty() => {
+            let i = at % sealed.len();
+            sealed[i] ^= 0x80;
+        }
+        2 => sealed.truncate(at % (sealed.len() + 1)),
+        _ => {}
+    }
+    let _ = sock.write_all(&sealed);
+    let _ = sock.shutdown(Shutdown::Write);
+    sock
+}
+
 /// Fuzz target body for `tls_data_frame`: the frames of a `tcp_data_frame` input (after a
 /// 3-byte prefix: tamper mode u8, position u16 LE) sealed by a real TLS 1.3 client and read by
 /// the destination's data receiver through its TLS stream, the records optionally changed or
@@ -517,7 +551,6 @@ impl DestLink for DestTcp {
 pub fn fuzz_tls_data_frames(data: &[u8]) {
     use super::frames::{apply_data_frame, parse_data_header, FuzzMemory};
     use crate::transport::tls::{ClientTls, ServerTls};
-    use std::io::Write;
     use std::sync::OnceLock;
     static CREDS: OnceLock<(ClientTls, ServerTls)> = OnceLock::new();
     if data.len() < 3 {
@@ -569,26 +602,7 @@ pub fn fuzz_tls_data_frames(data: &[u8]) {
             };
             data_receiver(s, &land, deadlines);
         });
-        let mut sock = TcpStream::connect(addr).expect("connected");
-        let mut c = creds.0.connection().expect("client session");
-        while c.is_handshaking() {
-            c.complete_io(&mut sock).expect("handshake");
-        }
-        c.writer().write_all(&plain).expect("sealed");
-        let mut sealed = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut sealed).expect("sealed");
-        }
-        match mode {
-            1 if !sealed.is_empty() => {
-                let i = at % sealed.len();
-                sealed[i] ^= 0x80;
-            }
-            2 => sealed.truncate(at % (sealed.len() + 1)),
-            _ => {}
-        }
-        let _ = sock.write_all(&sealed);
-        let _ = sock.shutdown(Shutdown::Write);
+        let sock = fuzz_tls_client_sends(addr, &creds.0, &plain, mode, at);
         let t = Instant::now();
         while !server.is_finished() && t.elapsed() < std::time::Duration::from_secs(10) {
             std::thread::sleep(std::time::Duration::from_millis(1));
