@@ -194,9 +194,7 @@ pub fn send(a: SendArgs) -> Result<ExitCode, String> {
     let (tx, rx) = mpsc::channel();
     transport::watch_signals(tx.clone(), SrcEvent::Signal)
         .map_err(|e| format!("watching signals: {e}"))?;
-    let credit_window = cfg.credit_window;
-    let channels = cfg.params.channels;
-    let mut run = SourceRun {
+    let run = SourceRun {
         cfg,
         blocks,
         scan: Box::new(move |all| {
@@ -214,7 +212,27 @@ pub fn send(a: SendArgs) -> Result<ExitCode, String> {
         progress,
         background: Some(tx.clone()),
     };
-    let mut report = match a.transport.verbs() {
+    let mut report = migrate(&a, addr, tls, run, deadlines, (tx, rx))?;
+    if report.status == Status::Completed {
+        restore.0 = None;
+    }
+    if let Some(q) = &qemu {
+        report.guest = Some(guest_after(q, report.status, a.qemu_quit));
+    }
+    Ok(finish(&report, a.common.json))
+}
+
+/// Connects over the chosen transport and runs the source to its outcome.
+fn migrate(
+    a: &SendArgs,
+    addr: std::net::SocketAddr,
+    tls: Option<rdmig::transport::tls::ClientTls>,
+    mut run: SourceRun,
+    deadlines: Deadlines,
+    (tx, rx): (mpsc::Sender<SrcEvent>, mpsc::Receiver<SrcEvent>),
+) -> Result<rdmig::report::Report, String> {
+    let (channels, credit_window) = (run.cfg.params.channels, run.cfg.credit_window);
+    match a.transport.verbs() {
         Some(o) => {
             if a.max_bandwidth.is_some() {
                 return Err("--max-bandwidth is not supported with --transport rdma".into());
@@ -228,7 +246,7 @@ pub fn send(a: SendArgs) -> Result<ExitCode, String> {
                 tx,
             )
             .map_err(|e| format!("rdma: {e}"))?;
-            driver::run_source(link, rx, run)
+            Ok(driver::run_source(link, rx, run))
         }
         None => {
             let link = SourceTcp::connect(
@@ -243,16 +261,9 @@ pub fn send(a: SendArgs) -> Result<ExitCode, String> {
             .map_err(|e| format!("connecting to {addr}: {e}"))?;
             // spec: AUTH-1: inside TLS, the key's proofs cover the TLS session.
             run.cfg.channel_binding = link.channel_binding();
-            driver::run_source(link, rx, run)
+            Ok(driver::run_source(link, rx, run))
         }
-    };
-    if report.status == Status::Completed {
-        restore.0 = None;
     }
-    if let Some(q) = &qemu {
-        report.guest = Some(guest_after(q, report.status, a.qemu_quit));
-    }
-    Ok(finish(&report, a.common.json))
 }
 
 /// The guard that resumes the workload should this process die while it is paused (spec:
