@@ -364,6 +364,12 @@ pub fn run(opts: &WorkloadOptions, stop: &AtomicBool) -> Result<WorkloadStats, W
             let p = picker.next(since);
             let off = p << opts.page_log2;
             counters[p as usize] += 1;
+            // Before the data as well: `--pid` pauses with SIGSTOP, which can land between
+            // the data and the mark after it; this mark keeps such a write in the final scan
+            // (spec: section 11, a writer that can be stopped at any instruction).
+            if let Some(log) = &log {
+                log.mark(0, p);
+            }
             if below_fraction(zero_rng.next(), opts.zero_fraction) {
                 ram.zero(off, page);
                 stats.zero_writes += 1;
