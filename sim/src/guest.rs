@@ -123,6 +123,12 @@ pub struct GuestConfig {
     /// The dirty log is content hashing (`rdmig send --dirty-log scan`): every scan reads all
     /// of memory. Otherwise a bitmap or soft-dirty log, whose scans cost little.
     pub hash_scan: bool,
+    /// The pause lands inside a write, between its data and the mark after it (a writer
+    /// stopped with SIGSTOP at any instruction; spec section 11).
+    pub stop_mid_write: bool,
+    /// The writer marks a page before its data as well as after (what a writer that can be
+    /// stopped mid-write must do), so a write the pause interrupts stays in the log.
+    pub marks_before: bool,
 }
 
 impl GuestConfig {
@@ -142,6 +148,8 @@ impl GuestConfig {
             capture_ns: 1_000_000,
             dst_pretouched: false,
             hash_scan: false,
+            stop_mid_write: false,
+            marks_before: true,
         }
     }
 
@@ -340,6 +348,20 @@ impl Guest {
             self.write_page(g);
         }
         pages
+    }
+
+    /// The write the pause interrupts (`stop_mid_write`): its data is stored, its mark after
+    /// the data never happens; only a mark before the data (`marks_before`) logs it. The
+    /// content hash log reads memory itself, so it sees the write either way.
+    pub fn write_interrupted(&mut self) {
+        let g = self.rng.below(self.total_pages);
+        let b = self.first_page.partition_point(|&f| f <= g) - 1;
+        let p = g - self.first_page[b];
+        let logged = self.dirty[b].get(p);
+        self.write_page(g);
+        if !self.cfg.marks_before && !self.cfg.hash_scan && !logged {
+            self.dirty[b].clear(p);
+        }
     }
 
     fn write_page(&mut self, g: u64) {

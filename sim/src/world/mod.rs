@@ -389,6 +389,9 @@ impl Sim {
                 }
                 self.pause_pending = false;
                 self.advance_guest();
+                if self.cfg.guest.stop_mid_write {
+                    self.guest.write_interrupted();
+                }
                 self.src_running = false;
                 self.snapshot = Some(self.guest.mem.clone());
                 self.stats.paused_ns = Some(self.now);
