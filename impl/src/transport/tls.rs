@@ -308,19 +308,37 @@ impl TlsStream {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e),
                 }
-                // No plaintext left: give rustls the next record(s) read ahead, if any.
+                // No plaintext left: give rustls what was read ahead until a record opens
+                // (it takes at most 4 KiB a call), or nothing is left.
                 if inb.start < inb.end {
                     let InBuf { buf: b, start, end } = &mut *inb;
-                    let n = c.read_tls(&mut &b[*start..*end])?;
-                    *start += n;
-                    Some(c.process_new_packets().map(|_| ()).map_err(tls_error))
+                    let mut r = Ok(false);
+                    while *start < *end {
+                        let n = c.read_tls(&mut &b[*start..*end])?;
+                        *start += n;
+                        match c.process_new_packets() {
+                            Ok(st) if st.plaintext_bytes_to_read() > 0 || n == 0 => break,
+                            Ok(_) => {}
+                            Err(e) => {
+                                r = Err(tls_error(e));
+                                break;
+                            }
+                        }
+                    }
+                    if r.is_ok() {
+                        r = Ok(c.wants_write());
+                    }
+                    Some(r)
                 } else {
                     None
                 }
             };
             match fed {
-                Some(Ok(())) => {
-                    self.flush()?;
+                Some(Ok(reply)) => {
+                    // Alerts or key updates rustls wants to answer.
+                    if reply {
+                        self.flush()?;
+                    }
                     continue;
                 }
                 Some(Err(e)) => {
