@@ -838,6 +838,51 @@ fn page_diff(a: &Path, b: &Path) -> String {
     )
 }
 
+/// The benchmark row of an rdmig run, recorded. A guest that fails its check leaves its
+/// evidence: the page comparison and both QEMUs' states on stderr, and with
+/// `RDMIG_QEMU_KEEP_FAILED=DIR` both RAM files, the report and the consoles in `DIR/tag`.
+fn bench_row(tool: &'static str, rate: u64, s: &Scratch, r: &RdmigRun, tag: &str) -> Row {
+    let sr = report(&r.send, "send");
+    assert_eq!(r.send.code, Some(0), "rate {rate}: {sr}");
+    let row = Row {
+        tool,
+        rate,
+        total_ms: sr["total_time_ms"].as_u64().unwrap(),
+        downtime_ms: sr["downtime_ms"].as_u64().unwrap(),
+        transferred_mb: sr["bytes"]["data"].as_u64().unwrap() as f64 / 1e6,
+        dirtied_mb_s: dirtied(&r.src),
+        survived: check_continues(&r.src, &r.dst),
+        phases: sr["phases"].clone(),
+    };
+    record(&row);
+    if row.survived.is_err() {
+        eprintln!("DIFF {}", page_diff(&s.ram("src.ram"), &s.ram("dst.ram")));
+        eprintln!(
+            "DIFF source QEMU {}, destination QEMU {}",
+            r.src.status(),
+            r.dst.status()
+        );
+        if let Ok(keep) = std::env::var("RDMIG_QEMU_KEEP_FAILED") {
+            let to = Path::new(&keep).join(tag);
+            let _ = std::fs::create_dir_all(&to);
+            for f in ["src.ram", "dst.ram"] {
+                let _ = std::fs::copy(s.ram(f), to.join(f));
+            }
+            let _ = std::fs::write(to.join("send.json"), sr.to_string());
+            let _ = std::fs::write(to.join("dst-console"), r.dst.console());
+            let _ = std::fs::write(to.join("src-console"), r.src.console());
+        }
+    }
+    row
+}
+
+/// A benchmark goes on past a guest that failed; the test fails at its end.
+fn note_failure(failed: &mut Vec<String>, row: &Row) {
+    if let Err(e) = &row.survived {
+        failed.push(format!("{} at {} MB/s: {e}", row.tool, row.rate));
+    }
+}
+
 /// `make qemu-bench`: rdmig with 2 channels (with and without `--verify`) next to QEMU's own
 /// multifd migration with 2 channels, at 0, 50 and 200 MB/s, `RDMIG_QEMU_BENCH_RUNS` times each
 /// (default 3), interleaved so that a noisy moment hits every tool alike. Every row goes to
@@ -860,54 +905,20 @@ fn bench_rdmig_2ch_against_qemu_multifd_2ch() {
                     extra.push("--verify");
                 }
                 let r = rdmig_migrate(&a, &s, rate, false, vec![], &extra);
-                let sr = report(&r.send, "send");
-                assert_eq!(r.send.code, Some(0), "rate {rate}: {sr}");
-                let survived = check_continues(&r.src, &r.dst);
-                let row = Row {
-                    tool: if verify {
-                        "rdmig 2ch --verify"
-                    } else {
-                        "rdmig 2ch"
-                    },
-                    rate,
-                    total_ms: sr["total_time_ms"].as_u64().unwrap(),
-                    downtime_ms: sr["downtime_ms"].as_u64().unwrap(),
-                    transferred_mb: sr["bytes"]["data"].as_u64().unwrap() as f64 / 1e6,
-                    dirtied_mb_s: dirtied(&r.src),
-                    survived,
-                    phases: sr["phases"].clone(),
+                let tool = if verify {
+                    "rdmig 2ch --verify"
+                } else {
+                    "rdmig 2ch"
                 };
-                record(&row);
-                if row.survived.is_err() {
-                    eprintln!("DIFF {}", page_diff(&s.ram("src.ram"), &s.ram("dst.ram")));
-                    eprintln!(
-                        "DIFF source QEMU {}, destination QEMU {}",
-                        r.src.status(),
-                        r.dst.status()
-                    );
-                    if let Ok(keep) = std::env::var("RDMIG_QEMU_KEEP_FAILED") {
-                        let to = Path::new(&keep).join(format!("{rate}-{verify}-{run}"));
-                        let _ = std::fs::create_dir_all(&to);
-                        for f in ["src.ram", "dst.ram"] {
-                            let _ = std::fs::copy(s.ram(f), to.join(f));
-                        }
-                        let _ = std::fs::write(to.join("send.json"), sr.to_string());
-                        let _ = std::fs::write(to.join("dst-console"), r.dst.console());
-                        let _ = std::fs::write(to.join("src-console"), r.src.console());
-                    }
-                }
-                if let Err(e) = &row.survived {
-                    failed.push(format!("{} at {rate} MB/s: {e}", row.tool));
-                }
+                let row = bench_row(tool, rate, &s, &r, &format!("{rate}-{verify}-{run}"));
+                note_failure(&mut failed, &row);
             }
             if std::env::var("RDMIG_QEMU_BENCH_RDMIG_ONLY").is_ok() {
                 continue;
             }
             let q = qemu_migrate(&a, rate, true);
             record(&q);
-            if let Err(e) = &q.survived {
-                failed.push(format!("{} at {rate} MB/s: {e}", q.tool));
-            }
+            note_failure(&mut failed, &q);
         }
     }
     assert!(failed.is_empty(), "guests that failed: {failed:#?}");
@@ -944,27 +955,11 @@ fn bench_tls_rdmig_2ch_against_qemu_multifd_tls_2ch() {
                 &["--channels", "2", "--tls-creds", &d],
                 &tls,
             );
-            let sr = report(&r.send, "send");
-            assert_eq!(r.send.code, Some(0), "rate {rate}: {sr}");
-            let row = Row {
-                tool: "rdmig 2ch tls",
-                rate,
-                total_ms: sr["total_time_ms"].as_u64().unwrap(),
-                downtime_ms: sr["downtime_ms"].as_u64().unwrap(),
-                transferred_mb: sr["bytes"]["data"].as_u64().unwrap() as f64 / 1e6,
-                dirtied_mb_s: dirtied(&r.src),
-                survived: check_continues(&r.src, &r.dst),
-                phases: sr["phases"].clone(),
-            };
-            record(&row);
-            if let Err(e) = &row.survived {
-                failed.push(format!("{} at {rate} MB/s: {e}", row.tool));
-            }
+            let row = bench_row("rdmig 2ch tls", rate, &s, &r, &format!("tls-{rate}-{run}"));
+            note_failure(&mut failed, &row);
             let q = qemu_migrate_with(&a, rate, true, Some(&dir));
             record(&q);
-            if let Err(e) = &q.survived {
-                failed.push(format!("{} at {rate} MB/s: {e}", q.tool));
-            }
+            note_failure(&mut failed, &q);
         }
     }
     assert!(failed.is_empty(), "guests that failed: {failed:#?}");

@@ -349,41 +349,15 @@ impl RamBlock {
         offset: u64,
         len: u64,
     ) -> std::io::Result<()> {
-        use std::os::fd::AsRawFd;
-        self.check(offset, len as usize);
-        let (mut h, mut done) = (header, 0u64);
-        while !h.is_empty() || done < len {
-            let iov = [
-                libc::iovec {
-                    iov_base: h.as_ptr() as *mut libc::c_void,
-                    iov_len: h.len(),
-                },
-                libc::iovec {
-                    // SAFETY: offset + done + (len - done) is inside the mapping (checked above).
-                    iov_base: unsafe { self.ptr.add((offset + done) as usize) }
-                        as *mut libc::c_void,
-                    iov_len: (len - done) as usize,
-                },
-            ];
-            // SAFETY: both iovecs describe readable memory that outlives the call: the header
-            // slice and a checked range of the mapping, which the block keeps mapped.
-            let n = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), 2) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
-            let n = n as usize;
-            let from_h = n.min(h.len());
-            h = &h[from_h..];
-            done += (n - from_h) as u64;
-        }
-        Ok(())
+        send_frames(
+            fd,
+            &[FramePart {
+                header,
+                block: self,
+                offset,
+                len,
+            }],
+        )
     }
 
     /// Reads exactly `len` bytes from a socket into `[offset, offset+len)` of the block:
