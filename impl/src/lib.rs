@@ -13,6 +13,7 @@ pub mod cli;
 pub mod driver;
 pub mod memory;
 pub mod report;
+pub mod savefile;
 pub mod tools;
 pub mod transport;
 pub mod vmm;

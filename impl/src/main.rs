@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use cmd::args::{BenchArgs, DemoArgs, GuardArgs, RecvArgs, SendArgs, WorkloadArgs};
+use cmd::args::{
+    BenchArgs, DemoArgs, GuardArgs, RecvArgs, RestoreArgs, SaveArgs, SendArgs, WorkloadArgs,
+};
 
 #[derive(Parser)]
 #[command(
@@ -26,6 +28,12 @@ enum Cmd {
     Recv(RecvArgs),
     /// Send a migration: connect, pre-copy live, switch over, commit.
     Send(SendArgs),
+    /// Save memory (a QEMU guest's, a process's) to a file: a migration into the file, each
+    /// block at a fixed offset, written by parallel writers, live or paused.
+    Save(SaveArgs),
+    /// Restore a save file into RAM files (and a QEMU waiting for it): a migration out of the
+    /// file, read by parallel readers, verified against the file's digests.
+    Restore(RestoreArgs),
     /// A synthetic guest: maps a RAM file, fills it, keeps writing at a given rate.
     Workload(WorkloadArgs),
     /// Print the xxh3-64 digest of a file (e.g. a RAM file).
@@ -76,6 +84,8 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Recv(a) => cmd::recv::recv(a),
         Cmd::Send(a) => cmd::send::send(a),
+        Cmd::Save(a) => cmd::file::save(a),
+        Cmd::Restore(a) => cmd::file::restore(a),
         Cmd::Workload(a) => cmd::workload(a),
         Cmd::Digest { files } => files
             .iter()

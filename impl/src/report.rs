@@ -90,6 +90,20 @@ pub struct Report {
     /// What became of a QEMU guest (`--qemu-qmp`): e.g. `running`, `resumed`, `stopped`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest: Option<String>,
+    /// The save file of `rdmig save` or `rdmig restore`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileReport>,
+}
+
+/// A save file as `rdmig save` left it or `rdmig restore` read it.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct FileReport {
+    pub path: String,
+    /// The file's size, holes included.
+    pub logical_bytes: u64,
+    /// What the file system allocated for it.
+    pub allocated_bytes: u64,
+    pub direct_io: bool,
 }
 
 impl Report {
@@ -145,6 +159,15 @@ impl Report {
         }
         if let Some(g) = &self.guest {
             s += &format!(", guest {g}");
+        }
+        if let Some(f) = &self.file {
+            s += &format!(
+                "\n  file {}: {} MiB, {} MiB allocated{}",
+                f.path,
+                f.logical_bytes >> 20,
+                f.allocated_bytes >> 20,
+                if f.direct_io { ", O_DIRECT" } else { "" }
+            );
         }
         if !self.rounds.is_empty() {
             s += &format!(

@@ -217,6 +217,107 @@ pub struct SendArgs {
 }
 
 #[derive(clap::Args, Clone)]
+pub struct SaveArgs {
+    /// RAM block NAME=PATH (repeatable).
+    #[arg(long = "ram", required = true, value_parser = cli::parse_ram)]
+    pub ram: Vec<RamSpec>,
+    /// The save file to write (replaced only once the new save is complete).
+    #[arg(long)]
+    pub to: PathBuf,
+    /// Parallel writers (data channels).
+    #[arg(long, default_value_t = 2)]
+    pub channels: u8,
+    /// Write the file with O_DIRECT (page-aligned writes straight from memory, bypassing
+    /// the page cache); refused on file systems that do not support it.
+    #[arg(long)]
+    pub direct_io: bool,
+    /// Pre-copy into the file while the workload runs, rewriting dirty pages in place, and
+    /// pause it only for the last round (default: pause first, one pass).
+    #[arg(long)]
+    pub live: bool,
+    /// Registration and digest unit.
+    #[arg(long, default_value = "1MiB", value_parser = cli::parse_size)]
+    pub chunk_size: u64,
+    /// With --live: target downtime in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_limit: u64,
+    /// With --live: pre-copy rounds before switching over.
+    #[arg(long, default_value_t = 30)]
+    pub max_rounds: u32,
+    /// The digest the file keeps per chunk: page-tree or bytes (as `send --digest`).
+    #[arg(long, default_value = "page-tree", value_parser = ["page-tree", "bytes"])]
+    pub digest: String,
+    /// Dirty tracking with --live (as `send --dirty-log`; default: auto with --qemu-qmp or
+    /// --pid, none otherwise).
+    #[arg(long)]
+    pub dirty_log: Option<String>,
+    /// Pause/resume the workload with SIGSTOP/SIGCONT to this process.
+    #[arg(long)]
+    pub pid: Option<i32>,
+    /// Command that pauses the workload (its stdout is the device state unless --state-in).
+    #[arg(long)]
+    pub pause_cmd: Option<String>,
+    /// Command that resumes the workload if the save fails.
+    #[arg(long)]
+    pub resume_cmd: Option<String>,
+    /// Device state file saved with the memory.
+    #[arg(long)]
+    pub state_in: Option<PathBuf>,
+    /// QMP socket of a QEMU whose guest RAM is the --ram files (memory-backend-file,
+    /// share=on): rdmig stops the guest, saves its device state (x-ignore-shared) into the
+    /// file, and continues it if the save fails.
+    #[arg(long, conflicts_with_all = ["pid", "pause_cmd", "resume_cmd", "state_in"])]
+    pub qemu_qmp: Option<PathBuf>,
+    /// Quit the QEMU after the save (default: leave it stopped).
+    #[arg(long, requires = "qemu_qmp")]
+    pub qemu_quit: bool,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct RestoreArgs {
+    /// The save file to restore.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// RAM block NAME=PATH:SIZE (repeatable): the save's blocks, by name and size; files are
+    /// created or resized, and marked incomplete until the restore commits.
+    #[arg(long = "ram", required = true, value_parser = cli::parse_ram)]
+    pub ram: Vec<RamSpec>,
+    /// Parallel readers (data channels).
+    #[arg(long, default_value_t = 2)]
+    pub channels: u8,
+    /// Read the file with O_DIRECT; refused on file systems that do not support it.
+    #[arg(long)]
+    pub direct_io: bool,
+    /// Command run to start the workload once the memory is restored.
+    #[arg(long)]
+    pub start_cmd: Option<String>,
+    /// Process (stopped) to continue once the memory is restored.
+    #[arg(long)]
+    pub start_pid: Option<i32>,
+    /// Where to write the saved device state.
+    #[arg(long)]
+    pub state_out: Option<PathBuf>,
+    /// QMP socket of a QEMU waiting with `-incoming defer` on the --ram files: rdmig loads
+    /// the saved device state into it and runs the guest.
+    #[arg(long)]
+    pub qemu_qmp: Option<PathBuf>,
+    /// Command that starts that QEMU (as `recv --qemu-start`).
+    #[arg(long, requires = "qemu_qmp")]
+    pub qemu_start: Option<String>,
+    /// Where the QEMU started by --qemu-start writes its output.
+    #[arg(long, requires = "qemu_start")]
+    pub qemu_log: Option<PathBuf>,
+    /// Print the final report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Threads for digests.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+}
+
+#[derive(clap::Args, Clone)]
 pub struct WorkloadArgs {
     /// RAM file to create and keep writing.
     #[arg(long)]

@@ -1,6 +1,7 @@
 //! The `rdmig` subcommands, one module each, and what they share.
 
 pub mod args;
+pub mod file;
 pub mod recv;
 pub mod send;
 

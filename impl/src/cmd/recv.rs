@@ -28,9 +28,12 @@ pub fn incomplete_marker(p: &Path) -> PathBuf {
 }
 
 /// Creates (or resizes) and pre-faults the destination RAM files.
-fn create_blocks(a: &RecvArgs, log2: u8) -> Result<Arc<Vec<Arc<RamBlock>>>, String> {
+pub(super) fn create_blocks(
+    ram: &[rdmig::cli::RamSpec],
+    log2: u8,
+) -> Result<Arc<Vec<Arc<RamBlock>>>, String> {
     let mut blocks = Vec::new();
-    for r in &a.ram {
+    for r in ram {
         let size = r
             .size
             .ok_or_else(|| format!("--ram {}: the destination needs NAME=PATH:SIZE", r.name))?;
@@ -46,24 +49,30 @@ fn create_blocks(a: &RecvArgs, log2: u8) -> Result<Arc<Vec<Arc<RamBlock>>>, Stri
     Ok(Arc::new(blocks))
 }
 
-fn attach_qemu(a: &RecvArgs) -> Result<Option<Arc<QemuDest>>, String> {
-    let Some(sock) = &a.qemu_qmp else {
+/// The destination QEMU at `sock` (started by `start`, output to `log`), waiting for a
+/// guest whose RAM is `ram`.
+pub(super) fn attach_qemu(
+    sock: Option<&Path>,
+    ram: &[rdmig::cli::RamSpec],
+    start: Option<&str>,
+    log: Option<&Path>,
+) -> Result<Option<Arc<QemuDest>>, String> {
+    let Some(sock) = sock else {
         return Ok(None);
     };
-    let files: Vec<_> = a
-        .ram
+    let files: Vec<_> = ram
         .iter()
         .map(|r| RamFile {
             path: r.path.clone(),
             size: r.size.unwrap_or(0),
         })
         .collect();
-    let log = a.qemu_log.clone().unwrap_or_else(|| {
+    let log = log.map(Path::to_path_buf).unwrap_or_else(|| {
         let mut l = sock.as_os_str().to_owned();
         l.push(".log");
         PathBuf::from(l)
     });
-    let q = QemuDest::attach(sock, &files, a.qemu_start.as_deref(), &log)
+    let q = QemuDest::attach(sock, &files, start, &log)
         .map_err(|e| format!("destination QEMU: {e}"))?;
     tracing::info!("destination QEMU {} waiting for the guest", q.version());
     Ok(Some(Arc::new(q)))
@@ -115,9 +124,14 @@ pub fn recv(a: RecvArgs) -> Result<ExitCode, String> {
     if a.common.idle_timeout == 0 {
         return Err("--idle-timeout must be at least 1 second".into());
     }
-    let blocks = create_blocks(&a, log2)?;
+    let blocks = create_blocks(&a.ram, log2)?;
     let cfg = config(&a, &blocks, key)?;
-    let qemu = attach_qemu(&a)?;
+    let qemu = attach_qemu(
+        a.qemu_qmp.as_deref(),
+        &a.ram,
+        a.qemu_start.as_deref(),
+        a.qemu_log.as_deref(),
+    )?;
     let listener = TcpListener::bind(listen).map_err(|e| format!("listening on {listen}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let deadlines = Deadlines::new(Duration::from_secs(a.common.idle_timeout));
@@ -132,6 +146,7 @@ pub fn recv(a: RecvArgs) -> Result<ExitCode, String> {
             start_cmd: a.start_cmd.clone(),
             start_pid: a.start_pid,
             qemu: qemu.clone(),
+            save: None,
         },
         state: StateSink {
             path: a.state_out.clone(),

@@ -211,6 +211,7 @@ pub fn send(a: SendArgs) -> Result<ExitCode, String> {
         threads: a.common.threads,
         progress,
         background: Some(tx.clone()),
+        known_digests: None,
     };
     let mut report = migrate(&a, addr, tls, run, deadlines, (tx, rx))?;
     if report.status == Status::Completed {
@@ -268,13 +269,13 @@ fn migrate(
 
 /// The guard that resumes the workload should this process die while it is paused (spec:
 /// LIVE-6).
-fn spawn_guard(resume: &Resume) -> Result<Guard, String> {
+pub(super) fn spawn_guard(resume: &Resume) -> Result<Guard, String> {
     let exe = std::env::current_exe().map_err(|e| format!("locating rdmig: {e}"))?;
     Guard::spawn(&exe, resume).map_err(|e| format!("starting the guard: {e}"))
 }
 
 /// A spinner on an interactive terminal, none for scripts and JSON output.
-fn progress_bar(json: bool) -> Option<Box<dyn Progress>> {
+pub(super) fn progress_bar(json: bool) -> Option<Box<dyn Progress>> {
     if !std::io::stderr().is_terminal() || json {
         return None;
     }
@@ -284,7 +285,7 @@ fn progress_bar(json: bool) -> Option<Box<dyn Progress>> {
 }
 
 /// What became of the source QEMU guest.
-fn guest_after(q: &QemuSource, status: Status, quit: bool) -> String {
+pub(super) fn guest_after(q: &QemuSource, status: Status, quit: bool) -> String {
     match status {
         Status::Completed if quit => match q.quit() {
             Ok(()) => "quit".into(),

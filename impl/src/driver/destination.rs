@@ -81,6 +81,8 @@ struct Driver<L: DestLink> {
     timeline: Vec<PhaseReport>,
     /// Chunk digests kept current as data lands, when digests are negotiated.
     digests: Option<Arc<DigestCache>>,
+    /// The digests of received memory the last verification compared.
+    verified: Option<Vec<u64>>,
 }
 
 impl<L: DestLink> Driver<L> {
@@ -204,6 +206,7 @@ impl<L: DestLink> Driver<L> {
                     }
                     _ => all_digests(&d.run.blocks, alg, log2, d.run.threads),
                 });
+                self.verified = Some(d.clone());
                 self.local(DstInput::Digests(d));
             }
             DstCommand::StartWorkload => {
@@ -211,7 +214,7 @@ impl<L: DestLink> Driver<L> {
                     d.run.state.persist().map_err(|e| e.to_string())?;
                     d.run
                         .workload
-                        .start(&d.run.state.data)
+                        .start(&d.run.state.data, d.verified.as_deref())
                         .map_err(|e| e.to_string())
                 });
                 match started {
@@ -243,6 +246,7 @@ pub fn run_destination(link: impl DestLink, rx: Receiver<DstEvent>, run: DestRun
         t0: Instant::now(),
         timeline: Vec::new(),
         digests: None,
+        verified: None,
     };
     let mut out = LsnOut::new();
     while lsn.outcome().is_none() {

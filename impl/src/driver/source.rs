@@ -52,6 +52,17 @@ pub struct SourceRun {
     /// Where background work reports (the transport's event channel): digests are then
     /// computed beside the final round instead of blocking the driver.
     pub background: Option<Sender<SrcEvent>>,
+    /// The chunk digests of source memory, when they are known without reading it (a save
+    /// file carries the digests of the memory it holds).
+    pub known_digests: Option<KnownDigests>,
+}
+
+/// Chunk digests of source memory known in advance.
+#[derive(Debug, Clone)]
+pub struct KnownDigests {
+    pub alg: DigestAlg,
+    pub chunk_log2: u8,
+    pub digests: Vec<u64>,
 }
 
 fn to_input(e: SrcEvent) -> SrcInput {
@@ -243,6 +254,11 @@ impl<L: SourceLink> Driver<'_, L> {
     /// when the driver has a channel for background work, else inline.
     fn digests(&mut self) {
         let (alg, log2, threads) = (self.digest_alg, self.chunk_log2, self.run.threads);
+        if let Some(k) = &self.run.known_digests {
+            if k.alg == alg && k.chunk_log2 == log2 {
+                return self.pending.push_back(SrcInput::Digests(k.digests.clone()));
+            }
+        }
         let name = "digests of source memory (beside the final round)";
         if let Some(tx) = &self.scanner {
             if tx

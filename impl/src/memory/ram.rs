@@ -42,12 +42,25 @@ pub struct RamBlock {
     len: u64,
     ptr: *mut u8,
     path: Option<PathBuf>,
+    /// A region of a save file: zero ranges become holes (`fallocate` punches them) at this
+    /// offset of the file, instead of zero bytes written.
+    punch: Option<(File, u64)>,
     _map: Mapping,
 }
 
 enum Mapping {
     File(#[allow(dead_code)] MmapRaw),
     Anon(#[allow(dead_code)] memmap2::MmapMut),
+}
+
+/// What a block mapped from a region of a save file is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegionUse {
+    /// The save's destination: shared with the file, not pre-faulted (the file is sparse and
+    /// stays so), zero ranges punched as holes.
+    SaveTarget,
+    /// The restore's source: a private copy-on-write view; nothing is ever written back.
+    SavedImage,
 }
 
 // SAFETY: the pointer refers to a mapping owned by the block for its whole life; every access
@@ -155,7 +168,57 @@ impl RamBlock {
             len,
             ptr: map.as_mut_ptr(),
             path: Some(path.into()),
+            punch: None,
             _map: Mapping::File(map),
+        })
+    }
+
+    /// Maps `[offset, offset+len)` of `file` (a save file) as a block; `offset` is page
+    /// aligned (the save file's layout aligns blocks to 1 MiB).
+    pub fn file_region(
+        name: &str,
+        file: &File,
+        path: &Path,
+        offset: u64,
+        len: u64,
+        page_log2: u8,
+        role: RegionUse,
+    ) -> Result<Self, MemError> {
+        check_name(name)?;
+        if len == 0 || !len.is_multiple_of(1 << page_log2) || !offset.is_multiple_of(4096) {
+            return Err(MemError::Shape {
+                path: path.into(),
+                page: 1 << page_log2,
+            });
+        }
+        let what = |source| MemError::Map {
+            what: format!("{} at {offset}", path.display()),
+            source,
+        };
+        let mut opts = MmapOptions::new();
+        opts.offset(offset).len(len as usize);
+        let (ptr, map, punch) = match role {
+            RegionUse::SaveTarget => {
+                let map = opts.map_raw(file).map_err(what)?;
+                let f = file.try_clone().map_err(what)?;
+                (map.as_mut_ptr(), Mapping::File(map), Some((f, offset)))
+            }
+            RegionUse::SavedImage => {
+                // SAFETY: a private (copy-on-write) mapping: writes through it never reach the
+                // file, and changes to the file by another process only change the values the
+                // block reads, which every access here tolerates (module comment).
+                let mut map = unsafe { opts.map_copy(file) }.map_err(what)?;
+                (map.as_mut_ptr(), Mapping::Anon(map), None)
+            }
+        };
+        Ok(RamBlock {
+            name: name.to_string(),
+            page_log2,
+            len,
+            ptr,
+            path: Some(path.into()),
+            punch,
+            _map: map,
         })
     }
 
@@ -175,6 +238,7 @@ impl RamBlock {
             len,
             ptr: map.as_mut_ptr(),
             path: None,
+            punch: None,
             _map: Mapping::Anon(map),
         })
     }
@@ -241,9 +305,27 @@ impl RamBlock {
         }
     }
 
-    /// Writes zeros over `[offset, offset+len)`.
+    /// Writes zeros over `[offset, offset+len)`; in a save file, whole pages become holes.
     pub fn zero(&self, offset: u64, len: u64) {
         self.check(offset, len as usize);
+        let page = 1u64 << self.page_log2;
+        if let Some((file, base)) = &self.punch {
+            use rustix::fs::{fallocate, FallocateFlags};
+            if offset.is_multiple_of(page) && len.is_multiple_of(page) {
+                // Already a hole (a fresh save file is all holes): punching costs a journal
+                // transaction, asking costs a lookup.
+                let at = base + offset;
+                match rustix::fs::seek(file, rustix::fs::SeekFrom::Data(at)) {
+                    Ok(d) if d >= at + len => return,
+                    Err(rustix::io::Errno::NXIO) => return,
+                    _ => {}
+                }
+                let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+                if fallocate(file, flags, base + offset, len).is_ok() {
+                    return;
+                }
+            }
+        }
         // SAFETY: the range is inside the mapping (checked above).
         unsafe { std::ptr::write_bytes(self.ptr.add(offset as usize), 0, len as usize) }
     }
@@ -415,6 +497,87 @@ impl RamBlock {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
             done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes `[offset, offset+len)` of the block to `fd` at `file_offset` (one `pwrite`
+    /// per kernel limit, straight from the mapping: with `O_DIRECT` the device reads the
+    /// block's pages, which are page aligned).
+    pub fn write_to_file(
+        &self,
+        offset: u64,
+        len: u64,
+        fd: std::os::fd::BorrowedFd<'_>,
+        file_offset: u64,
+    ) -> std::io::Result<()> {
+        self.check(offset, len as usize);
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(1 << 30) as usize;
+            // SAFETY: `[offset+done, offset+done+n)` lies inside the mapping (checked above),
+            // which the block keeps mapped for the call; the kernel only reads it.
+            let r = unsafe {
+                libc::pwrite(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    self.ptr.add((offset + done) as usize) as *const libc::c_void,
+                    n,
+                    (file_offset + done) as libc::off_t,
+                )
+            };
+            match r {
+                r if r > 0 => done += r as u64,
+                0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `len` bytes of `fd` at `file_offset` into the block at `offset`; the file
+    /// ending first is an error.
+    pub fn read_from_file(
+        &self,
+        offset: u64,
+        len: u64,
+        fd: std::os::fd::BorrowedFd<'_>,
+        file_offset: u64,
+    ) -> std::io::Result<()> {
+        self.check(offset, len as usize);
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(1 << 30) as usize;
+            // SAFETY: `[offset+done, offset+done+n)` lies inside the mapping (checked above),
+            // which the block keeps mapped and writable for the call; no reference into it
+            // exists (the module's rule), so the kernel writing it aliases nothing.
+            let r = unsafe {
+                libc::pread(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    self.ptr.add((offset + done) as usize) as *mut libc::c_void,
+                    n,
+                    (file_offset + done) as libc::off_t,
+                )
+            };
+            match r {
+                r if r > 0 => done += r as u64,
+                0 => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the file ends inside a block",
+                    ))
+                }
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
         }
         Ok(())
     }

@@ -12,6 +12,7 @@ use rdmig_model::listener::ConnId;
 use rdmig_model::wire::DataHello;
 
 pub mod completions;
+pub mod file;
 pub mod regtable;
 pub mod tcp;
 pub mod tls;

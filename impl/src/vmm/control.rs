@@ -24,6 +24,8 @@ pub enum SourceWorkload {
     },
     /// A QEMU guest over QMP: `stop` and save its device state; `cont` on abort.
     Qemu(Arc<crate::vmm::qemu::QemuSource>),
+    /// A save file being restored: never running, its device state saved with it.
+    Saved(Arc<Vec<u8>>),
 }
 
 /// Why a workload operation failed.
@@ -39,6 +41,8 @@ pub enum ControlError {
     Hook { cmd: String, why: String },
     #[error(transparent)]
     Qemu(#[from] crate::vmm::qemu::QemuError),
+    #[error("finishing the save file: {0}")]
+    Save(String),
 }
 
 fn run_hook(cmd: &str) -> Result<Vec<u8>, ControlError> {
@@ -94,6 +98,7 @@ impl SourceWorkload {
             }
             SourceWorkload::Hooks { pause, .. } => run_hook(pause),
             SourceWorkload::Qemu(q) => Ok(q.stop_and_save()?),
+            SourceWorkload::Saved(state) => Ok(state.to_vec()),
         }
     }
 
@@ -106,6 +111,7 @@ impl SourceWorkload {
                 .as_deref()
                 .map_or(Ok(()), |c| run_hook(c).map(|_| ())),
             SourceWorkload::Qemu(q) => Ok(q.resume()?),
+            SourceWorkload::Saved(_) => Ok(()),
         }
     }
 }
@@ -118,11 +124,20 @@ pub struct DestWorkload {
     pub start_pid: Option<i32>,
     /// A QEMU waiting for the device state.
     pub qemu: Option<Arc<crate::vmm::qemu::QemuDest>>,
+    /// A save file, made valid on commit (its footer written).
+    pub save: Option<Arc<crate::savefile::SaveTarget>>,
 }
 
 impl DestWorkload {
-    /// Starts the workload with the device state received.
-    pub fn start(&self, state: &[u8]) -> Result<(), ControlError> {
+    /// Starts the workload with the device state received; `digests` are the chunk digests
+    /// of the memory received, when the migration verified them.
+    pub fn start(&self, state: &[u8], digests: Option<&[u64]>) -> Result<(), ControlError> {
+        if let Some(s) = &self.save {
+            // spec: SAVE-3: the footer is what a commit makes of a save.
+            let d = digests.ok_or_else(|| ControlError::Save("no verified digests".into()))?;
+            s.finish(state, d)
+                .map_err(|e| ControlError::Save(e.to_string()))?;
+        }
         if let Some(q) = &self.qemu {
             q.load_and_run(state)?;
         }

@@ -299,6 +299,13 @@ impl QemuSource {
         &self.version
     }
 
+    /// Stops the guest (a save that is not live stops it before copying its memory).
+    pub fn stop(&self) -> Result<(), QemuError> {
+        let mut q = self.qmp.lock().expect("not poisoned");
+        q.execute("stop", None)?;
+        Ok(())
+    }
+
     /// Stops the guest and saves its device state (everything but the shared RAM).
     pub fn stop_and_save(&self) -> Result<Vec<u8>, QemuError> {
         let mut q = self.qmp.lock().expect("not poisoned");

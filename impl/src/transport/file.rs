@@ -1,0 +1,306 @@
+//! The file binding (spec: section 1.3, "File binding"): both machines in one process, one
+//! side's memory a save file. `rdmig save` runs a migration whose destination memory is the
+//! file's block regions; `rdmig restore` one whose source memory is.
+//!
+//! What the machines see is the same as over TCP or RDMA: a control connection (frames
+//! handed over in order, in memory), data channels opened with DATA_HELLO and admitted by the
+//! destination's machine, registrations that open exactly a range of a destination block,
+//! and one-sided writes checked against them. A write is carried out by the channel's own
+//! thread as one `pwrite` (save: from source memory into the file at the block's offset) or
+//! one `pread` (restore: from the file into destination memory), with `O_DIRECT` when asked;
+//! its completion is the system call's return. Channels are the parallel writers or readers.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsFd;
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+
+use rdmig_model::listener::ConnId;
+use rdmig_model::wire::DataHello;
+
+use super::regtable::{RegTable, Region};
+use super::{DestLink, DstEvent, SourceLink, SrcEvent, WriteReq};
+use crate::memory::digest_cache::DigestCache;
+use crate::memory::ram::RamBlock;
+
+/// The control connection's id at the destination; data channels follow.
+const CONTROL: ConnId = 1;
+
+/// Which side is the file.
+pub enum FileSide {
+    /// Save: writes go from source memory into `file`, block `i` at `base[i]`.
+    Destination { file: File, base: Vec<u64> },
+    /// Restore: writes come from `file`, source block `i` at `base[i]`, into destination
+    /// memory.
+    Source { file: File, base: Vec<u64> },
+}
+
+struct Shared {
+    src_blocks: Arc<Vec<Arc<RamBlock>>>,
+    dst_blocks: Arc<Vec<Arc<RamBlock>>>,
+    side: FileSide,
+    regs: RegTable,
+    /// Kept current as writes land, once the destination's driver set one (not with
+    /// `O_DIRECT`: reading the pages back would bring them into the page cache).
+    digests: Mutex<Option<Arc<DigestCache>>>,
+    cache_allowed: bool,
+    to_src: Mutex<Sender<SrcEvent>>,
+    to_dst: Mutex<Sender<DstEvent>>,
+    /// Data channel number to its connection and its thread's queue, once admitted.
+    channels: Mutex<HashMap<u8, (ConnId, Sender<WriteReq>)>>,
+    /// Data connections opened and not yet admitted, by connection.
+    opening: Mutex<HashMap<ConnId, u8>>,
+    next_conn: Mutex<ConnId>,
+}
+
+impl Shared {
+    fn src(&self, e: SrcEvent) {
+        let _ = self.to_src.lock().unwrap().send(e);
+    }
+    fn dst(&self, e: DstEvent) {
+        let _ = self.to_dst.lock().unwrap().send(e);
+    }
+
+    /// One write: checked against the registration table and carried out while the
+    /// registration is held (spec: INV-REG-1).
+    fn apply(&self, w: &WriteReq) -> Result<(), String> {
+        let src = self
+            .src_blocks
+            .get(w.block as usize)
+            .ok_or_else(|| format!("write from source block {}, which is not one", w.block))?;
+        if w.offset.checked_add(w.len).is_none_or(|e| e > src.len()) {
+            return Err(format!("write from outside source block {}", w.block));
+        }
+        self.regs
+            .with_write(w.rkey, w.remote_offset, w.len, |block, off| {
+                let dst = &self.dst_blocks[block as usize];
+                let cache = self.digests.lock().unwrap().clone();
+                let ticket = cache.as_ref().map(|c| c.begin(block as usize, off, w.len));
+                let r = match &self.side {
+                    FileSide::Destination { file, base } => {
+                        src.write_to_file(w.offset, w.len, file.as_fd(), base[block as usize] + off)
+                    }
+                    FileSide::Source { file, base } => dst.read_from_file(
+                        off,
+                        w.len,
+                        file.as_fd(),
+                        base[w.block as usize] + w.offset,
+                    ),
+                };
+                if let (Some(c), Some(t)) = (cache, ticket) {
+                    c.end(t, dst);
+                }
+                r.map_err(|e| format!("{} bytes: {e}", w.len))
+            })
+            .map_err(|e| e.to_string())?
+    }
+}
+
+/// Both ends of a migration through a file.
+pub fn pair(
+    src_blocks: Arc<Vec<Arc<RamBlock>>>,
+    dst_blocks: Arc<Vec<Arc<RamBlock>>>,
+    side: FileSide,
+    direct_io: bool,
+    to_src: Sender<SrcEvent>,
+    to_dst: Sender<DstEvent>,
+) -> (FileSource, FileDest) {
+    let cache_allowed = !(direct_io && matches!(side, FileSide::Destination { .. }));
+    let shared = Arc::new(Shared {
+        src_blocks,
+        dst_blocks,
+        side,
+        regs: RegTable::new(),
+        digests: Mutex::new(None),
+        cache_allowed,
+        to_src: Mutex::new(to_src),
+        to_dst: Mutex::new(to_dst),
+        channels: Mutex::new(HashMap::new()),
+        opening: Mutex::new(HashMap::new()),
+        next_conn: Mutex::new(CONTROL + 1),
+    });
+    // The control connection exists from the start, as after a TCP connect.
+    shared.dst(DstEvent::Accepted(CONTROL, None));
+    (
+        FileSource {
+            shared: shared.clone(),
+        },
+        FileDest { shared },
+    )
+}
+
+/// The source's end.
+pub struct FileSource {
+    shared: Arc<Shared>,
+}
+
+impl SourceLink for FileSource {
+    fn send_control(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.shared.dst(DstEvent::Frame(CONTROL, frame.to_vec()));
+        Ok(())
+    }
+
+    fn open_data(&mut self, hello: DataHello) -> io::Result<()> {
+        let conn = {
+            let mut n = self.shared.next_conn.lock().unwrap();
+            *n += 1;
+            *n - 1
+        };
+        self.shared
+            .opening
+            .lock()
+            .unwrap()
+            .insert(conn, hello.channel);
+        self.shared.dst(DstEvent::Accepted(conn, None));
+        self.shared.dst(DstEvent::DataHello(conn, hello.encode()));
+        Ok(())
+    }
+
+    fn post_write(&mut self, channel: u8, w: WriteReq) -> io::Result<()> {
+        let ch = self.shared.channels.lock().unwrap();
+        let (_, q) = ch
+            .get(&channel)
+            .ok_or_else(|| io::Error::other(format!("data channel {channel} is not open")))?;
+        q.send(w)
+            .map_err(|_| io::Error::other(format!("data channel {channel} is closed")))
+    }
+
+    fn shutdown(&mut self) {
+        let conns: Vec<ConnId> = self
+            .shared
+            .channels
+            .lock()
+            .unwrap()
+            .drain()
+            .map(|(_, (c, _))| c)
+            .collect();
+        for c in conns {
+            self.shared
+                .dst(DstEvent::Closed(c, "the source closed".into()));
+        }
+        self.shared
+            .dst(DstEvent::Closed(CONTROL, "the source closed".into()));
+    }
+
+    fn name(&self) -> &'static str {
+        "file"
+    }
+}
+
+/// The destination's end.
+pub struct FileDest {
+    shared: Arc<Shared>,
+}
+
+impl FileDest {
+    /// A data channel's thread: carries out its writes in order, reports each completion,
+    /// and closes the channel on the first write it cannot carry out (as a NIC would).
+    fn spawn_channel(&self, conn: ConnId, channel: u8) -> Sender<WriteReq> {
+        let (tx, rx) = mpsc::channel::<WriteReq>();
+        let shared = self.shared.clone();
+        std::thread::spawn(move || {
+            for w in rx {
+                match shared.apply(&w) {
+                    Ok(()) => shared.src(SrcEvent::WriteDone(w.wr_id)),
+                    Err(why) => {
+                        tracing::error!("data channel {channel}: {why}");
+                        shared.channels.lock().unwrap().remove(&channel);
+                        shared.dst(DstEvent::Closed(conn, why.clone()));
+                        shared.src(SrcEvent::DataLost(channel, why));
+                        return;
+                    }
+                }
+            }
+        });
+        tx
+    }
+}
+
+impl DestLink for FileDest {
+    fn send(&mut self, conn: ConnId, frame: &[u8]) -> io::Result<()> {
+        if conn == CONTROL {
+            self.shared.src(SrcEvent::Control(frame.to_vec()));
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, conn: ConnId) {
+        if conn == CONTROL {
+            self.shared
+                .src(SrcEvent::ControlClosed("the destination closed".into()));
+            return;
+        }
+        let mut ch = self.shared.channels.lock().unwrap();
+        let lost: Vec<u8> = ch
+            .iter()
+            .filter(|(_, (c, _))| *c == conn)
+            .map(|(n, _)| *n)
+            .collect();
+        for n in lost {
+            ch.remove(&n);
+            self.shared
+                .src(SrcEvent::DataLost(n, "the destination closed it".into()));
+        }
+        if let Some(n) = self.shared.opening.lock().unwrap().remove(&conn) {
+            self.shared
+                .src(SrcEvent::DataLost(n, "the destination refused it".into()));
+        }
+    }
+
+    fn admit(&mut self, conn: ConnId, channel: u8) -> io::Result<()> {
+        let opened = self.shared.opening.lock().unwrap().remove(&conn);
+        if opened != Some(channel) {
+            return Err(io::Error::other(format!(
+                "connection {conn} did not open data channel {channel}"
+            )));
+        }
+        let q = self.spawn_channel(conn, channel);
+        self.shared
+            .channels
+            .lock()
+            .unwrap()
+            .insert(channel, (conn, q));
+        self.shared.src(SrcEvent::DataOpened(channel));
+        Ok(())
+    }
+
+    fn register(&mut self, block: u16, offset: u64, len: u64) -> io::Result<u32> {
+        let b = self
+            .shared
+            .dst_blocks
+            .get(block as usize)
+            .ok_or_else(|| io::Error::other(format!("no block {block}")))?;
+        if len == 0 || offset.checked_add(len).is_none_or(|e| e > b.len()) {
+            return Err(io::Error::other(format!(
+                "{len} bytes at {offset} are outside block {block}"
+            )));
+        }
+        Ok(self
+            .shared
+            .regs
+            .register(Region { block, offset, len }, 0x5eed_f11e))
+    }
+
+    fn unregister(&mut self, key: u32) -> bool {
+        self.shared.regs.unregister(key)
+    }
+
+    fn set_digest_cache(&mut self, cache: Arc<DigestCache>) -> bool {
+        if !self.shared.cache_allowed {
+            return false;
+        }
+        *self.shared.digests.lock().unwrap() = Some(cache);
+        true
+    }
+
+    fn shutdown(&mut self) {
+        self.shared.channels.lock().unwrap().clear();
+        self.shared.regs.clear();
+    }
+
+    fn name(&self) -> &'static str {
+        "file"
+    }
+}
