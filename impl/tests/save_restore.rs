@@ -242,3 +242,26 @@ fn save_3_cancelled_save_resumes_the_workload_and_keeps_the_old_file() {
     assert!(!partial.exists(), "no partial file left");
     assert_eq!(std::fs::read(&file).unwrap(), b"the previous save");
 }
+
+/// spec: SAVE-3: a save whose file cannot be made valid at commit (here: `--to` names a
+/// directory, so the final rename fails) leaves no file and resumes the workload, which runs
+/// nowhere else.
+#[test]
+fn save_3_a_save_that_cannot_be_finished_at_commit_resumes_the_workload() {
+    let d = dir("save-unfinished");
+    let w = workload(&d.0, "8MiB", "20");
+    let to = d.0.join("taken");
+    std::fs::create_dir_all(to.join("inside")).unwrap();
+    let o = save(&w, &to, &[]);
+    let r = report(&o);
+    assert_eq!(r["status"], "aborted", "{r}\n{}", stderr(&o));
+    assert_ne!(o.status.code(), Some(0));
+    assert!(
+        stderr(&o).contains("finishing the save file"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(wait_until(Duration::from_secs(5), || state(w.child.id()) != 'T'));
+    assert!(!PathBuf::from(format!("{}.rdmig-partial", to.display())).exists());
+    assert!(to.join("inside").is_dir());
+}

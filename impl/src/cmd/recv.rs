@@ -32,6 +32,15 @@ pub(super) fn create_blocks(
     ram: &[rdmig::cli::RamSpec],
     log2: u8,
 ) -> Result<Arc<Vec<Arc<RamBlock>>>, String> {
+    create_blocks_with(ram, log2, RamBlock::create)
+}
+
+/// [`create_blocks`] with `create` making each block.
+pub(super) fn create_blocks_with(
+    ram: &[rdmig::cli::RamSpec],
+    log2: u8,
+    create: fn(&str, &Path, u64, u8) -> Result<RamBlock, rdmig::memory::ram::MemError>,
+) -> Result<Arc<Vec<Arc<RamBlock>>>, String> {
     let mut blocks = Vec::new();
     for r in ram {
         let size = r
@@ -43,7 +52,7 @@ pub(super) fn create_blocks(
         )
         .map_err(|e| format!("marking {}: {e}", r.path.display()))?;
         blocks.push(Arc::new(
-            RamBlock::create(&r.name, &r.path, size, log2).map_err(|e| e.to_string())?,
+            create(&r.name, &r.path, size, log2).map_err(|e| e.to_string())?,
         ));
     }
     Ok(Arc::new(blocks))

@@ -141,6 +141,16 @@ impl DigestCache {
     /// The write of `t` landed in `memory` (the block it named): units it covered whole, and
     /// that no other write began on since, get the hash of their bytes.
     pub fn end(&self, t: Ticket, memory: &RamBlock) {
+        let at = t.offset;
+        self.end_with(t, memory, at)
+    }
+
+    /// As [`end`](Self::end), with the bytes read from `memory` at `at` onwards instead of
+    /// from the block the write named: the buffer a write was made from, where the bytes
+    /// that landed cannot be read back cheaply (a file written with `O_DIRECT`).
+    pub fn end_with(&self, t: Ticket, memory: &RamBlock, at: u64) {
+        // Where the unit at block offset `off` is in `memory`.
+        let src = |off: u64| off - t.offset + at;
         let spans: Vec<(u64, u64)> = t
             .generations
             .iter()
@@ -153,7 +163,12 @@ impl DigestCache {
             let covered: Vec<&(u64, u64)> = spans.iter().filter(|s| whole(s)).collect();
             let mut h = Vec::with_capacity(covered.len());
             if let (Some(first), Some(last)) = (covered.first(), covered.last()) {
-                memory.page_hashes(first.0, last.0 + last.1 - first.0, self.unit_log2, &mut h);
+                memory.page_hashes(
+                    src(first.0),
+                    last.0 + last.1 - first.0,
+                    self.unit_log2,
+                    &mut h,
+                );
             }
             let mut h = h.into_iter();
             spans
@@ -163,7 +178,7 @@ impl DigestCache {
         } else {
             spans
                 .iter()
-                .map(|s| whole(s).then(|| self.hash_unit(memory, s.0, s.1)))
+                .map(|s| whole(s).then(|| self.hash_unit(memory, src(s.0), s.1)))
                 .collect()
         };
         let mut held: Option<(usize, std::sync::MutexGuard<'_, Units>)> = None;

@@ -42,15 +42,23 @@ pub struct RamBlock {
     len: u64,
     ptr: *mut u8,
     path: Option<PathBuf>,
-    /// A region of a save file: zero ranges become holes (`fallocate` punches them) at this
-    /// offset of the file, instead of zero bytes written.
-    punch: Option<(File, u64)>,
+    /// The file behind a block that may have holes (not pre-faulted), and where the block
+    /// starts in it: a zero range over a hole costs nothing.
+    holes: Option<Holes>,
     _map: Mapping,
 }
 
 enum Mapping {
     File(#[allow(dead_code)] MmapRaw),
     Anon(#[allow(dead_code)] memmap2::MmapMut),
+}
+
+/// A block's backing file, when it may have holes.
+struct Holes {
+    file: File,
+    base: u64,
+    /// Zero ranges over data become holes too (a save file), instead of zero bytes.
+    punch: bool,
 }
 
 /// What a block mapped from a region of a save file is for.
@@ -121,6 +129,29 @@ impl RamBlock {
     /// Creates (or truncates to `len`) a file and maps it shared, pre-faulting every page so
     /// that arriving data does not pay page faults (setup cost, reported separately).
     pub fn create(name: &str, path: &Path, len: u64, page_log2: u8) -> Result<Self, MemError> {
+        Self::create_with(name, path, len, page_log2, true)
+    }
+
+    /// As [`create`](Self::create), without pre-faulting: pages are allocated as data lands
+    /// (by the writers, in parallel) and zero ranges over holes cost nothing, so memory that
+    /// stays zero is never allocated. For a destination that writes every page once, in
+    /// large pieces (a restore).
+    pub fn create_sparse(
+        name: &str,
+        path: &Path,
+        len: u64,
+        page_log2: u8,
+    ) -> Result<Self, MemError> {
+        Self::create_with(name, path, len, page_log2, false)
+    }
+
+    fn create_with(
+        name: &str,
+        path: &Path,
+        len: u64,
+        page_log2: u8,
+        populate: bool,
+    ) -> Result<Self, MemError> {
         check_name(name)?;
         if len == 0 || !len.is_multiple_of(1 << page_log2) {
             return Err(MemError::Shape {
@@ -142,7 +173,20 @@ impl RamBlock {
             path: path.into(),
             source,
         })?;
-        Self::map_file(name, path, file, len, page_log2, true)
+        let holes = match populate {
+            true => None,
+            false => Some(Holes {
+                file: file.try_clone().map_err(|source| MemError::Open {
+                    path: path.into(),
+                    source,
+                })?,
+                base: 0,
+                punch: false,
+            }),
+        };
+        let mut b = Self::map_file(name, path, file, len, page_log2, populate)?;
+        b.holes = holes;
+        Ok(b)
     }
 
     fn map_file(
@@ -168,7 +212,7 @@ impl RamBlock {
             len,
             ptr: map.as_mut_ptr(),
             path: Some(path.into()),
-            punch: None,
+            holes: None,
             _map: Mapping::File(map),
         })
     }
@@ -197,11 +241,16 @@ impl RamBlock {
         };
         let mut opts = MmapOptions::new();
         opts.offset(offset).len(len as usize);
-        let (ptr, map, punch) = match role {
+        let (ptr, map, holes) = match role {
             RegionUse::SaveTarget => {
                 let map = opts.map_raw(file).map_err(what)?;
                 let f = file.try_clone().map_err(what)?;
-                (map.as_mut_ptr(), Mapping::File(map), Some((f, offset)))
+                let holes = Holes {
+                    file: f,
+                    base: offset,
+                    punch: true,
+                };
+                (map.as_mut_ptr(), Mapping::File(map), Some(holes))
             }
             RegionUse::SavedImage => {
                 // SAFETY: a private (copy-on-write) mapping: writes through it never reach the
@@ -217,7 +266,7 @@ impl RamBlock {
             len,
             ptr,
             path: Some(path.into()),
-            punch,
+            holes,
             _map: map,
         })
     }
@@ -238,7 +287,7 @@ impl RamBlock {
             len,
             ptr: map.as_mut_ptr(),
             path: None,
-            punch: None,
+            holes: None,
             _map: Mapping::Anon(map),
         })
     }
@@ -305,23 +354,24 @@ impl RamBlock {
         }
     }
 
-    /// Writes zeros over `[offset, offset+len)`; in a save file, whole pages become holes.
+    /// Writes zeros over `[offset, offset+len)`; nothing where the backing file has a hole
+    /// there already, and in a save file whole pages become holes.
     pub fn zero(&self, offset: u64, len: u64) {
         self.check(offset, len as usize);
         let page = 1u64 << self.page_log2;
-        if let Some((file, base)) = &self.punch {
-            use rustix::fs::{fallocate, FallocateFlags};
+        if let Some(h) = &self.holes {
+            use rustix::fs::{fallocate, seek, FallocateFlags, SeekFrom};
             if offset.is_multiple_of(page) && len.is_multiple_of(page) {
-                // Already a hole (a fresh save file is all holes): punching costs a journal
-                // transaction, asking costs a lookup.
-                let at = base + offset;
-                match rustix::fs::seek(file, rustix::fs::SeekFrom::Data(at)) {
+                // Already a hole (a fresh file is all holes): asking costs a lookup, punching
+                // a journal transaction, writing zeros an allocation per page.
+                let at = h.base + offset;
+                match seek(&h.file, SeekFrom::Data(at)) {
                     Ok(d) if d >= at + len => return,
                     Err(rustix::io::Errno::NXIO) => return,
                     _ => {}
                 }
                 let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-                if fallocate(file, flags, base + offset, len).is_ok() {
+                if h.punch && fallocate(&h.file, flags, at, len).is_ok() {
                     return;
                 }
             }
@@ -585,6 +635,23 @@ impl RamBlock {
     /// Raw base address, for transports that register memory with a NIC.
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr
+    }
+}
+
+/// Starts writing `[offset, offset+len)` of `file` back to its device without waiting for it
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so that a later `fsync` finds little left.
+/// Advisory: a failure only means the `fsync` does the work.
+pub fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain system call on a descriptor `file` keeps open for the call; it takes no
+    // pointers.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
     }
 }
 

@@ -42,10 +42,9 @@ struct Shared {
     dst_blocks: Arc<Vec<Arc<RamBlock>>>,
     side: FileSide,
     regs: RegTable,
-    /// Kept current as writes land, once the destination's driver set one (not with
-    /// `O_DIRECT`: reading the pages back would bring them into the page cache).
+    /// Kept current as writes land, once the destination's driver set one.
     digests: Mutex<Option<Arc<DigestCache>>>,
-    cache_allowed: bool,
+    direct_io: bool,
     to_src: Mutex<Sender<SrcEvent>>,
     to_dst: Mutex<Sender<DstEvent>>,
     /// Data channel number to its connection and its thread's queue, once admitted.
@@ -80,7 +79,15 @@ impl Shared {
                 let ticket = cache.as_ref().map(|c| c.begin(block as usize, off, w.len));
                 let r = match &self.side {
                     FileSide::Destination { file, base } => {
-                        src.write_to_file(w.offset, w.len, file.as_fd(), base[block as usize] + off)
+                        let at = base[block as usize] + off;
+                        src.write_to_file(w.offset, w.len, file.as_fd(), at)
+                            .inspect(|_| {
+                                if !self.direct_io {
+                                    // Start the write-back now, so the flush at commit
+                                    // finds little left to write.
+                                    crate::memory::ram::start_writeback(file, at, w.len);
+                                }
+                            })
                     }
                     FileSide::Source { file, base } => dst.read_from_file(
                         off,
@@ -90,7 +97,13 @@ impl Shared {
                     ),
                 };
                 if let (Some(c), Some(t)) = (cache, ticket) {
-                    c.end(t, dst);
+                    match (&self.side, self.direct_io) {
+                        // The pages went to the device from the source's buffer, which is
+                        // what they hold; reading them back would pull every page into the
+                        // page cache `O_DIRECT` avoids.
+                        (FileSide::Destination { .. }, true) => c.end_with(t, src, w.offset),
+                        _ => c.end(t, dst),
+                    }
                 }
                 r.map_err(|e| format!("{} bytes: {e}", w.len))
             })
@@ -107,14 +120,13 @@ pub fn pair(
     to_src: Sender<SrcEvent>,
     to_dst: Sender<DstEvent>,
 ) -> (FileSource, FileDest) {
-    let cache_allowed = !(direct_io && matches!(side, FileSide::Destination { .. }));
     let shared = Arc::new(Shared {
         src_blocks,
         dst_blocks,
         side,
         regs: RegTable::new(),
         digests: Mutex::new(None),
-        cache_allowed,
+        direct_io,
         to_src: Mutex::new(to_src),
         to_dst: Mutex::new(to_dst),
         channels: Mutex::new(HashMap::new()),
@@ -288,9 +300,6 @@ impl DestLink for FileDest {
     }
 
     fn set_digest_cache(&mut self, cache: Arc<DigestCache>) -> bool {
-        if !self.shared.cache_allowed {
-            return false;
-        }
         *self.shared.digests.lock().unwrap() = Some(cache);
         true
     }
