@@ -265,3 +265,49 @@ fn save_3_a_save_that_cannot_be_finished_at_commit_resumes_the_workload() {
     assert!(!PathBuf::from(format!("{}.rdmig-partial", to.display())).exists());
     assert!(to.join("inside").is_dir());
 }
+
+/// spec: SAVE-1: a paused save with hooks runs the pause hook once, before the first pass,
+/// and the hook's output is the device state the file keeps and the restore gives back.
+#[test]
+fn save_1_paused_save_with_hooks_pauses_once_first_and_keeps_the_hooks_state() {
+    let d = dir("save-hooks");
+    let w = workload(&d.0, "8MiB", "80");
+    let pid = w.child.id();
+    let runs = d.0.join("pause-runs");
+    let file = d.0.join("guest.save");
+    let o = Command::new(BIN)
+        .arg("save")
+        .arg("--ram")
+        .arg(format!("pc.ram={}", w.ram.display()))
+        .arg("--to")
+        .arg(&file)
+        .arg("--json")
+        .arg("--pause-cmd")
+        .arg(format!(
+            "kill -STOP {pid}; sleep 0.2; echo run >> {}; printf 'state of {pid}'",
+            runs.display()
+        ))
+        .arg("--resume-cmd")
+        .arg(format!("kill -CONT {pid}"))
+        .output()
+        .unwrap();
+    let r = report(&o);
+    assert_eq!(r["status"], "completed", "{r}\n{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&runs).unwrap(), "run\n");
+    let dst = d.0.join("dst.ram");
+    let state = d.0.join("state");
+    let o = restore(
+        &file,
+        &dst,
+        "8MiB",
+        &["--state-out", state.to_str().unwrap()],
+    );
+    assert_eq!(report(&o)["status"], "completed", "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(&state).unwrap(),
+        format!("state of {pid}")
+    );
+    // Paused before the first pass: the memory is the workload's as it stands, stopped.
+    assert_eq!(state(pid), 'T');
+    assert_eq!(digest(&w.ram), digest(&dst));
+}

@@ -210,27 +210,50 @@ pub fn save(a: SaveArgs) -> Result<ExitCode, String> {
         )
         .map_err(|e| e.to_string())?,
     );
-    let dst_blocks: Blocks = Arc::new(target.blocks().map_err(|e| e.to_string())?);
+    // Everything that can fail before the workload is paused, the partial file removed if it
+    // does.
+    let setup = (|| {
+        let dst_blocks: Blocks = Arc::new(target.blocks().map_err(|e| e.to_string())?);
+        let tracker = super::open_dirty_log(&dirty_log, writer_pid, &blocks, a.common.threads)?;
+        let guard = resume.map(|r| super::send::spawn_guard(&r)).transpose()?;
+        Ok::<_, String>((dst_blocks, tracker, guard))
+    })();
+    let (dst_blocks, tracker, mut guard) = setup.inspect_err(|_| target.discard())?;
+    let tracker = Arc::new(std::sync::Mutex::new(tracker));
+    let hashes_of = tracker.clone();
     let t0 = Instant::now();
+    let mut workload = workload;
     if !a.live {
+        // Paused before the first pass: memory crosses once and nothing writes it meanwhile.
         let paused = match (&workload, &qemu) {
             (_, Some(q)) => q.stop().map_err(|e| e.to_string()),
-            (SourceWorkload::Pid(_), _) => workload.pause().map(|_| ()).map_err(|e| e.to_string()),
+            (SourceWorkload::Pid(_), _) => workload.pause().map(drop).map_err(|e| e.to_string()),
+            (SourceWorkload::Hooks { .. }, _) => match workload.pause() {
+                // The pause hook runs once, here; its output is the device state.
+                Ok(state) => {
+                    workload = SourceWorkload::PausedBefore {
+                        state: Arc::new(state),
+                        then: Box::new(workload),
+                    };
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            },
             _ => Ok(()),
         };
         if let Err(e) = paused {
             target.discard();
+            let _ = workload.resume();
             return Err(format!("pausing the workload: {e}"));
         }
+        // Should this process die before the machine pauses the workload itself, the guard
+        // resumes it (spec: LIVE-6).
+        if let Some(g) = guard.as_mut() {
+            if let Err(e) = g.arm() {
+                tracing::warn!("arming the guard: {e}");
+            }
+        }
     }
-    let tracker = Arc::new(std::sync::Mutex::new(super::open_dirty_log(
-        &dirty_log,
-        writer_pid,
-        &blocks,
-        a.common.threads,
-    )?));
-    let hashes_of = tracker.clone();
-    let guard = resume.map(|r| super::send::spawn_guard(&r)).transpose()?;
     let (stx, srx) = mpsc::channel();
     transport::watch_signals(stx.clone(), SrcEvent::Signal)
         .map_err(|e| format!("watching signals: {e}"))?;

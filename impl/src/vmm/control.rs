@@ -26,6 +26,12 @@ pub enum SourceWorkload {
     Qemu(Arc<crate::vmm::qemu::QemuSource>),
     /// A save file being restored: never running, its device state saved with it.
     Saved(Arc<Vec<u8>>),
+    /// A workload paused before the migration started (a save that is not live), with the
+    /// device state its pause produced; resuming it resumes `then`.
+    PausedBefore {
+        state: Arc<Vec<u8>>,
+        then: Box<SourceWorkload>,
+    },
 }
 
 /// Why a workload operation failed.
@@ -99,6 +105,7 @@ impl SourceWorkload {
             SourceWorkload::Hooks { pause, .. } => run_hook(pause),
             SourceWorkload::Qemu(q) => Ok(q.stop_and_save()?),
             SourceWorkload::Saved(state) => Ok(state.to_vec()),
+            SourceWorkload::PausedBefore { state, .. } => Ok(state.to_vec()),
         }
     }
 
@@ -112,6 +119,7 @@ impl SourceWorkload {
                 .map_or(Ok(()), |c| run_hook(c).map(|_| ())),
             SourceWorkload::Qemu(q) => Ok(q.resume()?),
             SourceWorkload::Saved(_) => Ok(()),
+            SourceWorkload::PausedBefore { then, .. } => then.resume(),
         }
     }
 }
