@@ -295,19 +295,48 @@ fn save_1_paused_save_with_hooks_pauses_once_first_and_keeps_the_hooks_state() {
     assert_eq!(r["status"], "completed", "{r}\n{}", stderr(&o));
     assert_eq!(std::fs::read_to_string(&runs).unwrap(), "run\n");
     let dst = d.0.join("dst.ram");
-    let state = d.0.join("state");
+    let state_out = d.0.join("state");
     let o = restore(
         &file,
         &dst,
         "8MiB",
-        &["--state-out", state.to_str().unwrap()],
+        &["--state-out", state_out.to_str().unwrap()],
     );
     assert_eq!(report(&o)["status"], "completed", "{}", stderr(&o));
     assert_eq!(
-        std::fs::read_to_string(&state).unwrap(),
+        std::fs::read_to_string(&state_out).unwrap(),
         format!("state of {pid}")
     );
     // Paused before the first pass: the memory is the workload's as it stands, stopped.
     assert_eq!(state(pid), 'T');
     assert_eq!(digest(&w.ram), digest(&dst));
+}
+
+/// A file system without `O_DIRECT` (ramfs): `--direct-io` is one line naming the fix, before
+/// the workload is paused, and leaves no file.
+#[test]
+fn save_direct_io_where_the_file_system_refuses_it_is_one_line_and_leaves_nothing() {
+    let d = dir("save-ramfs");
+    let mnt = d.0.join("ramfs");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "ramfs", "none"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount ramfs (needs root)");
+        return;
+    }
+    let w = workload(&d.0, "8MiB", "20");
+    let file = mnt.join("guest.save");
+    let o = save(&w, &file, &["--direct-io"]);
+    let err = stderr(&o);
+    let listing: Vec<_> = std::fs::read_dir(&mnt).unwrap().collect();
+    let _ = Command::new("umount").arg(&mnt).status();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("does not support O_DIRECT"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(listing.is_empty(), "nothing left on the file system");
+    assert_ne!(state(w.child.id()), 'T', "the workload was never paused");
 }

@@ -111,26 +111,8 @@ impl SaveTarget {
             .and_then(|_| file.set_len(header.trailer_offset()))
             .map_err(SaveError::io(&partial))?;
         let direct = if direct_io {
-            let d = open_direct(&partial, true)?;
-            // Some file systems accept the flag at open and refuse the first write.
-            let b = &header.blocks[0];
-            let probe = RamBlock::anonymous("probe", 4096, 12)?;
-            probe
-                .write_to_file(0, 4096, d.as_fd(), b.offset)
-                .map_err(|source| SaveError::NoDirectIo {
-                    path: partial.clone(),
-                    source,
-                })?;
-            rustix::fs::fallocate(
-                &file,
-                rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
-                b.offset,
-                4096,
-            )
-            .map_err(|e| SaveError::Io {
-                path: partial.clone(),
-                source: e.into(),
-            })?;
+            let d = Self::probe_direct(&partial, &header, &file)
+                .inspect_err(|_| drop(std::fs::remove_file(&partial)))?;
             Some(d)
         } else {
             None
@@ -142,6 +124,29 @@ impl SaveTarget {
             direct,
             header,
         })
+    }
+
+    /// Opens `partial` with `O_DIRECT` and writes one page through it, since some file
+    /// systems accept the flag at open and refuse the first write; the page is a hole again
+    /// afterwards.
+    fn probe_direct(partial: &Path, header: &Header, file: &File) -> Result<File, SaveError> {
+        let d = open_direct(partial, true)?;
+        let b = &header.blocks[0];
+        let probe = RamBlock::anonymous("probe", 4096, 12)?;
+        probe
+            .write_to_file(0, 4096, d.as_fd(), b.offset)
+            .map_err(|source| SaveError::NoDirectIo {
+                path: partial.into(),
+                source,
+            })?;
+        // A file system without holes keeps a zero page there, which restores as zeros.
+        let _ = rustix::fs::fallocate(
+            file,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            b.offset,
+            4096,
+        );
+        Ok(d)
     }
 
     pub fn header(&self) -> &Header {
