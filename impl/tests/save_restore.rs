@@ -340,3 +340,32 @@ fn save_direct_io_where_the_file_system_refuses_it_is_one_line_and_leaves_nothin
     assert!(listing.is_empty(), "nothing left on the file system");
     assert_ne!(state(w.child.id()), 'T', "the workload was never paused");
 }
+
+/// A file system that fills up during the save (a 2 MiB tmpfs for 8 MiB of memory): the write
+/// that fails closes its channel, the save aborts before commit, the workload runs again and
+/// no partial file is left.
+#[test]
+fn save_on_a_full_file_system_aborts_and_resumes_the_workload() {
+    let d = dir("save-full");
+    let mnt = d.0.join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "none"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount tmpfs (needs root)");
+        return;
+    }
+    let w = workload(&d.0, "8MiB", "20");
+    let file = mnt.join("guest.save");
+    let o = save(&w, &file, &["--channels", "2"]);
+    let listing: Vec<_> = std::fs::read_dir(&mnt).unwrap().collect();
+    let _ = Command::new("umount").arg(&mnt).status();
+    let r = report(&o);
+    assert_eq!(r["status"], "aborted", "{r}\n{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(listing.is_empty(), "nothing left on the file system");
+    assert!(wait_until(Duration::from_secs(5), || state(w.child.id()) != 'T'));
+}

@@ -173,6 +173,9 @@ pub fn save(a: SaveArgs) -> Result<ExitCode, String> {
     )?;
     cfg.downtime_limit_ms = a.downtime_limit;
     cfg.max_rounds = if a.live { a.max_rounds.max(1) } else { 1 };
+    // spec: SAVE-1: paused before the machine starts, the workload is the machine's to resume
+    // on any abort.
+    cfg.paused_at_start = !a.live;
     let qemu = match &a.qemu_qmp {
         Some(sock) => {
             let files: Vec<_> = blocks
@@ -226,21 +229,23 @@ pub fn save(a: SaveArgs) -> Result<ExitCode, String> {
     if !a.live {
         // Paused before the first pass: memory crosses once and nothing writes it meanwhile.
         let paused = match (&workload, &qemu) {
-            (_, Some(q)) => q.stop().map_err(|e| e.to_string()),
-            (SourceWorkload::Pid(_), _) => workload.pause().map(drop).map_err(|e| e.to_string()),
-            (SourceWorkload::Hooks { .. }, _) => match workload.pause() {
-                // The pause hook runs once, here; its output is the device state.
-                Ok(state) => {
-                    workload = SourceWorkload::PausedBefore {
-                        state: Arc::new(state),
-                        then: Box::new(workload),
-                    };
-                    Ok(())
-                }
-                Err(e) => Err(e.to_string()),
-            },
-            _ => Ok(()),
+            (_, Some(q)) => q.stop().map(|_| None).map_err(|e| e.to_string()),
+            (SourceWorkload::Pid(_), _) => {
+                workload.pause().map(|_| None).map_err(|e| e.to_string())
+            }
+            // The pause hook runs once, here; its output is the device state.
+            (SourceWorkload::Hooks { .. }, _) => workload
+                .pause()
+                .map(|s| Some(Arc::new(s)))
+                .map_err(|e| e.to_string()),
+            _ => Ok(None),
         };
+        let paused = paused.map(|state| {
+            workload = SourceWorkload::PausedBefore {
+                state,
+                then: Box::new(workload.clone()),
+            }
+        });
         if let Err(e) = paused {
             target.discard();
             let _ = workload.resume();

@@ -188,7 +188,7 @@ impl<L: DestLink> Driver<L> {
                 let ticket = self.digests.as_ref().map(|c| c.begin(b, offset, len));
                 self.run.blocks[b].zero(offset, len);
                 if let (Some(c), Some(t)) = (&self.digests, ticket) {
-                    c.end(t, &self.run.blocks[b]);
+                    c.end_zero(t);
                 }
             }
             DstCommand::StoreDeviceState { offset, data } => self.run.state.store(offset, &data),

@@ -181,6 +181,36 @@ impl DigestCache {
                 .map(|s| whole(s).then(|| self.hash_unit(memory, src(s.0), s.1)))
                 .collect()
         };
+        self.store(&t, hashes);
+    }
+
+    /// A zero fill of `t` landed: units it covered whole hash as zero bytes, without reading
+    /// them back (a save file's zero ranges are holes, which a read would allocate on some
+    /// file systems).
+    pub fn end_zero(&self, t: Ticket) {
+        // Units have one length but for a block's last chunk: hash each length once.
+        let mut known: Vec<(u64, u64)> = Vec::new();
+        let mut zero_hash = |len: u64| match known.iter().find(|k| k.0 == len) {
+            Some(&(_, h)) => h,
+            None => {
+                let h = rdmig_model::digest::chunk_digest(&vec![0u8; len as usize]);
+                known.push((len, h));
+                h
+            }
+        };
+        let hashes = t
+            .generations
+            .iter()
+            .map(|&(c, u, _)| {
+                let (off, len) = self.unit_span(t.block, c, u);
+                (off >= t.offset && off + len <= t.offset + t.len).then(|| zero_hash(len))
+            })
+            .collect();
+        self.store(&t, hashes);
+    }
+
+    /// Sets the hashes of `t`'s units (`None`: unknown), where no other write began since.
+    fn store(&self, t: &Ticket, hashes: Vec<Option<u64>>) {
         let mut held: Option<(usize, std::sync::MutexGuard<'_, Units>)> = None;
         for (&(c, u, generation), h) in t.generations.iter().zip(hashes) {
             let Some(h) = h else { continue };

@@ -96,7 +96,9 @@ impl Shared {
                         base[w.block as usize] + w.offset,
                     ),
                 };
-                if let (Some(c), Some(t)) = (cache, ticket) {
+                // A failed write left its units unknown; reading them back could fault on
+                // space the file system does not have.
+                if let (Some(c), Some(t), true) = (cache, ticket, r.is_ok()) {
                     match (&self.side, self.direct_io) {
                         // The pages went to the device from the source's buffer, which is
                         // what they hold; reading them back would pull every page into the

@@ -26,10 +26,12 @@ pub enum SourceWorkload {
     Qemu(Arc<crate::vmm::qemu::QemuSource>),
     /// A save file being restored: never running, its device state saved with it.
     Saved(Arc<Vec<u8>>),
-    /// A workload paused before the migration started (a save that is not live), with the
-    /// device state its pause produced; resuming it resumes `then`.
+    /// `then`, paused before the migration started (a save that is not live). Pausing it
+    /// again gives `state` when its first pause produced the device state (a pause hook runs
+    /// once), else pauses `then` again (a stopped QEMU saves its state, a stopped process
+    /// stays stopped).
     PausedBefore {
-        state: Arc<Vec<u8>>,
+        state: Option<Arc<Vec<u8>>>,
         then: Box<SourceWorkload>,
     },
 }
@@ -105,7 +107,10 @@ impl SourceWorkload {
             SourceWorkload::Hooks { pause, .. } => run_hook(pause),
             SourceWorkload::Qemu(q) => Ok(q.stop_and_save()?),
             SourceWorkload::Saved(state) => Ok(state.to_vec()),
-            SourceWorkload::PausedBefore { state, .. } => Ok(state.to_vec()),
+            SourceWorkload::PausedBefore {
+                state: Some(state), ..
+            } => Ok(state.to_vec()),
+            SourceWorkload::PausedBefore { then, .. } => then.pause(),
         }
     }
 

@@ -56,6 +56,13 @@ fn inv_all_hold_exhaustively_on_small_config() {
     exhaustive(CheckConfig::small(), 4_000_000);
 }
 
+/// spec: SAVE-1, INV-OWN-2: a workload paused before the source started (a save that is not
+/// live) runs again after every abort, whenever the fault strikes.
+#[test]
+fn save_1_a_workload_paused_before_the_start_runs_again_after_every_abort() {
+    exhaustive(CheckConfig::paused_save(), 30_000);
+}
+
 /// spec: LIVE-4, LIVE-5, AUTH-6: every kind of stray connection beside a fault-free migration:
 /// the migration still completes and no stray becomes the session.
 #[test]

@@ -57,6 +57,9 @@ pub struct SourceConfig {
     pub keepalive_ms: u64,
     /// The control connection's TLS channel binding, when it runs inside TLS (spec: AUTH-1).
     pub channel_binding: Option<crate::auth::Binding>,
+    /// The workload was paused before this machine started (a save that is not live, spec:
+    /// SAVE-1): it is this machine's to resume on an abort, whenever that comes.
+    pub paused_at_start: bool,
 }
 
 impl SourceConfig {
@@ -90,6 +93,7 @@ impl SourceConfig {
             idle_timeout_ms: 30_000,
             keepalive_ms: 5_000,
             channel_binding: None,
+            paused_at_start: false,
         }
     }
 }
@@ -512,8 +516,12 @@ impl Source {
         }
     }
 
-    /// The workload is paused (or its pause was requested) by this machine.
+    /// The workload is paused (or its pause was requested) by this machine, or was paused
+    /// before it started (spec: SAVE-1).
     pub fn workload_paused(&self) -> bool {
+        if self.cfg.paused_at_start && !matches!(self.state, State::Done(_)) {
+            return true;
+        }
         match &self.state {
             State::Transfer(_, t) => t.paused,
             State::Finalizing(..) | State::AwaitPrepared(_) | State::AwaitStarted { .. } => true,

@@ -103,6 +103,9 @@ pub struct CheckConfig {
     pub hostile_frames: u8,
     /// The destination lists its blocks in reverse order (matching is by name, spec: BLK-2).
     pub reverse_dst_blocks: bool,
+    /// The source workload is paused before the source machine starts (a save that is not
+    /// live, spec: SAVE-1).
+    pub src_paused_at_start: bool,
     /// Deliberate machine bugs, to show the checker catches them.
     #[cfg(feature = "mutations")]
     pub mutations: rdmig_model::source::Mutations,
@@ -137,6 +140,7 @@ impl CheckConfig {
             adversary: None,
             hostile_frames: 0,
             reverse_dst_blocks: false,
+            src_paused_at_start: false,
             #[cfg(feature = "mutations")]
             mutations: Default::default(),
             #[cfg(feature = "mutations")]
@@ -209,12 +213,24 @@ impl CheckConfig {
         }
     }
 
-    pub const NAMES: [&'static str; 5] = [
+    /// A save that is not live: the workload is paused before the source starts, so the guest
+    /// writes nothing, and every fault may strike while it is paused.
+    pub fn paused_save() -> Self {
+        CheckConfig {
+            name: "paused-save",
+            guest_writes: 0,
+            src_paused_at_start: true,
+            ..Self::small()
+        }
+    }
+
+    pub const NAMES: [&'static str; 6] = [
         "small",
         "medium",
         "strays",
         "hostile-destination",
         "hostile-source",
+        "paused-save",
     ];
 
     pub fn by_name(name: &str) -> Option<Self> {
@@ -224,6 +240,7 @@ impl CheckConfig {
             "strays" => Some(Self::strays()),
             "hostile-destination" => Some(Self::hostile_destination()),
             "hostile-source" => Some(Self::hostile_source()),
+            "paused-save" => Some(Self::paused_save()),
             _ => None,
         }
     }
@@ -327,6 +344,7 @@ impl ProtocolModel {
                 s.reg_batch = cfg.reg_batch;
                 s.max_rounds = cfg.max_rounds;
                 s.on_limit = LimitPolicy::Switchover;
+                s.paused_at_start = cfg.src_paused_at_start;
                 s.idle_timeout_ms = 1_000;
                 s.keepalive_ms = 500;
                 // Pin-all needs every byte pinned (spec: REG-8); dynamic mode gets the small
@@ -418,7 +436,7 @@ impl ProtocolModel {
             dst_pending: Vec::new(),
             src_notice: Notice::None,
             dst_notice: Notice::None,
-            src_running: true,
+            src_running: !self.cfg.src_paused_at_start,
             dst_running: false,
             src_crashed: false,
             dst_crashed: false,

@@ -39,6 +39,8 @@ pub const P_DONE_EVICT: &str = "sometimes a migration completes after an evictio
 pub const P_DONE_STRAY: &str = "sometimes a migration completes beside a stray connection";
 pub const P_ABORT_RESUME: &str = "sometimes an abort after pausing resumes the source";
 pub const P_GUARD_REACH: &str = "sometimes the guard resumes the workload of a dead source";
+pub const P_ABORT_RESUME_EARLY: &str =
+    "SAVE-1 sometimes an abort before the switchover resumes a workload paused at the start";
 pub const P_SILENT_END: &str = "LIVE sometimes a silent link ends both sides by their timers";
 pub const P_NOP: &str = "FC-4 sometimes a NOP returns credits";
 pub const P_LATE_WRITE: &str =
@@ -188,9 +190,6 @@ fn honest(cfg: &CheckConfig) -> Vec<Property<ProtocolModel>> {
                     && matches!(s.lsn.outcome(), None | Some(Outcome::Completed)))
         }),
         Property::sometimes(P_DONE, |_, s: &State| s.completed()),
-        Property::sometimes(P_DONE_ROUNDS, |_, s: &State| {
-            s.completed() && s.src.round() >= 3
-        }),
         Property::sometimes(P_DONE_EVICT, |_, s: &State| s.completed() && s.obs.evicted),
         Property::sometimes(P_NOP, |_, s: &State| {
             s.s2d
@@ -199,6 +198,20 @@ fn honest(cfg: &CheckConfig) -> Vec<Property<ProtocolModel>> {
                 .any(|b| b.first() == Some(&wire::code::NOP))
         }),
     ];
+    // Rounds beyond the first need a guest that writes.
+    if cfg.guest_writes > 0 {
+        p.push(Property::sometimes(P_DONE_ROUNDS, |_, s: &State| {
+            s.completed() && s.src.round() >= 3
+        }));
+    }
+    if cfg.src_paused_at_start && cfg.faults > 0 {
+        // The machine never paused the workload itself (no snapshot), yet resumed it.
+        p.push(Property::sometimes(P_ABORT_RESUME_EARLY, |_, s: &State| {
+            matches!(s.src.outcome(), Some(Outcome::Aborted(_)))
+                && s.src_running
+                && s.snapshot.is_none()
+        }));
+    }
     if !cfg.strays.is_empty() {
         p.push(Property::sometimes(P_DONE_STRAY, |_, s: &State| {
             s.completed() && s.obs.stray
