@@ -235,8 +235,10 @@ pub struct SaveArgs {
     /// pause it only for the last round (default: pause first, one pass).
     #[arg(long)]
     pub live: bool,
-    /// Registration and digest unit.
-    #[arg(long, default_value = "1MiB", value_parser = cli::parse_size)]
+    /// Registration and digest unit, and the largest single write to the file (larger
+    /// writes reach the device's rate with --direct-io: 4 MiB measured about 30 % faster
+    /// than 1 MiB).
+    #[arg(long, default_value = "4MiB", value_parser = cli::parse_size)]
     pub chunk_size: u64,
     /// With --live: target downtime in milliseconds.
     #[arg(long, default_value_t = 300)]

@@ -279,7 +279,10 @@ pub fn save(a: SaveArgs) -> Result<ExitCode, String> {
         threads: a.common.threads,
         progress: super::send::progress_bar(a.common.json),
         background: Some(stx.clone()),
-        known_digests: None,
+        // Paused before the first pass, the memory is final now: its digests are computed
+        // beside the transfer instead of after it.
+        known_digests: (!a.live)
+            .then(|| KnownDigests::computing(blocks.clone(), digest, chunk_log2, a.common.threads)),
     };
     let dst = DestRun {
         cfg: dest_config(&dst_blocks, key, a.common.idle_timeout),
@@ -296,6 +299,10 @@ pub fn save(a: SaveArgs) -> Result<ExitCode, String> {
     let (mut report, dreport) = run_pair(src, dst, side, direct, (stx, srx));
     report.role = "save";
     report.total_time_ms = t0.elapsed().as_millis() as u64;
+    if !a.live {
+        // Paused from before the first pass to the end.
+        report.downtime_ms = Some(report.total_time_ms);
+    }
     if report.status != Status::Completed || dreport.status != Status::Completed {
         target.discard();
         if report.status == Status::InDoubt {
@@ -410,11 +417,11 @@ pub fn restore(a: RestoreArgs) -> Result<ExitCode, String> {
         background: Some(stx.clone()),
         // spec: SAVE-4: the file's digests are the source's: what lands is checked against
         // what was saved, before anything starts.
-        known_digests: Some(KnownDigests {
-            alg: h.digest,
-            chunk_log2: h.chunk_log2,
-            digests: img.trailer.digests.clone(),
-        }),
+        known_digests: Some(KnownDigests::ready(
+            h.digest,
+            h.chunk_log2,
+            img.trailer.digests.clone(),
+        )),
     };
     let dst = DestRun {
         cfg: dest_config(&dst_blocks, key, 30),

@@ -52,17 +52,51 @@ pub struct SourceRun {
     /// Where background work reports (the transport's event channel): digests are then
     /// computed beside the final round instead of blocking the driver.
     pub background: Option<Sender<SrcEvent>>,
-    /// The chunk digests of source memory, when they are known without reading it (a save
-    /// file carries the digests of the memory it holds).
+    /// The chunk digests of source memory, when they are known without reading it at the
+    /// switchover: a save file carries the digests of the memory it holds, and the memory of
+    /// a workload paused before the migration started can be digested beside the first pass.
     pub known_digests: Option<KnownDigests>,
 }
 
-/// Chunk digests of source memory known in advance.
-#[derive(Debug, Clone)]
+/// Chunk digests of source memory, known in advance or being computed.
+#[derive(Debug)]
 pub struct KnownDigests {
     pub alg: DigestAlg,
     pub chunk_log2: u8,
-    pub digests: Vec<u64>,
+    /// Delivers the digests once (a closed channel: compute them as usual).
+    pub digests: std::sync::mpsc::Receiver<Vec<u64>>,
+}
+
+impl KnownDigests {
+    /// Digests known now.
+    pub fn ready(alg: DigestAlg, chunk_log2: u8, digests: Vec<u64>) -> KnownDigests {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let _ = tx.send(digests);
+        KnownDigests {
+            alg,
+            chunk_log2,
+            digests: rx,
+        }
+    }
+
+    /// Digests of `blocks` computed on a thread of their own from now on: for memory that
+    /// nothing writes any more (a workload paused before the migration started).
+    pub fn computing(
+        blocks: Arc<Vec<Arc<RamBlock>>>,
+        alg: DigestAlg,
+        chunk_log2: u8,
+        threads: usize,
+    ) -> KnownDigests {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(all_digests(&blocks, alg, chunk_log2, threads));
+        });
+        KnownDigests {
+            alg,
+            chunk_log2,
+            digests: rx,
+        }
+    }
 }
 
 fn to_input(e: SrcEvent) -> SrcInput {
@@ -254,9 +288,14 @@ impl<L: SourceLink> Driver<'_, L> {
     /// when the driver has a channel for background work, else inline.
     fn digests(&mut self) {
         let (alg, log2, threads) = (self.digest_alg, self.chunk_log2, self.run.threads);
-        if let Some(k) = &self.run.known_digests {
+        if let Some(k) = self.run.known_digests.take() {
             if k.alg == alg && k.chunk_log2 == log2 {
-                return self.pending.push_back(SrcInput::Digests(k.digests.clone()));
+                let known = self.timed("digests of source memory (known)".into(), |_| {
+                    k.digests.recv()
+                });
+                if let Ok(d) = known {
+                    return self.pending.push_back(SrcInput::Digests(d));
+                }
             }
         }
         let name = "digests of source memory (beside the final round)";
