@@ -3,13 +3,18 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-FUZZ_TARGETS := wire_decode wire_roundtrip destination_session source_session handshake_auth tcp_data_frame tls_data_frame
+FUZZ_TARGETS := wire_decode wire_roundtrip destination_session source_session handshake_auth \
+	listener_session data_hello tcp_data_frame tls_data_frame verbs_bootstrap qmp_reply save_file
 # Seconds each fuzz target runs inside `make test`.
-FUZZ_SMOKE_SECONDS ?= 30
+FUZZ_SMOKE_SECONDS ?= 16
 TARGET ?= wire_decode
 SECONDS ?= 60
+# libFuzzer worker processes per target in `make fuzz-campaign`.
+JOBS ?= 1
+# A target's dictionary option, relative to fuzz/, if it has one (fuzz/dict/, `make fuzz-dicts`).
+fuzz_dict = $(if $(wildcard fuzz/dict/$(1).dict),-dict=dict/$(1).dict)
 
-.PHONY: demo test deps fuzz-deps lint unit loom netns fuzz fuzz-smoke fuzz-seeds bench rxe qemu qemu-bench
+.PHONY: demo test deps fuzz-deps lint unit loom netns fuzz fuzz-smoke fuzz-seeds fuzz-dicts fuzz-campaign fuzz-coverage bench rxe qemu qemu-bench qemu-save-bench
 
 # Debian packages the build needs: a C toolchain, and for the verbs transport (ibverbs-sys
 # builds rdma-core's headers with cmake and generates bindings with libclang) the rest.
@@ -60,7 +65,8 @@ netns: deps
 
 # One fuzz target: make fuzz TARGET=destination_session SECONDS=600
 fuzz: fuzz-deps
-	cd fuzz && $(CARGO) fuzz run -s none $(TARGET) -- -max_total_time=$(SECONDS) -print_final_stats=1
+	cd fuzz && $(CARGO) fuzz run -s none $(TARGET) -- -max_total_time=$(SECONDS) -print_final_stats=1 \
+		$(call fuzz_dict,$(TARGET))
 
 # Every target for a short time, new inputs kept out of the checked-in corpus.
 fuzz-smoke: fuzz-deps
@@ -68,16 +74,35 @@ fuzz-smoke: fuzz-deps
 	@set -e; for t in $(FUZZ_TARGETS); do \
 		tmp=$$(mktemp -d); \
 		echo "fuzz $$t for $(FUZZ_SMOKE_SECONDS)s"; \
+		dict=""; [ -f fuzz/dict/$$t.dict ] && dict="-dict=dict/$$t.dict"; \
 		(cd fuzz && $(CARGO) fuzz run -s none $$t $$tmp corpus/$$t -- \
-			-max_total_time=$(FUZZ_SMOKE_SECONDS) -print_final_stats=1 2>&1 | \
+			-max_total_time=$(FUZZ_SMOKE_SECONDS) -print_final_stats=1 $$dict 2>&1 | \
 			grep -E 'stat::(number_of_executed_units|average_exec_per_sec)|DONE|panicked|SUMMARY|crash-'; \
 			exit $${PIPESTATUS[0]}); \
 		rm -rf $$tmp; \
 	done
 
-# Regenerates the seed corpora from the sample frames and a recorded migration.
+# Regenerates the seed corpora from the sample frames and a recorded migration, and those of the
+# QMP and RDMA bootstrap targets.
 fuzz-seeds:
 	$(CARGO) run -q -p rdmig-check --example fuzz_seeds
+	$(CARGO) run -q -p rdmig --example fuzz_seeds
+
+# Regenerates fuzz/dict/<target>.dict from the parsers' constants (a test checks they are current).
+fuzz-dicts:
+	$(CARGO) run -q -p rdmig --example fuzz_dicts
+
+# Every target at once for SECONDS (default 600) with JOBS worker processes each; new coverage
+# merged into fuzz/corpus/<target>/, crash inputs copied to fuzz/artifacts/<target>/ with a
+# reproduction command, and a table (fuzz/campaign.py).
+fuzz-campaign: fuzz-deps
+	python3 fuzz/campaign.py --seconds $(if $(filter command line environment,$(origin SECONDS)),$(SECONDS),600) \
+		--jobs $(JOBS) $(FUZZ_TARGETS)
+
+# Line coverage of what the corpora reach in model/src and the parsers of impl/: HTML in
+# target/fuzz-coverage/html/, one line per file in target/fuzz-coverage/summary.txt.
+fuzz-coverage: deps
+	fuzz/coverage.sh
 
 # The verbs transport over soft-RoCE in a QEMU/TCG VM with a Debian kernel (tests/rxe/run.sh):
 # migrations with --transport rdma (dynamic, pin-all with 2 channels, soft-dirty), a wrong key,
@@ -99,6 +124,13 @@ qemu: deps
 # the ratios, and every run in target/qemu-cache/results.jsonl. About 15 minutes; not in `make test`.
 qemu-bench: deps
 	tests/qemu/bench.sh
+
+# rdmig save / restore of the same 1 GiB guest next to QEMU's mapped-ram (multifd, 2 channels)
+# and its sequential file: stream, and dd O_DIRECT; page cache dropped before every restore
+# (root). Table of medians and ratios; every run in target/qemu-cache/save-results.jsonl.
+# About 5 minutes; not in `make test`.
+qemu-save-bench: deps
+	tests/qemu/save-bench.sh
 
 # Everything: formatting, lints, every test suite, loom, the network-namespace liveness tests, a short run of every fuzz target, the
 # real-verbs migrations over soft-RoCE in a VM, and the live QEMU guest migrations.

@@ -7,10 +7,13 @@
 //! - [`memory`]: RAM blocks (shared-file mappings) and dirty tracking;
 //! - [`vmm`]: pausing, resuming and starting workloads, QEMU over QMP;
 //! - [`tools`]: `rdmig demo`, `rdmig bench` and the synthetic `rdmig workload`;
-//! - [`cli`] and [`report`]: argument parsing and the migration report.
+//! - [`cli`] and [`report`]: argument parsing and the migration report;
+//! - [`fuzzing`]: fuzz target bodies for the QMP and RDMA bootstrap parsers, and the fuzz
+//!   dictionaries.
 
 pub mod cli;
 pub mod driver;
+pub mod fuzzing;
 pub mod memory;
 pub mod report;
 pub mod savefile;

@@ -387,7 +387,11 @@ impl Listener {
         out: &mut LsnOut,
     ) {
         if self.pending.remove(&conn).is_none() {
-            return out.cmds.push(LsnCommand::Close { conn });
+            // Not a connection's first message: the peer broke the transport's contract. The
+            // connection is closed, and a connection of the session that is closed is lost
+            // to it like any other (spec: ERR-3), so nothing is sent on it afterwards.
+            out.cmds.push(LsnCommand::Close { conn });
+            return self.on_closed(conn, out);
         }
         // spec: AUTH-6
         let admitted = match (&mut self.session, hello) {

@@ -13,6 +13,7 @@ use arbitrary::{Arbitrary, Unstructured};
 
 use crate::pair::{Guest, Pair};
 use rdmig_model::destination::{DestConfig, Destination, DstCommand, DstInput, DstTimer};
+use rdmig_model::listener::{ConnId, Listener, ListenerConfig, LsnCommand, LsnInput, LsnTimer};
 use rdmig_model::source::{Source, SourceConfig, SrcCommand, SrcInput, SrcTimer};
 use rdmig_model::table::{DstPhase, SrcPhase};
 use rdmig_model::types::*;
@@ -20,6 +21,9 @@ use rdmig_model::wire::{self, BlockDesc, DataHello, Frame, Message, RegMode};
 use rdmig_model::{auth, Geometry, PageBitmap};
 
 const KEY: &[u8] = b"fuzzing key";
+
+/// Most events one session input drives.
+const MAX_EVENTS: usize = 256;
 
 /// The small memory every session target uses: two blocks, 16 KiB chunks.
 pub fn blocks() -> Vec<BlockDesc> {
@@ -67,40 +71,78 @@ pub struct Recording {
 /// Records one dynamic-mode migration with a writing guest (cached per process).
 pub fn recording() -> &'static Recording {
     static REC: OnceLock<Recording> = OnceLock::new();
-    REC.get_or_init(|| {
-        let (s, d) = configs(RegMode::Dynamic);
-        let guest = Guest {
-            pages_per_step: 1,
-            active_steps: 200,
-            zero_one_in: 3,
-            seed: 77,
-        };
-        let mut pair = Pair::new(s, d, guest, vec![0x5a; 40_000]).expect("valid config");
-        let mut dst_snapshots = vec![(pair.dst.clone(), 0)];
-        let mut src_snapshots = vec![(pair.src.clone(), 0)];
-        for phase in [
-            SrcPhase::Sending,
-            SrcPhase::AwaitRoundAck,
-            SrcPhase::Finalizing,
-            SrcPhase::AwaitPrepared,
-        ] {
-            pair.run_until_source(phase, 100_000);
-            dst_snapshots.push((pair.dst.clone(), pair.delivered_to_dst));
-            src_snapshots.push((pair.src.clone(), pair.delivered_to_src));
+    REC.get_or_init(|| record(RegMode::Dynamic))
+}
+
+/// The same migration in pin-all mode (cached per process): its snapshots hold whole-block
+/// registrations, which no input reaches from a dynamic-mode start without the key.
+pub fn recording_pin_all() -> &'static Recording {
+    static REC: OnceLock<Recording> = OnceLock::new();
+    REC.get_or_init(|| record(RegMode::PinAll))
+}
+
+/// How many snapshots a session input may start from, per side: those of [`recording`], then
+/// those of [`recording_pin_all`].
+pub fn session_starts(destination: bool) -> usize {
+    let count = |r: &Recording| {
+        if destination {
+            r.dst_snapshots.len()
+        } else {
+            r.src_snapshots.len()
         }
-        let r = pair.run(100_000);
-        assert_eq!(
-            r.source,
-            Some(Outcome::Completed),
-            "recording must complete"
-        );
-        Recording {
-            source_stream: pair.source_stream,
-            dest_stream: pair.dest_stream,
-            dst_snapshots,
-            src_snapshots,
-        }
-    })
+    };
+    count(recording()) + count(recording_pin_all())
+}
+
+/// The recording and the index in it of session start `start` (see [`session_starts`]).
+fn session_start(destination: bool, start: usize) -> (&'static Recording, usize) {
+    let dynamic = recording();
+    let n = if destination {
+        dynamic.dst_snapshots.len()
+    } else {
+        dynamic.src_snapshots.len()
+    };
+    if start < n {
+        (dynamic, start)
+    } else {
+        (recording_pin_all(), start - n)
+    }
+}
+
+/// Records one migration in `mode` with a writing guest, with snapshots of both machines.
+fn record(mode: RegMode) -> Recording {
+    let (s, d) = configs(mode);
+    let guest = Guest {
+        pages_per_step: 1,
+        active_steps: 200,
+        zero_one_in: 3,
+        seed: 77,
+    };
+    let mut pair = Pair::new(s, d, guest, vec![0x5a; 40_000]).expect("valid config");
+    let mut dst_snapshots = vec![(pair.dst.clone(), 0)];
+    let mut src_snapshots = vec![(pair.src.clone(), 0)];
+    for phase in [
+        SrcPhase::Sending,
+        SrcPhase::AwaitRoundAck,
+        SrcPhase::Finalizing,
+        SrcPhase::AwaitPrepared,
+    ] {
+        pair.run_until_source(phase, 100_000);
+        dst_snapshots.push((pair.dst.clone(), pair.delivered_to_dst));
+        src_snapshots.push((pair.src.clone(), pair.delivered_to_src));
+    }
+    let r = pair.run(100_000);
+    assert_eq!(
+        r.source,
+        Some(Outcome::Completed),
+        "recording must complete"
+    );
+    Recording {
+        source_stream: pair.source_stream,
+        dest_stream: pair.dest_stream,
+        dst_snapshots,
+        src_snapshots,
+    }
 }
 
 /// `wire_decode`: any bytes decode to a frame or a typed error; a decoded frame re-encodes to
@@ -132,6 +174,14 @@ pub fn wire_roundtrip(f: &Frame) {
         }
         Err(wire::WireError::TooLong(_)) => {} // e.g. 64 blocks with long names
         Err(e) => panic!("valid message failed to encode: {e}"),
+    }
+}
+
+/// `wire_roundtrip` on raw fuzzer bytes, decoded into a frame as the cargo-fuzz target does
+/// (`Frame::arbitrary_take_rest`); bytes that make no frame are skipped like there.
+pub fn wire_roundtrip_bytes(data: &[u8]) {
+    if let Ok(f) = Frame::arbitrary_take_rest(Unstructured::new(data)) {
+        wire_roundtrip(&f);
     }
 }
 
@@ -279,6 +329,14 @@ impl DstOracle {
     /// An oracle for destination `d`, fresh or a recorded snapshot. It knows none of a
     /// snapshot's registrations: their keys lie below the range it grants (see `feed`).
     fn new(d: &Destination) -> DstOracle {
+        DstOracle {
+            finished: d.outcome().is_some(),
+            ..DstOracle::fresh()
+        }
+    }
+
+    /// An oracle for a destination that has not started.
+    fn fresh() -> DstOracle {
         let (_, dcfg) = configs(RegMode::Dynamic);
         DstOracle {
             blocks: dcfg.blocks,
@@ -286,7 +344,7 @@ impl DstOracle {
             pending: Vec::new(),
             next_rkey: 0x1_0000,
             commit_fed: false,
-            finished: d.outcome().is_some(),
+            finished: false,
         }
     }
 
@@ -336,15 +394,20 @@ impl DstOracle {
 }
 
 /// `destination_session`: a malicious source against the destination, from a fresh start or
-/// from a recorded mid-migration state.
+/// from a recorded mid-migration state, in dynamic or pin-all mode.
 pub fn destination_session(data: &[u8]) {
-    let rec = recording();
     let mut u = Unstructured::new(data);
-    let start = u.int_in_range(0..=rec.dst_snapshots.len() - 1).unwrap_or(0);
+    let start = u.int_in_range(0..=session_starts(true) - 1).unwrap_or(0);
+    let (rec, start) = session_start(true, start);
     let (mut d, mut cursor) = rec.dst_snapshots[start].clone();
     let mut oracle = DstOracle::new(&d);
     let mut now = 0;
-    for _ in 0..256 {
+    // Events are drawn while the input lasts: past its end `Unstructured` yields zeros, and
+    // the same all-zero event repeated to the bound would cost most of each execution.
+    for _ in 0..MAX_EVENTS {
+        if u.is_empty() {
+            break;
+        }
         let Ok(ev) = DstEvent::arbitrary(&mut u) else {
             break;
         };
@@ -415,13 +478,31 @@ fn dst_event_input(
             let h = DataHello {
                 session_id,
                 channel,
-                token: auth::data_token(Some(KEY), session_id, channel, &RECORDING_DST_NONCE),
+                token: keyed_token(session_id, channel, &RECORDING_DST_NONCE),
             };
             admit_checked(d, &h);
             return None;
         }
     };
     Some((input, rejected))
+}
+
+/// The data-channel token the fuzzing key gives (`auth::data_token`), remembered per thread:
+/// the same few sessions and channels come back in every input, and computing the MAC each
+/// time would cost more than the machines.
+fn keyed_token(session_id: u64, channel: u8, nonce: &[u8; wire::NONCE_LEN]) -> [u8; wire::MAC_LEN] {
+    type Tokens = BTreeMap<(u64, u8, [u8; wire::NONCE_LEN]), [u8; wire::MAC_LEN]>;
+    thread_local! {
+        static TOKENS: std::cell::RefCell<Tokens> = const { std::cell::RefCell::new(BTreeMap::new()) };
+    }
+    TOKENS.with(|t| {
+        let mut t = t.borrow_mut();
+        if t.len() >= 4096 {
+            t.clear(); // session ids a fuzzer made up
+        }
+        *t.entry((session_id, channel, *nonce))
+            .or_insert_with(|| auth::data_token(Some(KEY), session_id, channel, nonce))
+    })
 }
 
 /// The nonce the recording's destination drew (`Pair::new`).
@@ -445,7 +526,7 @@ fn admit_checked(d: &mut Destination, h: &DataHello) {
             "AUTH-6: another session"
         );
         assert!(
-            auth::verify_data_token(Some(KEY), h.session_id, ch, &RECORDING_DST_NONCE, &h.token),
+            h.token == keyed_token(h.session_id, ch, &RECORDING_DST_NONCE),
             "AUTH-6: admitted a token the key does not give"
         );
         assert!(
@@ -454,6 +535,60 @@ fn admit_checked(d: &mut Destination, h: &DataHello) {
         );
     } else {
         assert_eq!(&before, d, "a refused join changed the destination");
+    }
+}
+
+/// `data_hello`: DATA_HELLO, the 56 bytes a data connection opens with, as they arrive from
+/// the network. Any bytes decode to a hello or to one of the two typed refusals (wrong magic,
+/// reserved bytes not zero); a decoded hello re-encodes to the same bytes; offered to a
+/// destination, fresh or mid-migration, it is admitted only as AUTH-6 allows
+/// ([`admit_checked`]).
+///
+/// Input: a byte choosing the destination snapshot, then records `[selector u8][56 bytes]`.
+/// Selector bit 0 writes the destination's session id into the bytes, bit 1 the token the key
+/// gives for the bytes' session id and channel, so the fuzzer reaches admission without
+/// forging the MAC.
+pub fn data_hello(data: &[u8]) {
+    let rec = recording();
+    let Some((&first, mut rest)) = data.split_first() else {
+        return;
+    };
+    let mut d = rec.dst_snapshots[first as usize % rec.dst_snapshots.len()]
+        .0
+        .clone();
+    while rest.len() > wire::DATA_HELLO_LEN {
+        let sel = rest[0];
+        let mut b = [0u8; wire::DATA_HELLO_LEN];
+        b.copy_from_slice(&rest[1..=wire::DATA_HELLO_LEN]);
+        rest = &rest[1 + wire::DATA_HELLO_LEN..];
+        if sel & 1 == 1 {
+            b[8..16].copy_from_slice(&d.session_id().unwrap_or(0).to_le_bytes());
+        }
+        if sel & 2 == 2 {
+            let session_id = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
+            let token = keyed_token(session_id, b[16], &RECORDING_DST_NONCE);
+            b[24..56].copy_from_slice(&token);
+        }
+        let magic = b[..8] == wire::DATA_HELLO_MAGIC;
+        let reserved_zero = b[17..24] == [0; 7];
+        match DataHello::decode(&b) {
+            Ok(h) => {
+                assert!(
+                    magic && reserved_zero,
+                    "DATA_HELLO accepted with bad framing"
+                );
+                assert_eq!(h.encode(), b, "DATA_HELLO decoding is not canonical");
+                admit_checked(&mut d, &h);
+            }
+            Err(wire::WireError::OutOfRange {
+                field: "data_hello_magic",
+                ..
+            }) => assert!(!magic, "a correct magic refused"),
+            Err(wire::WireError::Reserved("data_hello")) => {
+                assert!(magic && !reserved_zero, "zero reserved bytes refused")
+            }
+            Err(e) => panic!("DATA_HELLO refused for an unexpected reason: {e}"),
+        }
     }
 }
 
@@ -508,18 +643,22 @@ struct SrcOracle {
     table_acked: bool,
 }
 
-/// `source_session`: a malicious destination against the source.
+/// `source_session`: a malicious destination against the source, from a fresh start or from a
+/// recorded mid-migration state, in dynamic or pin-all mode.
 pub fn source_session(data: &[u8]) {
-    let rec = recording();
     let mut u = Unstructured::new(data);
-    let start = u.int_in_range(0..=rec.src_snapshots.len() - 1).unwrap_or(0);
+    let start = u.int_in_range(0..=session_starts(false) - 1).unwrap_or(0);
+    let (rec, start) = session_start(false, start);
     let (mut s, mut cursor) = rec.src_snapshots[start].clone();
     let mut oracle = SrcOracle::new(&s, start > 0);
     let mut now = 0;
     if start == 0 {
         s.step(0, SrcInput::Start);
     }
-    for _ in 0..256 {
+    for _ in 0..MAX_EVENTS {
+        if u.is_empty() {
+            break;
+        }
         let Ok(ev) = SrcEvent::arbitrary(&mut u) else {
             break;
         };
@@ -756,6 +895,9 @@ pub fn handshake_auth(data: &[u8]) {
         s.step(0, SrcInput::Start);
     }
     for _ in 0..64 {
+        if u.is_empty() {
+            break;
+        }
         let Ok(ev) = AuthEvent::arbitrary(&mut u) else {
             break;
         };
@@ -806,6 +948,372 @@ pub fn handshake_auth(data: &[u8]) {
     }
 }
 
+/// Connections a listener input may have in their handshake at once: small, so the fuzzer
+/// reaches the eviction of the oldest (spec: LIVE-5).
+const LISTENER_MAX_PENDING: usize = 4;
+
+/// One thing that happens to a listening destination: connections come and go, and each
+/// sends what it likes. `conn` picks one of the connections accepted so far.
+#[derive(Debug, Arbitrary)]
+pub enum LsnEvent {
+    /// A connection is accepted; with `recorded_nonce` the listener draws the nonce the
+    /// recording's destination drew, so the recorded source stream authenticates on it.
+    Accept {
+        recorded_nonce: bool,
+    },
+    Frame {
+        conn: u8,
+        frame: Frame,
+    },
+    Raw {
+        conn: u8,
+        bytes: Vec<u8>,
+    },
+    /// The next frame of the recorded honest source stream.
+    Recorded {
+        conn: u8,
+    },
+    Mutated {
+        conn: u8,
+        at: u16,
+        value: u8,
+    },
+    /// DATA_HELLO bytes, decoded as the driver does.
+    DataHello {
+        conn: u8,
+        bytes: [u8; wire::DATA_HELLO_LEN],
+    },
+    /// DATA_HELLO with the token the key gives for the current session.
+    DataHelloKeyed {
+        conn: u8,
+        channel: u8,
+    },
+    Closed {
+        conn: u8,
+    },
+    Registered {
+        which: u8,
+    },
+    /// The driver finishes every pending registration, as a real one does at once.
+    RegisteredAll,
+    RegisterFailed,
+    Digests {
+        correct: bool,
+    },
+    WorkloadStarted,
+    WorkloadFailed,
+    HandshakeTimer {
+        conn: u8,
+    },
+    SessionTimer(bool),
+    Cancel,
+}
+
+/// What the listener oracle tracks about connections, on top of the session's memory.
+struct LsnOracle {
+    session: DstOracle,
+    accepted: Vec<(ConnId, [u8; wire::NONCE_LEN])>,
+    next_conn: ConnId,
+    /// Connections the listener closed.
+    closed: BTreeSet<ConnId>,
+    /// Connections that opened with DATA_HELLO, with the hello.
+    hellos: BTreeMap<ConnId, Result<DataHello, wire::WireError>>,
+    /// Connections that opened with a control frame.
+    control: BTreeSet<ConnId>,
+    bound: Option<ConnId>,
+    admitted: BTreeSet<u8>,
+    finished: bool,
+}
+
+/// `listener_session`: connections against a listening destination (spec: AUTH-2, AUTH-6,
+/// LIVE-4, LIVE-5): any mix of control connections (frames, raw bytes, the recorded honest
+/// source), data connections (DATA_HELLO bytes or keyed hellos), closes, timers and driver
+/// answers, in the order the transports can report them (DATA_HELLO only as a connection's
+/// first message, control frames only on connections that did not open with it). Nothing reaches memory before a source proves the key, and then only what the
+/// destination oracle allows; at most one session, bound for good; the handshakes in
+/// progress stay within the limit; nothing is sent on a connection the listener closed; a
+/// data connection is admitted only with the key's token for the session, each channel once;
+/// malformed bytes on the session's connection end it; nothing but closing late connections
+/// follows the end.
+pub fn listener_session(data: &[u8]) {
+    let rec = recording();
+    let (_, dcfg) = configs(RegMode::Dynamic);
+    let mut cfg = ListenerConfig::new(dcfg);
+    cfg.max_pending = LISTENER_MAX_PENDING;
+    let mut l = Listener::new(cfg).expect("valid config");
+    let mut o = LsnOracle {
+        session: DstOracle::fresh(),
+        accepted: Vec::new(),
+        next_conn: 1,
+        closed: BTreeSet::new(),
+        hellos: BTreeMap::new(),
+        control: BTreeSet::new(),
+        bound: None,
+        admitted: BTreeSet::new(),
+        finished: false,
+    };
+    let mut u = Unstructured::new(data);
+    let mut cursor = 0;
+    let mut now = 0;
+    for _ in 0..MAX_EVENTS {
+        if u.is_empty() {
+            break;
+        }
+        let Ok(ev) = LsnEvent::arbitrary(&mut u) else {
+            break;
+        };
+        now += 1;
+        if let LsnEvent::RegisteredAll = ev {
+            while let Some(i) = o.session.registered(0) {
+                o.feed(&mut l, now, LsnInput::Local(i), None);
+            }
+            continue;
+        }
+        let Some((input, rejected_on)) = o.input(ev, &l, &rec.source_stream, &mut cursor) else {
+            continue;
+        };
+        o.feed(&mut l, now, input, rejected_on);
+    }
+}
+
+impl LsnOracle {
+    fn conn(&self, i: u8) -> Option<ConnId> {
+        if self.accepted.is_empty() {
+            return None;
+        }
+        Some(self.accepted[i as usize % self.accepted.len()].0)
+    }
+
+    /// A connection for a control frame: one that did not open with DATA_HELLO (the
+    /// transports read a connection that did as a data channel only).
+    fn control_conn(&mut self, i: u8) -> Option<ConnId> {
+        let c = self.conn(i)?;
+        if self.hellos.contains_key(&c) {
+            return None;
+        }
+        self.control.insert(c);
+        Some(c)
+    }
+
+    /// A connection for DATA_HELLO: one that has sent nothing yet (the transports report
+    /// DATA_HELLO only as a connection's first message).
+    fn fresh_conn(&self, i: u8) -> Option<ConnId> {
+        let c = self.conn(i)?;
+        (!self.hellos.contains_key(&c) && !self.control.contains(&c)).then_some(c)
+    }
+
+    /// The listener's input for `ev`, and the connection whose bytes failed to decode, if
+    /// any. `None` when there is nothing to feed, or the event is one no transport reports
+    /// (see [`LsnOracle::control_conn`] and [`LsnOracle::fresh_conn`]).
+    fn input(
+        &mut self,
+        ev: LsnEvent,
+        l: &Listener,
+        stream: &[Vec<u8>],
+        cursor: &mut usize,
+    ) -> Option<(LsnInput, Option<ConnId>)> {
+        let frame = |conn: ConnId, r: (Result<Frame, wire::WireError>, bool)| {
+            let rejected = r.1.then_some(conn);
+            (LsnInput::Frame { conn, frame: r.0 }, rejected)
+        };
+        let hello = |o: &mut LsnOracle, conn: ConnId, h: Result<DataHello, wire::WireError>| {
+            o.hellos.insert(conn, h.clone());
+            (LsnInput::DataHello { conn, hello: h }, None)
+        };
+        Some(match ev {
+            LsnEvent::Accept { recorded_nonce } => {
+                let conn = self.next_conn;
+                self.next_conn += 1;
+                let nonce = if recorded_nonce {
+                    RECORDING_DST_NONCE
+                } else {
+                    [conn as u8 ^ 0xc0; wire::NONCE_LEN]
+                };
+                self.accepted.push((conn, nonce));
+                let input = LsnInput::Accepted {
+                    conn,
+                    nonce,
+                    binding: None,
+                };
+                (input, None)
+            }
+            LsnEvent::Frame { conn, frame: f } => (
+                LsnInput::Frame {
+                    conn: self.control_conn(conn)?,
+                    frame: Ok(f),
+                },
+                None,
+            ),
+            LsnEvent::Raw { conn, bytes } => frame(self.control_conn(conn)?, decode_input(&bytes)),
+            LsnEvent::Recorded { conn } => {
+                let c = self.control_conn(conn)?;
+                frame(c, recorded(stream, cursor, None)?)
+            }
+            LsnEvent::Mutated { conn, at, value } => {
+                let c = self.control_conn(conn)?;
+                frame(c, recorded(stream, cursor, Some((at, value)))?)
+            }
+            LsnEvent::DataHello { conn, bytes } => match self.fresh_conn(conn) {
+                Some(c) => hello(self, c, DataHello::decode(&bytes)),
+                // A hello on a connection that already spoke (its control frames, or its own
+                // hello): no transport reports one, but the listener stays safe whatever its
+                // driver feeds it, and what it admits must have opened with a hello.
+                None => (
+                    LsnInput::DataHello {
+                        conn: self.conn(conn)?,
+                        hello: DataHello::decode(&bytes),
+                    },
+                    None,
+                ),
+            },
+            LsnEvent::DataHelloKeyed { conn, channel } => {
+                let c = self.fresh_conn(conn)?;
+                let session_id = l.session().and_then(|d| d.session_id()).unwrap_or(0);
+                let nonce = self.session_nonce().unwrap_or(RECORDING_DST_NONCE);
+                let h = DataHello {
+                    session_id,
+                    channel,
+                    token: keyed_token(session_id, channel, &nonce),
+                };
+                hello(self, c, Ok(h))
+            }
+            LsnEvent::Closed { conn } => (
+                LsnInput::Closed {
+                    conn: self.conn(conn)?,
+                },
+                None,
+            ),
+            LsnEvent::Registered { which } => {
+                (LsnInput::Local(self.session.registered(which)?), None)
+            }
+            LsnEvent::RegisteredAll => return None, // fed one by one by the caller
+            LsnEvent::RegisterFailed => {
+                let target = self
+                    .session
+                    .pending
+                    .first()
+                    .copied()
+                    .unwrap_or(RegTarget::Block(0));
+                (LsnInput::Local(DstInput::RegisterFailed { target }), None)
+            }
+            LsnEvent::Digests { correct } => (
+                LsnInput::Local(DstInput::Digests(vec![u64::from(!correct); total_chunks()])),
+                None,
+            ),
+            LsnEvent::WorkloadStarted => (LsnInput::Local(DstInput::WorkloadStarted), None),
+            LsnEvent::WorkloadFailed => (LsnInput::Local(DstInput::WorkloadFailed), None),
+            LsnEvent::HandshakeTimer { conn } => {
+                (LsnInput::Timer(LsnTimer::Handshake(self.conn(conn)?)), None)
+            }
+            LsnEvent::SessionTimer(idle) => (
+                LsnInput::Timer(LsnTimer::Session(if idle {
+                    DstTimer::Idle
+                } else {
+                    DstTimer::Keepalive
+                })),
+                None,
+            ),
+            LsnEvent::Cancel => (LsnInput::Cancel, None),
+        })
+    }
+
+    /// The nonce the session's control connection was accepted with.
+    fn session_nonce(&self) -> Option<[u8; wire::NONCE_LEN]> {
+        let b = self.bound?;
+        self.accepted.iter().find(|(c, _)| *c == b).map(|(_, n)| *n)
+    }
+
+    /// Feeds `input` and checks what the listener answers. `rejected_on`: the connection
+    /// whose bytes the driver could not decode.
+    fn feed(&mut self, l: &mut Listener, now: u64, input: LsnInput, rejected_on: Option<ConnId>) {
+        let accepted_conn = match &input {
+            LsnInput::Accepted { conn, .. } => Some(*conn),
+            _ => None,
+        };
+        let admission = match &input {
+            LsnInput::DataHello { conn, .. } => Some(*conn),
+            _ => None,
+        };
+        let session_conn = l.session_conn();
+        if let LsnInput::Frame { conn, frame: Ok(f) } = &input {
+            if f.msg == Message::Commit && session_conn == Some(*conn) {
+                self.session.commit_fed = true;
+            }
+        }
+        // Once committed (Starting) the destination deliberately ignores what the source sends.
+        let session_live =
+            l.outcome().is_none() && l.session().is_some_and(|d| d.phase() != DstPhase::Starting);
+        let cmds = l.step(now, input);
+        if self.finished {
+            let late = matches!(cmds.as_slice(), [LsnCommand::Close { conn }] if Some(*conn) == accepted_conn);
+            assert!(cmds.is_empty() || late, "commands after Finish: {cmds:?}");
+            return;
+        }
+        assert!(
+            l.handshaking() <= LISTENER_MAX_PENDING,
+            "LIVE-5: {} connections in their handshake",
+            l.handshaking()
+        );
+        match (self.bound, l.session_conn()) {
+            (Some(b), now_bound) => assert_eq!(now_bound, Some(b), "AUTH-2: the session changed"),
+            (None, b) => self.bound = b,
+        }
+        let mut memory = Vec::new();
+        for c in cmds {
+            match c {
+                LsnCommand::Send { conn, frame } => {
+                    assert!(
+                        !self.closed.contains(&conn),
+                        "sent on connection {conn} after closing it"
+                    );
+                    wire::encode_to_vec(&frame).expect("listener sent an invalid frame");
+                }
+                LsnCommand::Close { conn } => {
+                    self.closed.insert(conn);
+                }
+                LsnCommand::Admit { conn, channel } => {
+                    assert_eq!(
+                        admission,
+                        Some(conn),
+                        "admitted a connection that did not ask"
+                    );
+                    let session_id = l.session().and_then(|d| d.session_id());
+                    let nonce = self
+                        .session_nonce()
+                        .expect("AUTH-6: admitted without a session");
+                    let Some(Ok(h)) = self.hellos.get(&conn) else {
+                        panic!("AUTH-6: admitted a connection whose first bytes were not a hello");
+                    };
+                    assert_eq!(Some(h.session_id), session_id, "AUTH-6: another session");
+                    assert_eq!(h.channel, channel);
+                    assert!(
+                        h.token == keyed_token(h.session_id, channel, &nonce),
+                        "AUTH-6: admitted a token the key does not give"
+                    );
+                    assert!(
+                        self.admitted.insert(channel),
+                        "AUTH-6: channel {channel} joined twice"
+                    );
+                }
+                LsnCommand::Session(cmd) => {
+                    assert!(
+                        self.bound.is_some(),
+                        "AUTH-2: {cmd:?} before a source proved the key"
+                    );
+                    memory.push(cmd);
+                }
+                LsnCommand::Finish(_) => self.finished = true,
+            }
+        }
+        if let Some(d) = l.session() {
+            self.session.check(d, &memory, false);
+        }
+        if rejected_on.is_some() && rejected_on == session_conn && session_live {
+            assert!(self.finished, "a malformed frame did not end the session");
+        }
+    }
+}
+
 /// Seed inputs for the corpora: every sample frame encoded, and the recorded streams.
 pub fn seed_frames() -> Vec<Vec<u8>> {
     let rec = recording();
@@ -827,9 +1335,13 @@ pub fn session_seed(destination: bool, start: u8, n: usize) -> Vec<u8> {
     let mut bytes = vec![start];
     let matches = |b: &[u8], want: usize| -> bool {
         let mut u = Unstructured::new(b);
-        let _ = u.int_in_range(0..=4usize);
+        let _ = u.int_in_range(0..=session_starts(destination) - 1);
         let mut got = 0;
         for i in 0..want {
+            // The targets draw an event only while input remains.
+            if u.is_empty() {
+                return false;
+            }
             let ok = if destination {
                 match DstEvent::arbitrary(&mut u) {
                     Ok(DstEvent::Recorded) => i % 4 != 3,
@@ -866,6 +1378,66 @@ pub fn session_seed(destination: bool, start: u8, n: usize) -> Vec<u8> {
         }
         if !found {
             break;
+        }
+    }
+    bytes
+}
+
+/// Builds `listener_session` input bytes: a connection accepted with the recording's nonce
+/// that replays `n` recorded source frames, each followed by the driver finishing the
+/// registrations it caused, then a second connection that asks to join as data channel 0 with
+/// the key's token. Found by trial against the same decoder the target uses, like
+/// [`session_seed`].
+pub fn listener_seed(n: usize) -> Vec<u8> {
+    type Want = Box<dyn Fn(&LsnEvent) -> bool>;
+    let mut want: Vec<Want> = vec![Box::new(|e| {
+        matches!(
+            e,
+            LsnEvent::Accept {
+                recorded_nonce: true
+            }
+        )
+    })];
+    for _ in 0..n {
+        want.push(Box::new(|e| matches!(e, LsnEvent::Recorded { .. })));
+        want.push(Box::new(|e| matches!(e, LsnEvent::RegisteredAll)));
+    }
+    want.push(Box::new(|e| {
+        matches!(
+            e,
+            LsnEvent::Accept {
+                recorded_nonce: false
+            }
+        )
+    }));
+    // Two connections by then: an odd `conn` picks the second.
+    want.push(Box::new(
+        |e| matches!(e, LsnEvent::DataHelloKeyed { conn, channel: 0 } if conn % 2 == 1),
+    ));
+    // The target draws an event only while input remains.
+    let matches = |b: &[u8], k: usize| -> bool {
+        let mut u = Unstructured::new(b);
+        want[..k]
+            .iter()
+            .all(|w| !u.is_empty() && LsnEvent::arbitrary(&mut u).is_ok_and(|e| w(&e)))
+    };
+    let mut bytes = Vec::new();
+    for k in 1..=want.len() {
+        let base = bytes.clone();
+        // Zeros first complete an event that ended in the padding, then a run of one value.
+        let found = (0..=4).find_map(|zeros| {
+            (1..=6).find_map(|len| {
+                (0..=255u8).find_map(|v| {
+                    let mut b = base.clone();
+                    b.extend(std::iter::repeat_n(0, zeros));
+                    b.extend(std::iter::repeat_n(v, len));
+                    matches(&b, k).then_some(b)
+                })
+            })
+        });
+        match found {
+            Some(b) => bytes = b,
+            None => break,
         }
     }
     bytes

@@ -59,9 +59,9 @@ pub const DATA_SQ_DEPTH: u32 = 256;
 /// Control send buffers (each `MAX_FRAME_LEN`).
 pub const CONTROL_SEND_SLOTS: usize = 32;
 pub const ENDPOINT_LEN: usize = 32;
-const CONNECT_LEN: usize = 8 + ENDPOINT_LEN;
-const JOIN_LEN: usize = DATA_HELLO_LEN + ENDPOINT_LEN;
-const BOOT_MAGIC: &[u8; 8] = b"RDMGRDMA";
+pub const CONNECT_LEN: usize = 8 + ENDPOINT_LEN;
+pub const JOIN_LEN: usize = DATA_HELLO_LEN + ENDPOINT_LEN;
+pub const BOOT_MAGIC: &[u8; 8] = b"RDMGRDMA";
 /// How long a post waits for a send buffer or send queue room before failing.
 const POST_WAIT: Duration = Duration::from_secs(10);
 const FRAME: usize = wire::MAX_FRAME_LEN;
@@ -151,25 +151,44 @@ pub fn decode_endpoint(b: &[u8; ENDPOINT_LEN]) -> Option<Endpoint> {
     })
 }
 
-fn connect_msg(e: &Endpoint) -> [u8; CONNECT_LEN] {
+pub fn connect_msg(e: &Endpoint) -> [u8; CONNECT_LEN] {
     let mut b = [0u8; CONNECT_LEN];
     b[..8].copy_from_slice(BOOT_MAGIC);
     b[8..].copy_from_slice(&encode_endpoint(e));
     b
 }
 
+/// Decodes CONNECT: `None` for a wrong magic or an endpoint [`decode_endpoint`] refuses.
+pub fn decode_connect(b: &[u8; CONNECT_LEN]) -> Option<Endpoint> {
+    let mut e = [0u8; ENDPOINT_LEN];
+    e.copy_from_slice(&b[8..]);
+    if &b[..8] != BOOT_MAGIC {
+        return None;
+    }
+    decode_endpoint(&e)
+}
+
 fn read_connect(s: &mut TcpStream) -> io::Result<Endpoint> {
     let mut b = [0u8; CONNECT_LEN];
     s.read_exact(&mut b)?;
-    let mut e = [0u8; ENDPOINT_LEN];
-    e.copy_from_slice(&b[8..]);
-    match (&b[..8] == BOOT_MAGIC, decode_endpoint(&e)) {
-        (true, Some(e)) => Ok(e),
-        _ => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "bad RDMA bootstrap message",
-        )),
-    }
+    decode_connect(&b)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad RDMA bootstrap message"))
+}
+
+pub fn join_msg(hello: &DataHello, e: &Endpoint) -> [u8; JOIN_LEN] {
+    let mut b = [0u8; JOIN_LEN];
+    b[..DATA_HELLO_LEN].copy_from_slice(&hello.encode());
+    b[DATA_HELLO_LEN..].copy_from_slice(&encode_endpoint(e));
+    b
+}
+
+/// Splits JOIN into its DATA_HELLO and its endpoint, both still to be decoded.
+pub fn split_join(m: &[u8; JOIN_LEN]) -> ([u8; DATA_HELLO_LEN], [u8; ENDPOINT_LEN]) {
+    let mut hello = [0u8; DATA_HELLO_LEN];
+    hello.copy_from_slice(&m[..DATA_HELLO_LEN]);
+    let mut ep = [0u8; ENDPOINT_LEN];
+    ep.copy_from_slice(&m[DATA_HELLO_LEN..]);
+    (hello, ep)
 }
 
 fn random_psn() -> u32 {
@@ -704,9 +723,7 @@ impl SourceLink for SourceVerbs {
         );
         let (channels, joins) = (self.channels.clone(), self.joins.clone());
         std::thread::spawn(move || {
-            let mut join = [0u8; JOIN_LEN];
-            join[..DATA_HELLO_LEN].copy_from_slice(&hello.encode());
-            join[DATA_HELLO_LEN..].copy_from_slice(&encode_endpoint(&qp.endpoint()));
+            let join = join_msg(&hello, &qp.endpoint());
             let r = {
                 let mut b = boot.lock().unwrap();
                 b.write_all(&join).and_then(|_| read_connect(&mut b))
@@ -996,10 +1013,7 @@ impl Bootstrap {
             }
             let conn = next;
             next += 1;
-            let mut hello = [0u8; DATA_HELLO_LEN];
-            hello.copy_from_slice(&m[..DATA_HELLO_LEN]);
-            let mut ep = [0u8; ENDPOINT_LEN];
-            ep.copy_from_slice(&m[DATA_HELLO_LEN..]);
+            let (hello, ep) = split_join(&m);
             let (tx, rx) = mpsc::sync_channel(1);
             self.decisions.lock().unwrap().insert(conn, tx);
             let sent = self.events.send(DstEvent::Accepted(conn, None)).is_ok()
