@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 type Body = fn(&[u8]);
 
-const TARGETS: [(&str, Body); 11] = [
+const TARGETS: [(&str, Body); 12] = [
     ("wire_decode", rdmig_check::fuzzing::wire_decode),
     ("wire_roundtrip", rdmig_check::fuzzing::wire_roundtrip_bytes),
     (
