@@ -86,7 +86,7 @@ fuzz-smoke: fuzz-deps
 # QMP and RDMA bootstrap targets.
 fuzz-seeds:
 	$(CARGO) run -q -p rdmig-check --example fuzz_seeds
-	$(CARGO) run -q -p rdmig --example fuzz_seeds
+	$(CARGO) run -q -p rdmig --example parser_seeds
 
 # Regenerates fuzz/dict/<target>.dict from the parsers' constants (a test checks they are current).
 fuzz-dicts:
