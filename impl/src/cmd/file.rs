@@ -219,9 +219,12 @@ pub fn save(a: SaveArgs) -> Result<ExitCode, String> {
         let dst_blocks: Blocks = Arc::new(target.blocks().map_err(|e| e.to_string())?);
         let tracker = super::open_dirty_log(&dirty_log, writer_pid, &blocks, a.common.threads)?;
         let guard = resume.map(|r| super::send::spawn_guard(&r)).transpose()?;
-        Ok::<_, String>((dst_blocks, tracker, guard))
+        let (stx, srx) = mpsc::channel();
+        transport::watch_signals(stx.clone(), SrcEvent::Signal)
+            .map_err(|e| format!("watching signals: {e}"))?;
+        Ok::<_, String>((dst_blocks, tracker, guard, (stx, srx)))
     })();
-    let (dst_blocks, tracker, mut guard) = setup.inspect_err(|_| target.discard())?;
+    let (dst_blocks, tracker, mut guard, (stx, srx)) = setup.inspect_err(|_| target.discard())?;
     let tracker = Arc::new(std::sync::Mutex::new(tracker));
     let hashes_of = tracker.clone();
     let t0 = Instant::now();
@@ -259,9 +262,6 @@ pub fn save(a: SaveArgs) -> Result<ExitCode, String> {
             }
         }
     }
-    let (stx, srx) = mpsc::channel();
-    transport::watch_signals(stx.clone(), SrcEvent::Signal)
-        .map_err(|e| format!("watching signals: {e}"))?;
     let src = SourceRun {
         cfg,
         blocks: blocks.clone(),
