@@ -13,8 +13,6 @@ use rdmig::savefile::{SaveTarget, SavedImage};
 use rdmig::transport::file::{self, FileSide};
 use rdmig::transport::{self, SrcEvent};
 use rdmig::vmm::control::{DestWorkload, SourceWorkload, StateSink};
-use rdmig::vmm::guard::Resume;
-use rdmig::vmm::qemu::{QemuSource, RamFile};
 use rdmig_model::wire::{self, DigestAlg};
 use rdmig_model::{DestConfig, DirtyScan, ListenerConfig, PageBitmap, SourceConfig};
 
@@ -100,32 +98,6 @@ fn run_pair(
     (s, d)
 }
 
-/// The source workload and what resumes it should this process die while it is paused.
-fn save_workload(
-    a: &SaveArgs,
-    qemu: &Option<Arc<QemuSource>>,
-) -> Result<(SourceWorkload, Option<Resume>), String> {
-    Ok(match (a.pid, &a.pause_cmd, qemu) {
-        (Some(_), Some(_), _) => return Err("--pid and --pause-cmd exclude each other".into()),
-        (_, _, Some(q)) => (
-            SourceWorkload::Qemu(q.clone()),
-            Some(Resume::Qemu {
-                qmp: a.qemu_qmp.clone().expect("attached through --qemu-qmp"),
-                caps: q.capabilities_before().to_string(),
-            }),
-        ),
-        (Some(pid), None, None) => (SourceWorkload::Pid(pid), Some(Resume::Pid(pid))),
-        (None, Some(p), None) => (
-            SourceWorkload::Hooks {
-                pause: p.clone(),
-                resume: a.resume_cmd.clone(),
-            },
-            a.resume_cmd.clone().map(Resume::Command),
-        ),
-        (None, None, None) => (SourceWorkload::None, None),
-    })
-}
-
 fn file_report(path: &std::path::Path, direct_io: bool) -> Option<FileReport> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
@@ -176,22 +148,14 @@ pub fn save(a: SaveArgs) -> Result<ExitCode, String> {
     // spec: SAVE-1: paused before the machine starts, the workload is the machine's to resume
     // on any abort.
     cfg.paused_at_start = !a.live;
-    let qemu = match &a.qemu_qmp {
-        Some(sock) => {
-            let files: Vec<_> = blocks
-                .iter()
-                .zip(&a.ram)
-                .map(|(b, r)| RamFile {
-                    path: r.path.clone(),
-                    size: b.len(),
-                })
-                .collect();
-            let q = QemuSource::attach(sock, &files).map_err(|e| format!("QEMU: {e}"))?;
-            Some(Arc::new(q))
-        }
-        None => None,
-    };
-    let (workload, resume) = save_workload(&a, &qemu)?;
+    let qemu = super::send::attach_qemu(a.qemu_qmp.as_deref(), &a.ram, &blocks)?;
+    let (workload, resume) = super::send::source_workload(
+        a.pid,
+        a.pause_cmd.as_deref(),
+        a.resume_cmd.as_deref(),
+        a.qemu_qmp.as_deref(),
+        &qemu,
+    )?;
     let writer_pid = a.pid.or_else(|| qemu.as_ref().and_then(|q| q.pid()));
     // Paused first unless live: nothing writes the memory while it is copied.
     let dirty_log = match (&a.dirty_log, a.live) {
@@ -452,14 +416,7 @@ pub fn restore(a: RestoreArgs) -> Result<ExitCode, String> {
         allocated_bytes: img.allocated_bytes(),
         direct_io: a.direct_io,
     });
-    if report.status == Status::Completed {
-        for r in &a.ram {
-            let _ = std::fs::remove_file(super::recv::incomplete_marker(&r.path));
-        }
-        if qemu.is_some() {
-            report.guest = Some("running".into());
-        }
-    } else {
+    if report.status != Status::Completed {
         if report.reason.is_none() {
             report.reason = sreport.reason.clone();
             report.detail = sreport.detail.clone();
@@ -471,13 +428,7 @@ pub fn restore(a: RestoreArgs) -> Result<ExitCode, String> {
                 a.from.display()
             ));
         }
-        if let Some(p) = &a.state_out {
-            let _ = std::fs::remove_file(p);
-        }
-        if let Some(q) = &qemu {
-            q.discard();
-            report.guest = Some("not started".into());
-        }
     }
+    super::recv::settle(&mut report, &a.ram, a.state_out.as_deref(), &qemu);
     Ok(finish(&report, a.json))
 }

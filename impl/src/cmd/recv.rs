@@ -191,21 +191,32 @@ pub fn recv(a: RecvArgs) -> Result<ExitCode, String> {
             driver::run_destination(link, rx, run)
         }
     };
+    settle(&mut report, &a.ram, a.state_out.as_deref(), &qemu);
+    Ok(finish(&report, a.common.json))
+}
+
+/// After the destination's outcome: committed, the RAM files lose their incomplete marks;
+/// otherwise the state file goes and a waiting QEMU is stopped (nothing started).
+pub(super) fn settle(
+    report: &mut rdmig::report::Report,
+    ram: &[rdmig::cli::RamSpec],
+    state_out: Option<&Path>,
+    qemu: &Option<Arc<QemuDest>>,
+) {
     if report.status == Status::Completed {
-        for r in &a.ram {
+        for r in ram {
             let _ = std::fs::remove_file(incomplete_marker(&r.path));
         }
         if qemu.is_some() {
             report.guest = Some("running".into());
         }
     } else {
-        if let Some(p) = &a.state_out {
+        if let Some(p) = state_out {
             let _ = std::fs::remove_file(p);
         }
-        if let Some(q) = &qemu {
+        if let Some(q) = qemu {
             q.discard();
             report.guest = Some("not started".into());
         }
     }
-    Ok(finish(&report, a.common.json))
 }

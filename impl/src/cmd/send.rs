@@ -60,13 +60,19 @@ fn open_blocks(a: &SendArgs, log2: u8) -> Result<Blocks, String> {
     Ok(Arc::new(blocks))
 }
 
-fn attach_qemu(a: &SendArgs, blocks: &Blocks) -> Result<Option<Arc<QemuSource>>, String> {
-    let Some(sock) = &a.qemu_qmp else {
+/// The source QEMU at `sock`, whose guest RAM must be exactly the `--ram` files `ram`, mapped
+/// as `blocks`.
+pub(super) fn attach_qemu(
+    sock: Option<&std::path::Path>,
+    ram: &[rdmig::cli::RamSpec],
+    blocks: &Blocks,
+) -> Result<Option<Arc<QemuSource>>, String> {
+    let Some(sock) = sock else {
         return Ok(None);
     };
     let files: Vec<_> = blocks
         .iter()
-        .zip(&a.ram)
+        .zip(ram)
         .map(|(b, r)| RamFile {
             path: r.path.clone(),
             size: b.len(),
@@ -83,26 +89,43 @@ fn workload(
     a: &SendArgs,
     qemu: &Option<Arc<QemuSource>>,
 ) -> Result<(SourceWorkload, Option<Resume>), String> {
-    Ok(match (a.pid, &a.pause_cmd, qemu) {
+    source_workload(
+        a.pid,
+        a.pause_cmd.as_deref(),
+        a.resume_cmd.as_deref(),
+        a.qemu_qmp.as_deref(),
+        qemu,
+    )
+}
+
+/// The source workload from `--pid`, `--pause-cmd`/`--resume-cmd` or the QEMU attached
+/// through `--qemu-qmp` (`sock`), and the guard's way to resume it.
+pub(super) fn source_workload(
+    pid: Option<i32>,
+    pause_cmd: Option<&str>,
+    resume_cmd: Option<&str>,
+    sock: Option<&std::path::Path>,
+    qemu: &Option<Arc<QemuSource>>,
+) -> Result<(SourceWorkload, Option<Resume>), String> {
+    Ok(match (pid, pause_cmd, qemu) {
         (Some(_), Some(_), _) => return Err("--pid and --pause-cmd exclude each other".into()),
         (_, _, Some(q)) => {
             let caps = q.capabilities_before().to_string();
-            let sock = a
-                .qemu_qmp
-                .clone()
-                .expect("QEMU attached through --qemu-qmp");
+            let qmp = sock
+                .expect("QEMU attached through --qemu-qmp")
+                .to_path_buf();
             (
                 SourceWorkload::Qemu(q.clone()),
-                Some(Resume::Qemu { qmp: sock, caps }),
+                Some(Resume::Qemu { qmp, caps }),
             )
         }
         (Some(pid), None, None) => (SourceWorkload::Pid(pid), Some(Resume::Pid(pid))),
         (None, Some(p), None) => (
             SourceWorkload::Hooks {
-                pause: p.clone(),
-                resume: a.resume_cmd.clone(),
+                pause: p.to_string(),
+                resume: resume_cmd.map(str::to_string),
             },
-            a.resume_cmd.clone().map(Resume::Command),
+            resume_cmd.map(|c| Resume::Command(c.to_string())),
         ),
         (None, None, None) => (SourceWorkload::None, None),
     })
@@ -170,7 +193,7 @@ pub fn send(a: SendArgs) -> Result<ExitCode, String> {
     )?;
     let blocks = open_blocks(&a, log2)?;
     let cfg = config(&a, &blocks, key)?;
-    let qemu = attach_qemu(&a, &blocks)?;
+    let qemu = attach_qemu(a.qemu_qmp.as_deref(), &a.ram, &blocks)?;
     let mut restore = RestoreCaps(qemu.clone());
     let writer_pid = a.pid.or_else(|| qemu.as_ref().and_then(|q| q.pid()));
     let dirty_log = a.dirty_log.clone().unwrap_or_else(|| {

@@ -561,32 +561,13 @@ impl RamBlock {
         fd: std::os::fd::BorrowedFd<'_>,
         file_offset: u64,
     ) -> std::io::Result<()> {
-        self.check(offset, len as usize);
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(1 << 30) as usize;
-            // SAFETY: `[offset+done, offset+done+n)` lies inside the mapping (checked above),
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        let at_end = || std::io::ErrorKind::WriteZero.into();
+        self.transfer(offset, len, file_offset, at_end, |at, n, off| {
+            // SAFETY: `[at, at+n)` lies inside the mapping (`transfer` checked the range),
             // which the block keeps mapped for the call; the kernel only reads it.
-            let r = unsafe {
-                libc::pwrite(
-                    std::os::fd::AsRawFd::as_raw_fd(&fd),
-                    self.ptr.add((offset + done) as usize) as *const libc::c_void,
-                    n,
-                    (file_offset + done) as libc::off_t,
-                )
-            };
-            match r {
-                r if r > 0 => done += r as u64,
-                0 => return Err(std::io::ErrorKind::WriteZero.into()),
-                _ => {
-                    let e = std::io::Error::last_os_error();
-                    if e.kind() != std::io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        Ok(())
+            unsafe { libc::pwrite(fd, at as *const libc::c_void, n, off) }
+        })
     }
 
     /// Reads `len` bytes of `fd` at `file_offset` into the block at `offset`; the file
@@ -598,29 +579,41 @@ impl RamBlock {
         fd: std::os::fd::BorrowedFd<'_>,
         file_offset: u64,
     ) -> std::io::Result<()> {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        let at_end = || {
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the file ends inside a block",
+            )
+        };
+        self.transfer(offset, len, file_offset, at_end, |at, n, off| {
+            // SAFETY: `[at, at+n)` lies inside the mapping (`transfer` checked the range),
+            // which the block keeps mapped and writable for the call; no reference into it
+            // exists (the module's rule), so the kernel writing it aliases nothing.
+            unsafe { libc::pread(fd, at as *mut libc::c_void, n, off) }
+        })
+    }
+
+    /// One positioned transfer between `[offset, offset+len)` of the block and a file at
+    /// `file_offset`, in calls of `call(address, length, file offset)` (a `pread` or a
+    /// `pwrite`) of at most 1 GiB each; a call that moves nothing is `at_end()`.
+    fn transfer(
+        &self,
+        offset: u64,
+        len: u64,
+        file_offset: u64,
+        at_end: impl Fn() -> std::io::Error,
+        mut call: impl FnMut(*mut u8, usize, libc::off_t) -> isize,
+    ) -> std::io::Result<()> {
         self.check(offset, len as usize);
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(1 << 30) as usize;
-            // SAFETY: `[offset+done, offset+done+n)` lies inside the mapping (checked above),
-            // which the block keeps mapped and writable for the call; no reference into it
-            // exists (the module's rule), so the kernel writing it aliases nothing.
-            let r = unsafe {
-                libc::pread(
-                    std::os::fd::AsRawFd::as_raw_fd(&fd),
-                    self.ptr.add((offset + done) as usize) as *mut libc::c_void,
-                    n,
-                    (file_offset + done) as libc::off_t,
-                )
-            };
-            match r {
+            // SAFETY: offset + done < offset + len, which `check` placed inside the mapping.
+            let at = unsafe { self.ptr.add((offset + done) as usize) };
+            match call(at, n, (file_offset + done) as libc::off_t) {
                 r if r > 0 => done += r as u64,
-                0 => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "the file ends inside a block",
-                    ))
-                }
+                0 => return Err(at_end()),
                 _ => {
                     let e = std::io::Error::last_os_error();
                     if e.kind() != std::io::ErrorKind::Interrupted {

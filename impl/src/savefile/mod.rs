@@ -70,6 +70,36 @@ fn open_direct(path: &Path, write: bool) -> Result<File, SaveError> {
         })
 }
 
+/// The block regions of a save file `file` at `path` laid out as `header` says, mapped for
+/// `role`.
+fn regions(
+    header: &Header,
+    file: &File,
+    path: &Path,
+    role: RegionUse,
+) -> Result<Vec<Arc<RamBlock>>, SaveError> {
+    header
+        .blocks
+        .iter()
+        .map(|b| {
+            RamBlock::file_region(&b.name, file, path, b.offset, b.len, header.page_log2, role)
+                .map(Arc::new)
+                .map_err(SaveError::from)
+        })
+        .collect()
+}
+
+/// The descriptor a file's data moves through (its `O_DIRECT` one when there is one), where
+/// each block starts, and whether it is `O_DIRECT`.
+fn data_fd(header: &Header, file: &File, direct: Option<&File>) -> (File, Vec<u64>, bool) {
+    let f = direct
+        .unwrap_or(file)
+        .try_clone()
+        .expect("a descriptor can be duplicated");
+    let base = header.blocks.iter().map(|b| b.offset).collect();
+    (f, base, direct.is_some())
+}
+
 /// A save being written: the destination's memory is the file's block regions.
 pub struct SaveTarget {
     path: PathBuf,
@@ -156,36 +186,18 @@ impl SaveTarget {
     /// The file's block regions as the destination's memory (read for digests, punched for
     /// zero ranges; the data itself is written by the file transport).
     pub fn blocks(&self) -> Result<Vec<Arc<RamBlock>>, SaveError> {
-        self.header
-            .blocks
-            .iter()
-            .map(|b| {
-                RamBlock::file_region(
-                    &b.name,
-                    &self.file,
-                    &self.partial,
-                    b.offset,
-                    b.len,
-                    self.header.page_log2,
-                    RegionUse::SaveTarget,
-                )
-                .map(Arc::new)
-                .map_err(SaveError::from)
-            })
-            .collect()
+        regions(
+            &self.header,
+            &self.file,
+            &self.partial,
+            RegionUse::SaveTarget,
+        )
     }
 
     /// The descriptor data is written through (`O_DIRECT` with `--direct-io`) and where each
     /// block starts in the file.
     pub fn data(&self) -> (File, Vec<u64>, bool) {
-        let f = self
-            .direct
-            .as_ref()
-            .unwrap_or(&self.file)
-            .try_clone()
-            .expect("a descriptor can be duplicated");
-        let base = self.header.blocks.iter().map(|b| b.offset).collect();
-        (f, base, self.direct.is_some())
+        data_fd(&self.header, &self.file, self.direct.as_ref())
     }
 
     /// Which pages hold data: the file system's own record (`SEEK_DATA`, `SEEK_HOLE`), since
@@ -388,23 +400,7 @@ impl SavedImage {
 
     /// The file's block regions as the source's memory, in the file's block order.
     pub fn blocks(&self) -> Result<Vec<Arc<RamBlock>>, SaveError> {
-        self.header
-            .blocks
-            .iter()
-            .map(|b| {
-                RamBlock::file_region(
-                    &b.name,
-                    &self.file,
-                    &self.path,
-                    b.offset,
-                    b.len,
-                    self.header.page_log2,
-                    RegionUse::SavedImage,
-                )
-                .map(Arc::new)
-                .map_err(SaveError::from)
-            })
-            .collect()
+        regions(&self.header, &self.file, &self.path, RegionUse::SavedImage)
     }
 
     /// The present pages of each block, in the file's block order.
@@ -422,14 +418,7 @@ impl SavedImage {
 
     /// The descriptor data is read through and where each block starts in the file.
     pub fn data(&self) -> (File, Vec<u64>, bool) {
-        let f = self
-            .direct
-            .as_ref()
-            .unwrap_or(&self.file)
-            .try_clone()
-            .expect("a descriptor can be duplicated");
-        let base = self.header.blocks.iter().map(|b| b.offset).collect();
-        (f, base, self.direct.is_some())
+        data_fd(&self.header, &self.file, self.direct.as_ref())
     }
 
     /// Bytes of the file that hold data (the rest are holes).
