@@ -189,8 +189,7 @@ pub fn save(a: SaveArgs) -> Result<ExitCode, String> {
         Ok::<_, String>((dst_blocks, tracker, guard, (stx, srx)))
     })();
     let (dst_blocks, tracker, mut guard, (stx, srx)) = setup.inspect_err(|_| target.discard())?;
-    let tracker = Arc::new(std::sync::Mutex::new(tracker));
-    let hashes_of = tracker.clone();
+    let (scan, page_hashes) = super::dirty_log_fns(tracker);
     let t0 = Instant::now();
     let mut workload = workload;
     if !a.live {
@@ -229,14 +228,8 @@ pub fn save(a: SaveArgs) -> Result<ExitCode, String> {
     let src = SourceRun {
         cfg,
         blocks: blocks.clone(),
-        scan: Box::new(move |all| {
-            tracker
-                .lock()
-                .expect("not poisoned")
-                .scan(all)
-                .map_err(|e| e.to_string())
-        }),
-        page_hashes: Box::new(move || hashes_of.lock().expect("not poisoned").page_hashes()),
+        scan,
+        page_hashes,
         workload: workload.clone(),
         guard,
         state_in: a.state_in.clone(),
@@ -268,21 +261,9 @@ pub fn save(a: SaveArgs) -> Result<ExitCode, String> {
         report.downtime_ms = Some(report.total_time_ms);
     }
     if report.status != Status::Completed || dreport.status != Status::Completed {
+        // A file that could not be made valid at commit aborts the destination, whose ABORT
+        // resumes the source's workload (spec: SW-7, SAVE-3); either way no file is left.
         target.discard();
-        if report.status == Status::InDoubt {
-            // The commit reached the file, which could not be made valid: the guest runs
-            // nowhere else, so it runs here again.
-            tracing::error!(
-                "the save file could not be finished: {}",
-                dreport.detail.clone().unwrap_or_default()
-            );
-            if let Err(e) = workload.resume() {
-                tracing::error!("resuming the workload: {e}");
-            }
-            report.status = Status::Aborted;
-            report.reason = dreport.reason.clone();
-            report.detail = dreport.detail.clone();
-        }
     } else {
         report.file = file_report(&a.to, a.direct_io);
     }

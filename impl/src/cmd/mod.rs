@@ -77,6 +77,25 @@ pub fn open_dirty_log(
     Ok(t)
 }
 
+/// A dirty log as the source driver asks for it: its scans, and the page hashes of its last
+/// scan, both over the one log.
+pub fn dirty_log_fns(
+    log: Box<dyn rdmig::memory::dirty::DirtyTracker>,
+) -> (rdmig::driver::ScanFn, rdmig::driver::PageHashesFn) {
+    let scan_log = Arc::new(std::sync::Mutex::new(log));
+    let hashes_log = scan_log.clone();
+    (
+        Box::new(move |all| {
+            scan_log
+                .lock()
+                .expect("not poisoned")
+                .scan(all)
+                .map_err(|e| e.to_string())
+        }),
+        Box::new(move || hashes_log.lock().expect("not poisoned").page_hashes()),
+    )
+}
+
 pub fn workload(a: WorkloadArgs) -> Result<ExitCode, String> {
     let opts = rdmig::tools::workload::WorkloadOptions {
         ram: a.ram,

@@ -203,13 +203,12 @@ pub fn send(a: SendArgs) -> Result<ExitCode, String> {
             "none".into()
         }
     });
-    let tracker = std::sync::Arc::new(std::sync::Mutex::new(super::open_dirty_log(
+    let (scan, page_hashes) = super::dirty_log_fns(super::open_dirty_log(
         &dirty_log,
         writer_pid,
         &blocks,
         a.common.threads,
-    )?));
-    let hashes_of = tracker.clone();
+    )?);
     let (workload, resume) = workload(&a, &qemu)?;
     let guard = resume.map(|r| spawn_guard(&r)).transpose()?;
     let progress = progress_bar(a.common.json);
@@ -220,14 +219,8 @@ pub fn send(a: SendArgs) -> Result<ExitCode, String> {
     let run = SourceRun {
         cfg,
         blocks,
-        scan: Box::new(move |all| {
-            tracker
-                .lock()
-                .expect("not poisoned")
-                .scan(all)
-                .map_err(|e| e.to_string())
-        }),
-        page_hashes: Box::new(move || hashes_of.lock().expect("not poisoned").page_hashes()),
+        scan,
+        page_hashes,
         workload,
         guard,
         state_in: a.state_in.clone(),

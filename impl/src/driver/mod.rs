@@ -9,7 +9,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 pub use destination::{run_destination, DestRun};
-pub use source::{run_source, KnownDigests, Progress, ScanFn, SourceRun};
+pub use source::{run_source, KnownDigests, PageHashesFn, Progress, ScanFn, SourceRun};
 
 use rdmig_model::Millis;
 
