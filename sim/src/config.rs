@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use crate::faults::{FaultConfig, FaultKind};
-use crate::guest::{GuestConfig, Pattern};
+use crate::guest::{GuestConfig, Pattern, ScanBase};
 use crate::profile::{ns, Profile};
 use crate::rng::Rng;
 
@@ -268,6 +268,13 @@ impl SimConfig {
         if c.faults.pin_starved {
             c.starve_pin_budget(&mut rng);
         }
+        // The dirty log's kind, and writes that undo the previous one (lock words, counters):
+        // with content hashing, a page changed back after its write read it must still be
+        // sent again.
+        let g = &mut c.guest;
+        g.revert_write_ppm = rng.pick(&[0, 0, 10_000, 300_000]);
+        g.hash_scan = base.guest.hash_scan || rng.chance(300_000);
+        g.scan_base = ScanBase::Held;
         c
     }
 }

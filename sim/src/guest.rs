@@ -96,6 +96,69 @@ impl std::fmt::Display for Pattern {
     }
 }
 
+/// What the content-hash dirty log (`hash_scan`) compares a page's current content against:
+/// a page is dirty when it differs.
+///
+/// Two contents are at stake. What this log saw at its previous scan: the source relies on
+/// every page that changed since then being reported (at switchover it merges the scan that
+/// converged into the final one, keeping the earlier scan's zero pages that the final scan
+/// does not report). And what the destination holds once every transfer posted so far is
+/// placed: the bytes each write read from memory, and zeros for each ZERO range; a page that
+/// changed after its write read it must be sent again, whatever it held at the previous scan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScanBase {
+    /// Both: dirty when the page differs from the previous scan or from what the
+    /// destination holds.
+    #[default]
+    Held,
+    /// The previous scan only. A page that changes after the scan, is sent with the new
+    /// content, and changes back before the next scan (a lock taken and released, a counter
+    /// up and down) compares equal there: the destination keeps the intermediate content
+    /// (an ABA).
+    LastScan,
+    /// What the destination holds only. The scan that converges may run beside the round's
+    /// last writes (RND-3) and find a page zero; if the page is then written and one of those
+    /// writes reads the new content, the final scan finds the page equal to what was sent and
+    /// does not report it, while the switchover merge keeps the earlier scan's zero: the
+    /// final round sends zeros over it.
+    HeldOnly,
+}
+
+impl ScanBase {
+    fn compares_last_scan(self) -> bool {
+        self != ScanBase::HeldOnly
+    }
+
+    fn compares_held(self) -> bool {
+        self != ScanBase::LastScan
+    }
+}
+
+impl FromStr for ScanBase {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "held" => Ok(ScanBase::Held),
+            "last-scan" => Ok(ScanBase::LastScan),
+            "held-only" => Ok(ScanBase::HeldOnly),
+            _ => Err(format!(
+                "scan base {s:?}: expected held, last-scan or held-only"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for ScanBase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ScanBase::Held => "held",
+            ScanBase::LastScan => "last-scan",
+            ScanBase::HeldOnly => "held-only",
+        })
+    }
+}
+
 /// The guest being migrated.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GuestConfig {
@@ -109,6 +172,9 @@ pub struct GuestConfig {
     pub zero_ppm: u32,
     /// Fraction of guest writes that leave a page all-zero (freed memory).
     pub zero_write_ppm: u32,
+    /// Fraction of guest writes that put a page back to the content it had before its last
+    /// write (a lock word released, a counter decremented).
+    pub revert_write_ppm: u32,
     pub device_state_bytes: u32,
     /// Virtual time between two batches of guest writes.
     pub tick_ns: u64,
@@ -123,6 +189,8 @@ pub struct GuestConfig {
     /// The dirty log is content hashing (`rdmig send --dirty-log scan`): every scan reads all
     /// of memory. Otherwise a bitmap or soft-dirty log, whose scans cost little.
     pub hash_scan: bool,
+    /// What the content-hash log compares against (with `hash_scan` only).
+    pub scan_base: ScanBase,
     /// The pause lands inside a write, between its data and the mark after it (a writer
     /// stopped with SIGSTOP at any instruction; spec section 11).
     pub stop_mid_write: bool,
@@ -141,6 +209,7 @@ impl GuestConfig {
             pattern: Pattern::Uniform,
             zero_ppm: 100_000,
             zero_write_ppm: 0,
+            revert_write_ppm: 0,
             device_state_bytes: 256 << 10,
             tick_ns: 1_000_000,
             pause_ns: 200_000,
@@ -148,6 +217,7 @@ impl GuestConfig {
             capture_ns: 1_000_000,
             dst_pretouched: false,
             hash_scan: false,
+            scan_base: ScanBase::Held,
             stop_mid_write: false,
             marks_before: true,
         }
@@ -176,6 +246,12 @@ impl GuestConfig {
         }
         if self.tick_ns == 0 {
             return Err("tick must be positive".into());
+        }
+        if self.zero_ppm > 1_000_000
+            || self.zero_write_ppm > 1_000_000
+            || self.revert_write_ppm > 1_000_000
+        {
+            return Err("fractions must be within 0..=1".into());
         }
         Ok(())
     }
@@ -230,6 +306,15 @@ pub struct Guest {
     dirty: Vec<Bits>,
     /// Pages whose version is 0, kept current so a scan finds zero pages word by word.
     zero: Vec<Bits>,
+    /// Per page, the version before its last write: what a reverting write restores. Empty
+    /// without reverting writes.
+    prev: Vec<Vec<u32>>,
+    /// Per page, the version the content-hash log saw at its previous scan; empty unless it
+    /// compares with it (`ScanBase`).
+    seen: Vec<Vec<u32>>,
+    /// Per page, the version the destination holds once every transfer posted so far is
+    /// placed; empty unless the content-hash log compares with it (`ScanBase`).
+    held: Vec<Vec<u32>>,
     /// First global page of each block, and the total.
     first_page: Vec<u64>,
     total_pages: u64,
@@ -293,12 +378,31 @@ impl Guest {
             }
             _ => (0, total),
         };
+        let prev = if cfg.revert_write_ppm > 0 {
+            mem.clone()
+        } else {
+            Vec::new()
+        };
+        // The source's first scan reports every page, whatever these say.
+        let seen = if cfg.hash_scan && cfg.scan_base.compares_last_scan() {
+            mem.clone()
+        } else {
+            Vec::new()
+        };
+        let held = if cfg.hash_scan && cfg.scan_base.compares_held() {
+            mem.iter().map(|b| vec![GARBAGE; b.len()]).collect()
+        } else {
+            Vec::new()
+        };
         Guest {
             dirty: blocks
                 .iter()
                 .map(|b| Bits::new(b.length >> b.page_log2))
                 .collect(),
             zero,
+            prev,
+            seen,
+            held,
             mem,
             first_page,
             total_pages: total,
@@ -367,34 +471,79 @@ impl Guest {
     fn write_page(&mut self, g: u64) {
         let b = self.first_page.partition_point(|&f| f <= g) - 1;
         let p = g - self.first_page[b];
-        let zero = self.rng.chance(self.cfg.zero_write_ppm);
-        if zero {
-            self.mem[b][p as usize] = 0;
+        let i = p as usize;
+        let old = self.mem[b][i];
+        let v = if self.rng.chance(self.cfg.revert_write_ppm) {
+            // Back to the content before the last write; the content left becomes the one
+            // the next revert restores (a lock word toggling between free and taken).
+            std::mem::replace(&mut self.prev[b][i], old)
+        } else {
+            if let Some(prev) = self.prev.get_mut(b) {
+                prev[i] = old;
+            }
+            if self.rng.chance(self.cfg.zero_write_ppm) {
+                0
+            } else {
+                let v = self.next_version;
+                self.next_version += 1;
+                assert!(
+                    self.next_version < GARBAGE,
+                    "page versions exhausted; simulate a shorter run"
+                );
+                v
+            }
+        };
+        self.mem[b][i] = v;
+        if v == 0 {
             self.zero[b].set(p);
         } else {
-            self.mem[b][p as usize] = self.next_version;
             self.zero[b].clear(p);
-            self.next_version += 1;
-            assert!(
-                self.next_version < GARBAGE,
-                "page versions exhausted; simulate a shorter run"
-            );
         }
         self.dirty[b].set(p);
         self.writes += 1;
     }
 
-    /// Fetches and clears the dirty log; with `all`, reports every page. Returns the scan and
-    /// the number of zero pages in it.
+    /// A write read pages `[first, first + n)` of source block `b` from memory: the
+    /// destination holds their current versions.
+    pub fn sent(&mut self, b: usize, first: usize, n: usize) {
+        if let Some(held) = self.held.get_mut(b) {
+            held[first..first + n].copy_from_slice(&self.mem[b][first..first + n]);
+        }
+    }
+
+    /// The source posted pages `[first, first + n)` of source block `b` as a ZERO range: the
+    /// destination holds zeros there. A range outside the block is ignored (the destination
+    /// refuses it).
+    pub fn zeroed(&mut self, b: usize, first: u64, n: u64) {
+        if let Some(held) = self.held.get_mut(b) {
+            if first.saturating_add(n) <= held.len() as u64 {
+                held[first as usize..(first + n) as usize].fill(0);
+            }
+        }
+    }
+
+    /// Fetches and clears the dirty log; with `all`, reports every page. With `hash_scan` the
+    /// log is content comparison: a page is dirty when its version differs from what the
+    /// log compares it with (`ScanBase`), whatever was written in between. The zero subset
+    /// is the dirty pages whose version is 0.
     pub fn scan(&mut self, all: bool) -> DirtyScan {
         let mut dirty = Vec::with_capacity(self.dirty.len());
         let mut zero = Vec::with_capacity(self.dirty.len());
-        for (log, z) in self.dirty.iter_mut().zip(&self.zero) {
+        for (b, (log, z)) in self.dirty.iter_mut().zip(&self.zero).enumerate() {
             let mut d = log.take();
+            let n = d.len();
             if all {
-                let n = d.len();
                 d = PageBitmap::from_words(vec![!0; n.div_ceil(64) as usize], n)
                     .expect("word count matches length");
+            } else if self.cfg.hash_scan {
+                let mut words = vec![0u64; n.div_ceil(64) as usize];
+                for base in [self.seen.get(b), self.held.get(b)].into_iter().flatten() {
+                    differing(&self.mem[b], base, &mut words);
+                }
+                d = PageBitmap::from_words(words, n).expect("word count matches length");
+            }
+            if let Some(seen) = self.seen.get_mut(b) {
+                seen.copy_from_slice(&self.mem[b]);
             }
             zero.push(z.and(&d));
             dirty.push(d);
@@ -408,6 +557,15 @@ impl Guest {
 
     pub fn total_pages(&self) -> u64 {
         self.total_pages
+    }
+}
+
+/// Sets in `words` the bit of every page whose version in `mem` differs from `base`.
+fn differing(mem: &[u32], base: &[u32], words: &mut [u64]) {
+    for ((m, s), w) in mem.chunks(64).zip(base.chunks(64)).zip(words) {
+        for (i, (x, y)) in m.iter().zip(s).enumerate() {
+            *w |= ((x != y) as u64) << i;
+        }
     }
 }
 
@@ -504,6 +662,99 @@ mod tests {
             all.dirty.iter().map(|d| d.count_ones()).sum::<u64>(),
             g.total_pages()
         );
+    }
+
+    /// The ABA at the level of the log: scanned at A, written B, B sent, written back to A.
+    /// Compared with the previous scan the page is clean (and lost); compared with what the
+    /// destination holds it is dirty.
+    #[test]
+    fn hash_scan_sees_a_page_changed_back_after_it_was_sent_only_against_held() {
+        let aba = |base: ScanBase| {
+            let mut c = GuestConfig::new(1 << 20);
+            c.zero_ppm = 0;
+            c.hash_scan = true;
+            c.scan_base = base;
+            c.revert_write_ppm = 1;
+            let mut g = guest(&c);
+            g.cfg.revert_write_ppm = 0;
+            let a = g.mem[0][5];
+            let all = g.scan(true);
+            g.sent(0, 0, all.dirty[0].len() as usize);
+            assert_eq!(g.scan(false).dirty[0].count_ones(), 0);
+            // Reported by the scan, the page is written before its write reads it.
+            g.write_page(5);
+            let b = g.mem[0][5];
+            assert_ne!(a, b);
+            g.sent(0, 5, 1);
+            g.cfg.revert_write_ppm = 1_000_000;
+            g.write_page(5);
+            assert_eq!(
+                g.mem[0][5], a,
+                "a revert restores the content before the write"
+            );
+            assert_eq!(
+                g.prev[0][5], b,
+                "and the next revert restores the reverted-from one"
+            );
+            g.scan(false).dirty[0].count_ones()
+        };
+        assert_eq!(aba(ScanBase::LastScan), 0);
+        assert_eq!(aba(ScanBase::Held), 1);
+        assert_eq!(aba(ScanBase::HeldOnly), 1);
+    }
+
+    /// Scanned zero, written, and read by a write that lands after that: the page equals what
+    /// the destination holds but changed since the previous scan, which reported it zero.
+    /// Only a log that compares with the previous scan too reports it again.
+    #[test]
+    fn hash_scan_reports_a_page_changed_since_the_previous_scan_unless_held_only() {
+        let changed = |base: ScanBase| {
+            let mut c = GuestConfig::new(1 << 20);
+            c.zero_ppm = 0;
+            c.hash_scan = true;
+            c.scan_base = base;
+            let mut g = guest(&c);
+            let all = g.scan(true);
+            g.sent(0, 0, all.dirty[0].len() as usize);
+            g.cfg.zero_write_ppm = 1_000_000;
+            g.write_page(3);
+            let s = g.scan(false);
+            assert!(s.dirty[0].get(3) && s.zero[0].get(3));
+            g.cfg.zero_write_ppm = 0;
+            g.write_page(3);
+            g.sent(0, 3, 1);
+            g.scan(false).dirty[0].get(3)
+        };
+        assert!(changed(ScanBase::Held));
+        assert!(changed(ScanBase::LastScan));
+        assert!(!changed(ScanBase::HeldOnly));
+    }
+
+    /// Reverts keep the zero map current, and a ZERO range makes zeros the held content.
+    #[test]
+    fn reverting_to_zero_is_a_zero_page_and_zero_ranges_are_held() {
+        let mut c = GuestConfig::new(1 << 20);
+        c.zero_ppm = 0;
+        c.hash_scan = true;
+        c.revert_write_ppm = 1;
+        let mut g = guest(&c);
+        g.cfg.revert_write_ppm = 0;
+        g.cfg.zero_write_ppm = 1_000_000;
+        g.write_page(9);
+        assert_eq!(g.mem[0][9], 0);
+        g.cfg.zero_write_ppm = 0;
+        g.write_page(9);
+        let s = g.scan(false);
+        assert!(s.dirty[0].get(9) && !s.zero[0].get(9));
+        g.cfg.revert_write_ppm = 1_000_000;
+        g.write_page(9);
+        assert_eq!(g.mem[0][9], 0);
+        let s = g.scan(false);
+        assert!(s.zero[0].get(9), "a page reverted to zero is reported zero");
+        g.zeroed(0, 9, 1);
+        assert!(!g.scan(false).dirty[0].get(9), "the ZERO range sent it");
+        // Beyond the block: refused by the destination, ignored here.
+        g.zeroed(0, g.total_pages() - 1, 2);
     }
 
     #[test]

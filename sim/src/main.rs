@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
 use rdmig_sim::faults::FaultKind;
-use rdmig_sim::guest::{GuestConfig, Pattern};
+use rdmig_sim::guest::{GuestConfig, Pattern, ScanBase};
 use rdmig_sim::plot::{self, Series};
 use rdmig_sim::profile::{Profile, PROFILE_NAMES};
 use rdmig_sim::rng::parse_seed;
@@ -170,6 +170,10 @@ struct Workload {
     /// Fraction of guest writes that leave a page zero.
     #[arg(long, default_value_t = 0.0)]
     zero_writes: f64,
+    /// Fraction of guest writes that put a page back to its content before its last write
+    /// (a lock released, a counter decremented).
+    #[arg(long, default_value_t = 0.0)]
+    revert_writes: f64,
     /// Guest page size (4KiB, or 2MiB for huge pages).
     #[arg(long, default_value = "4KiB")]
     page_size: String,
@@ -230,6 +234,11 @@ struct Workload {
     /// The dirty log hashes all memory at every scan (`rdmig send --dirty-log scan`).
     #[arg(long)]
     hash_scan: bool,
+    /// What the hash log compares a page against: held (the content sent and the content at
+    /// the previous scan), last-scan (loses a page changed back after it was sent) or
+    /// held-only (loses a page the switchover merge keeps as zero).
+    #[arg(long, default_value = "held")]
+    scan_base: String,
     /// Time to pause the workload and save its device state (a QEMU `stop` and state save).
     #[arg(long, default_value_t = 0.2)]
     pause_ms: f64,
@@ -276,12 +285,14 @@ impl Workload {
         };
         g.zero_ppm = frac(self.zero, "--zero")?;
         g.zero_write_ppm = frac(self.zero_writes, "--zero-writes")?;
+        g.revert_write_ppm = frac(self.revert_writes, "--revert-writes")?;
         g.page_log2 = log2_of(parse_size(&self.page_size)?, "--page-size")?;
         g.blocks = self.blocks;
         g.device_state_bytes = u32::try_from(parse_size(&self.device_state)?)
             .map_err(|_| "--device-state too large".to_string())?;
         g.dst_pretouched = self.pretouched;
         g.hash_scan = self.hash_scan;
+        g.scan_base = self.scan_base.parse::<ScanBase>()?;
         let ms = |x: f64, what: &str| -> Result<u64, String> {
             if x.is_finite() && x >= 0.0 {
                 Ok((x * 1e6).round() as u64)
@@ -321,9 +332,9 @@ impl Workload {
     /// The flags that rebuild this workload, for replay commands.
     fn args(&self) -> String {
         let mut a = format!(
-            "--profile {} --ram {} --dirty {} --pattern {} --zero {} --zero-writes {} --page-size {} --blocks {} --device-state {} --chunk {} --mode {} --reg-batch {} --max-reg-inflight {} --downtime-ms {} --max-rounds {} --idle-timeout-ms {} --keepalive-ms {}",
+            "--profile {} --ram {} --dirty {} --pattern {} --zero {} --zero-writes {} --revert-writes {} --scan-base {} --page-size {} --blocks {} --device-state {} --chunk {} --mode {} --reg-batch {} --max-reg-inflight {} --downtime-ms {} --max-rounds {} --idle-timeout-ms {} --keepalive-ms {}",
             self.profile, self.ram, self.dirty, self.pattern, self.zero, self.zero_writes,
-            self.page_size, self.blocks, self.device_state, self.chunk, self.mode,
+            self.revert_writes, self.scan_base, self.page_size, self.blocks, self.device_state, self.chunk, self.mode,
             self.reg_batch, self.max_reg_inflight, self.downtime_ms, self.max_rounds,
             self.idle_timeout_ms, self.keepalive_ms
         );

@@ -184,7 +184,8 @@ pub struct SendArgs {
     pub digest: String,
     /// Dirty tracking: none, bitmap:PATH, soft-dirty:PID, scan, or auto (soft-dirty on the
     /// --pid or QEMU process where the kernel supports it, else scan). Default: auto with
-    /// --qemu-qmp or --pid, none otherwise.
+    /// --qemu-qmp or --pid, none otherwise. scan needs --transport tcp (it compares memory
+    /// with the bytes each page was sent with, which an RDMA NIC does not tell).
     #[arg(long)]
     pub dirty_log: Option<String>,
     /// Pause/resume the workload with SIGSTOP/SIGCONT to this process.
@@ -335,6 +336,10 @@ pub struct WorkloadArgs {
     /// Fraction of pages kept zero.
     #[arg(long, default_value_t = 0.1)]
     pub zero_fraction: f64,
+    /// Fraction of writes that put a page back to its previous content (a lock released),
+    /// the pattern a dirty log comparing scans with each other would miss.
+    #[arg(long, default_value_t = 0.0)]
+    pub undo_fraction: f64,
     /// Shared dirty bitmap file to maintain.
     #[arg(long)]
     pub bitmap: Option<PathBuf>,

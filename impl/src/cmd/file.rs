@@ -189,7 +189,7 @@ pub fn save(a: SaveArgs) -> Result<ExitCode, String> {
         Ok::<_, String>((dst_blocks, tracker, guard, (stx, srx)))
     })();
     let (dst_blocks, tracker, mut guard, (stx, srx)) = setup.inspect_err(|_| target.discard())?;
-    let (scan, page_hashes) = super::dirty_log_fns(tracker);
+    let (scan, page_hashes, sent_pages) = super::dirty_log_fns(tracker);
     let t0 = Instant::now();
     let mut workload = workload;
     if !a.live {
@@ -240,6 +240,7 @@ pub fn save(a: SaveArgs) -> Result<ExitCode, String> {
         // beside the transfer instead of after it.
         known_digests: (!a.live)
             .then(|| KnownDigests::computing(blocks.clone(), digest, chunk_log2, a.common.threads)),
+        sent_pages,
     };
     let dst = DestRun {
         cfg: dest_config(&dst_blocks, key, a.common.idle_timeout),
@@ -367,6 +368,7 @@ pub fn restore(a: RestoreArgs) -> Result<ExitCode, String> {
             h.chunk_log2,
             img.trailer.digests.clone(),
         )),
+        sent_pages: None,
     };
     let dst = DestRun {
         cfg: dest_config(&dst_blocks, key, 30),

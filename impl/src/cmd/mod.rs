@@ -77,11 +77,16 @@ pub fn open_dirty_log(
     Ok(t)
 }
 
-/// A dirty log as the source driver asks for it: its scans, and the page hashes of its last
-/// scan, both over the one log.
+/// A dirty log as the source driver asks for it: its scans, the page hashes of its last
+/// scan, both over the one log, and its table of what was sent when it keeps one.
 pub fn dirty_log_fns(
     log: Box<dyn rdmig::memory::dirty::DirtyTracker>,
-) -> (rdmig::driver::ScanFn, rdmig::driver::PageHashesFn) {
+) -> (
+    rdmig::driver::ScanFn,
+    rdmig::driver::PageHashesFn,
+    Option<Arc<rdmig::memory::sent_pages::SentPages>>,
+) {
+    let sent = log.sent_pages();
     let scan_log = Arc::new(std::sync::Mutex::new(log));
     let hashes_log = scan_log.clone();
     (
@@ -93,6 +98,7 @@ pub fn dirty_log_fns(
                 .map_err(|e| e.to_string())
         }),
         Box::new(move || hashes_log.lock().expect("not poisoned").page_hashes()),
+        sent,
     )
 }
 
@@ -104,6 +110,7 @@ pub fn workload(a: WorkloadArgs) -> Result<ExitCode, String> {
         dirty_rate_mb_s: a.dirty_rate,
         pattern: a.pattern.parse().map_err(|e| format!("--pattern: {e}"))?,
         zero_fraction: a.zero_fraction,
+        undo_fraction: a.undo_fraction,
         bitmap: a.bitmap,
         seed: a.seed,
         duration: a.duration.map(Duration::from_secs_f64),

@@ -203,7 +203,7 @@ pub fn send(a: SendArgs) -> Result<ExitCode, String> {
             "none".into()
         }
     });
-    let (scan, page_hashes) = super::dirty_log_fns(super::open_dirty_log(
+    let (scan, page_hashes, sent_pages) = super::dirty_log_fns(super::open_dirty_log(
         &dirty_log,
         writer_pid,
         &blocks,
@@ -228,6 +228,7 @@ pub fn send(a: SendArgs) -> Result<ExitCode, String> {
         progress,
         background: Some(tx.clone()),
         known_digests: None,
+        sent_pages,
     };
     let mut report = migrate(&a, addr, tls, run, deadlines, (tx, rx))?;
     if report.status == Status::Completed {
@@ -253,6 +254,18 @@ fn migrate(
         Some(o) => {
             if a.max_bandwidth.is_some() {
                 return Err("--max-bandwidth is not supported with --transport rdma".into());
+            }
+            if run.sent_pages.is_some() {
+                // spec: SCAN-2.
+                return Err(
+                    "the scan dirty log (--dirty-log scan, or auto on a kernel without \
+                     soft-dirty) finds changed pages by comparing memory with the bytes each \
+                     page was sent with, and an RDMA NIC reads memory at a time no one learns: \
+                     with --transport rdma use --dirty-log soft-dirty:PID (a kernel with \
+                     CONFIG_MEM_SOFT_DIRTY), bitmap:PATH, or none for a paused workload; or \
+                     use --transport tcp"
+                        .into(),
+                );
             }
             let link = rdmig::transport::verbs::SourceVerbs::connect(
                 addr,

@@ -13,6 +13,7 @@ use rdmig_model::*;
 use super::{wait, Clock, Wake};
 use crate::memory::digest_cache::all_digests;
 use crate::memory::ram::RamBlock;
+use crate::memory::sent_pages::SentPages;
 use crate::report::{PhaseReport, Report, RoundReport, Status};
 use crate::transport::{SourceLink, SrcEvent, WriteReq};
 use crate::vmm::control::SourceWorkload;
@@ -56,6 +57,10 @@ pub struct SourceRun {
     /// switchover: a save file carries the digests of the memory it holds, and the memory of
     /// a workload paused before the migration started can be digested beside the first pass.
     pub known_digests: Option<KnownDigests>,
+    /// The dirty log's table of what was sent, when it compares memory with it (`scan`): the
+    /// transport hashes every write's bytes into it, and the driver records every ZERO range
+    /// it posts (spec: SCAN-2). The caller picks a transport that can.
+    pub sent_pages: Option<Arc<SentPages>>,
 }
 
 /// Chunk digests of source memory, known in advance or being computed.
@@ -245,6 +250,14 @@ impl<L: SourceLink> Driver<'_, L> {
     fn exec(&mut self, c: SrcCommand) {
         match c {
             SrcCommand::Send(f) => {
+                if let (wire::Message::Zero { ranges, .. }, Some(t)) =
+                    (&f.msg, &self.run.sent_pages)
+                {
+                    // spec: SCAN-2: the destination will hold zeros there.
+                    for r in ranges {
+                        t.zeroed(r.block, r.first_page as u64, r.page_count as u64);
+                    }
+                }
                 let bytes = wire::encode_to_vec(&f).expect("machines send valid frames");
                 self.control_bytes += bytes.len() as u64;
                 if self.link_down || self.link.send_control(&bytes).is_err() {
@@ -422,7 +435,13 @@ impl<L: SourceLink> Driver<'_, L> {
 }
 
 /// Runs the source to its outcome over any transport.
-pub fn run_source(link: impl SourceLink, rx: Receiver<SrcEvent>, mut run: SourceRun) -> Report {
+pub fn run_source(mut link: impl SourceLink, rx: Receiver<SrcEvent>, mut run: SourceRun) -> Report {
+    if let Some(t) = &run.sent_pages {
+        assert!(
+            link.hash_sent_pages(t.clone()),
+            "the caller pairs a hashing dirty log only with a transport that hashes what it sends"
+        );
+    }
     let clock = Clock::new();
     let mut nonce = [0u8; wire::NONCE_LEN];
     getrandom::fill(&mut nonce).expect("the OS random source is available");

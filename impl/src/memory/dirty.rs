@@ -34,6 +34,7 @@ use thiserror::Error;
 
 use crate::memory::mapped_bitmap::{BitmapError, SharedBitmap};
 use crate::memory::ram::{MemError, RamBlock};
+use crate::memory::sent_pages::SentPages;
 
 /// Where dirty pages come from (`--dirty-log`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +128,12 @@ pub trait DirtyTracker: Send {
     fn page_hashes(&self) -> Option<Vec<Vec<u64>>> {
         None
     }
+    /// The table of what was sent, for a log that compares memory with it (`scan`): every
+    /// write's bytes must then be hashed into it as they are sent, and every posted ZERO
+    /// range recorded (spec: SCAN-2).
+    fn sent_pages(&self) -> Option<Arc<SentPages>> {
+        None
+    }
 }
 
 /// Opens the tracker `spec` names for `blocks` (in block-table order); large scans use up to
@@ -173,6 +180,14 @@ pub fn scan_rate(blocks: Vec<Arc<RamBlock>>, threads: usize) -> f64 {
     let bytes: u64 = blocks.iter().map(|b| b.len()).sum();
     let mut t = ScanTracker::new(blocks, threads);
     t.scan_now(true);
+    // As if every page had been sent as it reads, so the timed scan finds nothing changed.
+    if let Some(h) = t.page_hashes() {
+        for (b, hs) in h.iter().enumerate() {
+            for (p, &x) in hs.iter().enumerate() {
+                t.sent.set(b, p as u64, x);
+            }
+        }
+    }
     let start = Instant::now();
     t.scan_now(false);
     bytes as f64 / start.elapsed().as_secs_f64().max(1e-9) / 1e9
@@ -447,20 +462,21 @@ impl DirtyTracker for BitmapTracker {
 // ---------------------------------------------------------------------------------------------
 // scan
 
-/// Hash comparison: a page is dirty when its xxh3-64 hash differs from the previous scan's.
-///
-/// Two blind spots, both caught end to end by `--verify` digests (the bitmap tracker has
-/// neither): a change that keeps the hash (about 2^-64 per changed page), and a page that
-/// changes and then returns to exactly the bytes hashed at the previous scan, while the driver
-/// copied the intermediate bytes (an ABA). The common ABA, a page going back to zeros, is safe
-/// when the driver sends the pages this tracker reports as zero as zero markers (zero elision)
-/// instead of copying them, because then the destination holds zeros too.
+/// Hash comparison: a page is dirty when its xxh3-64 hash differs from the hash of the bytes
+/// it was last sent with ([`SentPages`]) or from the hash the previous scan read (spec:
+/// SCAN-1). The first catches a page that changes and changes back between two scans while a
+/// write carries the intermediate bytes; the second any change since the previous scan, as
+/// every dirty log reports it. Its one blind spot, a change that keeps the hash (about 2^-64
+/// per changed page), is caught end to end by `--verify` digests.
 struct ScanTracker {
     blocks: Vec<Arc<RamBlock>>,
     threads: usize,
     space: WordSpace,
-    /// Hash of each page, 64 slots per global word (tail slots unused).
+    /// Hash of each page as the last scan read it, 64 slots per global word (tail slots
+    /// unused): the page hashes of paused memory after the final scan (SW-4).
     hashes: Vec<u64>,
+    /// What the destination holds, kept by the transports and the driver.
+    sent: Arc<SentPages>,
     /// xxh3-64 of an all-zero page, per block (only pages with this hash need a byte check).
     zero_hash: Vec<u64>,
     first: bool,
@@ -475,6 +491,7 @@ impl ScanTracker {
             .collect();
         ScanTracker {
             hashes: vec![0; space.total() * 64],
+            sent: SentPages::new(&blocks),
             space,
             blocks,
             threads: threads.clamp(1, 64),
@@ -494,6 +511,7 @@ impl ScanTracker {
         });
         let cuts = cuts(weights, space.total(), self.threads, MIN_BYTES_PER_THREAD);
         let zero_hash = &self.zero_hash;
+        let sent = &self.sent;
         let out: Vec<(u64, u64)> = par_words(
             space,
             &cuts,
@@ -507,7 +525,10 @@ impl ScanTracker {
                 for_each_page(&blocks[b], base, n, buf, |p, bytes| {
                     let i = (p - base) as usize;
                     let h = xxhash_rust::xxh3::xxh3_64(bytes);
-                    if all || hashes[i] != h {
+                    // spec: SCAN-1: against what was sent (a change undone after a write
+                    // carried it), and against the previous scan (any change since it, which
+                    // the zero bits carried from the scan that triggered switchover rely on).
+                    if all || sent.get(b, p) != h || hashes[i] != h {
                         dirty |= 1 << i;
                         if h == zero_hash[b] && is_zero_bytes(bytes) {
                             zero |= 1 << i;
@@ -530,6 +551,9 @@ impl ScanTracker {
 impl DirtyTracker for ScanTracker {
     fn scan(&mut self, all: bool) -> Result<DirtyScan, DirtyError> {
         Ok(self.scan_now(all))
+    }
+    fn sent_pages(&self) -> Option<Arc<SentPages>> {
+        Some(self.sent.clone())
     }
     fn page_hashes(&self) -> Option<Vec<Vec<u64>>> {
         if self.first {

@@ -4,3 +4,4 @@ pub mod digest_cache;
 pub mod dirty;
 pub mod mapped_bitmap;
 pub mod ram;
+pub mod sent_pages;

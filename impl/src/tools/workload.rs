@@ -75,6 +75,9 @@ pub struct WorkloadOptions {
     pub pattern: Pattern,
     /// Fraction of pages left zero by the fill, and of writes that store zeros, in `[0, 1]`.
     pub zero_fraction: f64,
+    /// Fraction of writes, in `[0, 1]`, that put a page back to its previous content (a lock
+    /// released, a counter brought back) instead of new content.
+    pub undo_fraction: f64,
     /// Dirty log to create for the single block and keep up to date.
     pub bitmap: Option<PathBuf>,
     pub seed: u64,
@@ -195,6 +198,12 @@ fn validate(o: &WorkloadOptions) -> Result<(), WorkloadError> {
         return bad(
             "zero fraction",
             format!("{}; expected a number in [0, 1]", o.zero_fraction),
+        );
+    }
+    if !(0.0..=1.0).contains(&o.undo_fraction) {
+        return bad(
+            "undo fraction",
+            format!("{}; expected a number in [0, 1]", o.undo_fraction),
         );
     }
     if let Pattern::Hot { fraction } = o.pattern {
@@ -336,6 +345,7 @@ pub fn run(opts: &WorkloadOptions, stop: &AtomicBool) -> Result<WorkloadStats, W
         burst: u64::MAX,
     };
     let mut zero_rng = Rng(mix(opts.seed ^ 0x2e70));
+    let mut undo_rng = Rng(mix(opts.seed ^ 0x04d0));
     let mut buf = vec![0u8; page as usize];
     let mut stats = WorkloadStats {
         pages,
@@ -363,7 +373,13 @@ pub fn run(opts: &WorkloadOptions, stop: &AtomicBool) -> Result<WorkloadStats, W
         while tokens >= page as f64 {
             let p = picker.next(since);
             let off = p << opts.page_log2;
-            counters[p as usize] += 1;
+            let c = &mut counters[p as usize];
+            if *c > 1 && below_fraction(undo_rng.next(), opts.undo_fraction) {
+                // The previous write's content again.
+                *c -= 1;
+            } else {
+                *c += 1;
+            }
             // Before the data as well: `--pid` pauses with SIGSTOP, which can land between
             // the data and the mark after it; this mark keeps such a write in the final scan
             // (spec: section 11, a writer that can be stopped at any instruction).
@@ -419,6 +435,7 @@ mod tests {
             dirty_rate_mb_s: 0.0,
             pattern: Pattern::Uniform,
             zero_fraction: 0.0,
+            undo_fraction: 0.0,
             bitmap: None,
             seed: 1,
             duration: Some(Duration::ZERO),
@@ -597,11 +614,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let stop = AtomicBool::new(false);
         type Change = fn(&mut WorkloadOptions);
-        let cases: [(&str, Change); 5] = [
+        let cases: [(&str, Change); 6] = [
             ("size", |o| o.size = 5000),
             ("page size", |o| o.page_log2 = 40),
             ("dirty rate", |o| o.dirty_rate_mb_s = f64::NAN),
             ("zero fraction", |o| o.zero_fraction = 1.5),
+            ("undo fraction", |o| o.undo_fraction = -0.1),
             ("pattern", |o| o.pattern = Pattern::Hot { fraction: 0.0 }),
         ];
         for (name, change) in cases {

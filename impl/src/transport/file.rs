@@ -24,6 +24,7 @@ use super::regtable::{RegTable, Region};
 use super::{DestLink, DstEvent, SourceLink, SrcEvent, WriteReq};
 use crate::memory::digest_cache::DigestCache;
 use crate::memory::ram::RamBlock;
+use crate::memory::sent_pages::SentPages;
 
 /// The control connection's id at the destination; data channels follow.
 const CONTROL: ConnId = 1;
@@ -52,6 +53,19 @@ struct Shared {
     /// Data connections opened and not yet admitted, by connection.
     opening: Mutex<HashMap<ConnId, u8>>,
     next_conn: Mutex<ConnId>,
+    /// The source's dirty log's table of what was sent, when it keeps one (spec: SCAN-2).
+    hashed: Mutex<Option<Arc<SentPages>>>,
+}
+
+/// Bytes per piece of a write carried out from a private copy.
+const COPY_PIECE: usize = 4 << 20;
+
+/// A channel thread's buffers for writes carried out from a private copy: the copy, and an
+/// aligned one for `O_DIRECT`.
+#[derive(Default)]
+struct CopyBufs {
+    bytes: Vec<u8>,
+    aligned: Option<RamBlock>,
 }
 
 impl Shared {
@@ -64,7 +78,7 @@ impl Shared {
 
     /// One write: checked against the registration table and carried out while the
     /// registration is held (spec: INV-REG-1).
-    fn apply(&self, w: &WriteReq) -> Result<(), String> {
+    fn apply(&self, w: &WriteReq, copy: &mut CopyBufs) -> Result<(), String> {
         let src = self
             .src_blocks
             .get(w.block as usize)
@@ -80,14 +94,18 @@ impl Shared {
                 let r = match &self.side {
                     FileSide::Destination { file, base } => {
                         let at = base[block as usize] + off;
-                        src.write_to_file(w.offset, w.len, file.as_fd(), at)
-                            .inspect(|_| {
-                                if !self.direct_io {
-                                    // Start the write-back now, so the flush at commit
-                                    // finds little left to write.
-                                    crate::memory::ram::start_writeback(file, at, w.len);
-                                }
-                            })
+                        let hashed = self.hashed.lock().unwrap().clone();
+                        match hashed {
+                            Some(h) => self.copy_to_file(src, w, &h, copy, file, at),
+                            None => src.write_to_file(w.offset, w.len, file.as_fd(), at),
+                        }
+                        .inspect(|_| {
+                            if !self.direct_io {
+                                // Start the write-back now, so the flush at commit
+                                // finds little left to write.
+                                crate::memory::ram::start_writeback(file, at, w.len);
+                            }
+                        })
                     }
                     FileSide::Source { file, base } => dst.read_from_file(
                         off,
@@ -113,6 +131,46 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Save of a write for a dirty log that compares memory with what was sent: the bytes
+    /// read once into a private copy, hashed into `hashed`, and written to the file from the
+    /// copy (spec: SCAN-2).
+    fn copy_to_file(
+        &self,
+        src: &RamBlock,
+        w: &WriteReq,
+        hashed: &SentPages,
+        copy: &mut CopyBufs,
+        file: &File,
+        at: u64,
+    ) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut done = 0u64;
+        while done < w.len {
+            let n = ((w.len - done) as usize).min(COPY_PIECE);
+            copy.bytes.resize(n, 0);
+            src.read(w.offset + done, &mut copy.bytes);
+            hashed.record(w.block, w.offset + done, &copy.bytes);
+            if self.direct_io {
+                // `O_DIRECT` wants an aligned buffer: a mapping is.
+                if copy.aligned.is_none() {
+                    copy.aligned = Some(
+                        RamBlock::anonymous("copy", COPY_PIECE as u64, 12)
+                            .map_err(|e| io::Error::other(e.to_string()))?,
+                    );
+                }
+                let a = copy.aligned.as_ref().expect("set above");
+                a.write(0, &copy.bytes);
+                a.write_to_file(0, n as u64, file.as_fd(), at + done)?;
+            } else {
+                file.write_all_at(&copy.bytes, at + done)?;
+            }
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
 /// Both ends of a migration through a file.
 pub fn pair(
     src_blocks: Arc<Vec<Arc<RamBlock>>>,
@@ -134,6 +192,7 @@ pub fn pair(
         channels: Mutex::new(HashMap::new()),
         opening: Mutex::new(HashMap::new()),
         next_conn: Mutex::new(CONTROL + 1),
+        hashed: Mutex::new(None),
     });
     // The control connection exists from the start, as after a TCP connect.
     shared.dst(DstEvent::Accepted(CONTROL, None));
@@ -170,6 +229,17 @@ impl SourceLink for FileSource {
         self.shared.dst(DstEvent::Accepted(conn, None));
         self.shared.dst(DstEvent::DataHello(conn, hello.encode()));
         Ok(())
+    }
+
+    fn hash_sent_pages(&mut self, sent: Arc<SentPages>) -> bool {
+        match self.shared.side {
+            FileSide::Destination { .. } => {
+                *self.shared.hashed.lock().unwrap() = Some(sent);
+                true
+            }
+            // The source is a save file, which no one writes.
+            FileSide::Source { .. } => false,
+        }
     }
 
     fn post_write(&mut self, channel: u8, w: WriteReq) -> io::Result<()> {
@@ -215,8 +285,9 @@ impl FileDest {
         let (tx, rx) = mpsc::channel::<WriteReq>();
         let shared = self.shared.clone();
         std::thread::spawn(move || {
+            let mut copy = CopyBufs::default();
             for w in rx {
-                match shared.apply(&w) {
+                match shared.apply(&w, &mut copy) {
                     Ok(()) => shared.src(SrcEvent::WriteDone(w.wr_id)),
                     Err(why) => {
                         tracing::error!("data channel {channel}: {why}");

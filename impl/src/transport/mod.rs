@@ -79,6 +79,16 @@ pub trait SourceLink {
     /// Opens a data channel presenting `hello` (spec: AUTH-6). The outcome arrives as
     /// `SrcEvent::DataOpened` or `SrcEvent::DataLost`.
     fn open_data(&mut self, hello: DataHello) -> io::Result<()>;
+    /// From now on, send every write from a private copy of its bytes whose pages are hashed
+    /// into `sent` before they go (spec: SCAN-2); returns whether this transport can. A NIC
+    /// reads memory behind the CPU's back, at a time no one learns, so the verbs transport
+    /// cannot.
+    fn hash_sent_pages(
+        &mut self,
+        _sent: std::sync::Arc<crate::memory::sent_pages::SentPages>,
+    ) -> bool {
+        false
+    }
     /// Posts a one-sided write; its completion arrives as `SrcEvent::WriteDone` once placed.
     fn post_write(&mut self, channel: u8, w: WriteReq) -> io::Result<()>;
     /// Closes everything; outstanding operations are abandoned.

@@ -55,11 +55,17 @@ impl Drop for Workload {
 }
 
 pub fn workload(d: &Path, size: &str, rate: &str) -> Workload {
+    workload_with(d, size, rate, &[])
+}
+
+/// `rdmig workload` with more options.
+pub fn workload_with(d: &Path, size: &str, rate: &str, extra: &[&str]) -> Workload {
     let ram = d.join("src.ram");
     let bitmap = d.join("src.dirty");
     let ready = d.join("ready");
     let child = Command::new(BIN)
         .args(["workload", "--size", size, "--dirty-rate", rate])
+        .args(extra)
         .arg("--ram")
         .arg(&ram)
         .arg("--bitmap")
@@ -127,8 +133,14 @@ pub fn send_at(addr: &str, key: &Path, w: &Workload, ns: Option<&str>, extra: &[
         .arg(key)
         .arg("--ram")
         .arg(format!("ram={}", w.ram.display()))
-        .arg("--dirty-log")
-        .arg(format!("bitmap:{}", w.bitmap.display()))
+        .args(if extra.contains(&"--dirty-log") {
+            vec![]
+        } else {
+            vec![
+                "--dirty-log".to_string(),
+                format!("bitmap:{}", w.bitmap.display()),
+            ]
+        })
         .args(["--pid", &w.child.id().to_string()])
         .args(extra)
         .stdout(Stdio::piped())

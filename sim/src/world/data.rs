@@ -267,8 +267,10 @@ impl Sim {
                 );
                 let q0 = (at >> page_log2) as usize;
                 let lb = block as usize;
+                // The data path reads source memory now, not when the page was scanned.
                 self.dmem[lb][q0..q0 + n]
                     .copy_from_slice(&self.guest.mem[w.block as usize][p0..p0 + n]);
+                self.guest.sent(w.block as usize, p0, n);
                 self.touched[lb].set_range(q0 as u64, n as u64);
                 self.stats.data_placed_bytes += w.len;
                 let bin = (self.now / BIN_NS) as usize;

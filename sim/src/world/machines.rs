@@ -111,6 +111,15 @@ impl Sim {
                         "COMMIT left before the source relinquished its workload".into(),
                     ));
                 }
+                if let Message::Zero { ranges, .. } = &f.msg {
+                    for r in ranges {
+                        self.guest.zeroed(
+                            r.block as usize,
+                            r.first_page as u64,
+                            r.page_count as u64,
+                        );
+                    }
+                }
                 self.send_frame(SRC, f)
             }
             SrcCommand::OpenData { hello } => self.open_data(hello),

@@ -12,6 +12,7 @@ use rdmig_model::wire::{self, DataHello};
 use super::{encode_data_header, DataHeader, DATA_HEADER_LEN, MAX_DATA_FRAME};
 use super::{read_control_frame, read_exact_by, read_first_byte, Stream};
 use crate::memory::ram::{FramePart, RamBlock};
+use crate::memory::sent_pages::SentPages;
 use crate::transport::completions::ChannelCompletions;
 use crate::transport::tls::ClientTls;
 use crate::transport::{tune, Deadlines, SourceLink, SrcEvent, WriteReq};
@@ -35,6 +36,8 @@ pub struct SourceTcp {
     /// Bytes per second per channel, 0 for unlimited.
     rate: u64,
     deadlines: Deadlines,
+    /// The dirty log's table of what was sent, when it keeps one (spec: SCAN-2).
+    hashed: Option<Arc<SentPages>>,
 }
 
 impl SourceTcp {
@@ -69,6 +72,7 @@ impl SourceTcp {
             blocks,
             rate: max_bandwidth / channels.max(1) as u64,
             deadlines,
+            hashed: None,
         })
     }
 }
@@ -128,6 +132,7 @@ impl SourceLink for SourceTcp {
         let ch = hello.channel;
         let (addr, d, rate, tls) = (self.addr, self.deadlines, self.rate, self.tls.clone());
         let (events, blocks) = (self.events.clone(), self.blocks.clone());
+        let hashed = self.hashed.clone();
         let (channels, streams) = (self.channels.clone(), self.streams.clone());
         std::thread::spawn(move || {
             let opened = join(addr, tls.as_ref(), &hello, d).and_then(|s| {
@@ -137,8 +142,15 @@ impl SourceLink for SourceTcp {
                 streams.lock().unwrap().push(s);
                 let (ev, c) = (events.clone(), comps.clone());
                 std::thread::spawn(move || ack_reader(reader, ch, c, ev, d));
-                let ev = events.clone();
-                std::thread::spawn(move || data_sender(writer, ch, rx, comps, blocks, ev, rate));
+                let ctx = SenderCtx {
+                    ch,
+                    comps,
+                    blocks,
+                    events: events.clone(),
+                    rate,
+                    hashed,
+                };
+                std::thread::spawn(move || data_sender(writer, rx, ctx));
                 let mut chans = channels.lock().unwrap();
                 if chans.len() <= ch as usize {
                     chans.resize(ch as usize + 1, None);
@@ -152,6 +164,11 @@ impl SourceLink for SourceTcp {
             });
         });
         Ok(())
+    }
+
+    fn hash_sent_pages(&mut self, sent: Arc<SentPages>) -> bool {
+        self.hashed = Some(sent);
+        true
     }
 
     fn post_write(&mut self, channel: u8, w: WriteReq) -> io::Result<()> {
@@ -261,18 +278,31 @@ const SMALL_WRITE: u64 = 64 << 10;
 const BATCH_WRITES: usize = 64;
 const BATCH_BYTES: u64 = 1 << 20;
 
-fn data_sender(
-    mut s: Stream,
+/// What a data channel's sending thread needs besides its queue.
+struct SenderCtx {
     ch: u8,
-    rx: Receiver<WriteReq>,
     comps: Arc<ChannelCompletions>,
     blocks: Arc<Vec<Arc<RamBlock>>>,
     events: Sender<SrcEvent>,
     rate: u64,
-) {
+    /// The dirty log's table of what was sent, when it compares memory with it: writes then
+    /// go out from a private copy whose pages are hashed into it (spec: SCAN-2).
+    hashed: Option<Arc<SentPages>>,
+}
+
+fn data_sender(mut s: Stream, rx: Receiver<WriteReq>, c: SenderCtx) {
+    let SenderCtx {
+        ch,
+        comps,
+        blocks,
+        events,
+        rate,
+        hashed,
+    } = c;
     let start = Instant::now();
     let mut sent: u64 = 0;
     let mut next: Option<WriteReq> = None;
+    let mut copy = CopyBuf::default();
     loop {
         let w = match next.take() {
             Some(w) => w,
@@ -281,14 +311,16 @@ fn data_sender(
                 Err(_) => return,
             },
         };
-        let r = if w.len <= SMALL_WRITE {
+        let batched = |x: &WriteReq| hashed.is_some() || x.len <= SMALL_WRITE;
+        let r = if batched(&w) {
             // The small writes queued behind it go in the same system call, in order; a large
-            // one taken from the queue goes next.
+            // one taken from the queue goes next. Copied writes are all batched: the copy
+            // is cut into frames anyway.
             let mut batch = vec![w];
             let mut bytes = batch[0].len;
             while batch.len() < BATCH_WRITES && bytes < BATCH_BYTES {
                 match rx.try_recv() {
-                    Ok(x) if x.len <= SMALL_WRITE => {
+                    Ok(x) if batched(&x) => {
                         bytes += x.len;
                         batch.push(x);
                     }
@@ -300,7 +332,10 @@ fn data_sender(
                 }
             }
             sent += bytes;
-            send_small(&mut s, &batch, &comps, &blocks)
+            match &hashed {
+                Some(h) => copy.send(&mut s, &batch, &comps, &blocks, h),
+                None => send_small(&mut s, &batch, &comps, &blocks),
+            }
         } else {
             sent += w.len;
             send_large(&mut s, &w, &comps, &blocks)
@@ -316,6 +351,69 @@ fn data_sender(
                 std::thread::sleep(wait);
             }
         }
+    }
+}
+
+/// Bytes of page data per frame when writes go out from a private copy: the copy stays in
+/// cache between the read, the hash and the send.
+const COPY_FRAME: usize = 1 << 20;
+
+/// A sending thread's buffer for writes sent from a private copy (spec: SCAN-2).
+struct CopyBuf {
+    buf: Vec<u8>,
+    used: usize,
+}
+
+impl Default for CopyBuf {
+    fn default() -> Self {
+        CopyBuf {
+            buf: vec![0; COPY_FRAME + DATA_HEADER_LEN],
+            used: 0,
+        }
+    }
+}
+
+impl CopyBuf {
+    /// Sends `batch` in order: each write's bytes read once from memory into the buffer, its
+    /// pages hashed into `hashed`, and the frames sent from the buffer, so the hashes are
+    /// those of the very bytes the destination receives.
+    fn send(
+        &mut self,
+        s: &mut Stream,
+        batch: &[WriteReq],
+        comps: &ChannelCompletions,
+        blocks: &[Arc<RamBlock>],
+        hashed: &SentPages,
+    ) -> io::Result<()> {
+        for w in batch {
+            let mut done = 0u64;
+            while done < w.len {
+                let n = ((w.len - done) as usize).min(COPY_FRAME);
+                if self.used + DATA_HEADER_LEN + n > self.buf.len() {
+                    self.flush(s)?;
+                }
+                let h = DataHeader {
+                    rkey: w.rkey,
+                    remote_offset: w.remote_offset + done,
+                    len: n as u32,
+                };
+                let at = self.used + DATA_HEADER_LEN;
+                self.buf[self.used..at].copy_from_slice(&encode_data_header(&h));
+                let bytes = &mut self.buf[at..at + n];
+                blocks[w.block as usize].read(w.offset + done, bytes);
+                hashed.record(w.block, w.offset + done, bytes);
+                self.used = at + n;
+                done += n as u64;
+                comps.posted((done == w.len).then_some(w.wr_id));
+            }
+        }
+        self.flush(s)
+    }
+
+    fn flush(&mut self, s: &mut Stream) -> io::Result<()> {
+        let r = s.write_all(&self.buf[..self.used]);
+        self.used = 0;
+        r
     }
 }
 
