@@ -315,6 +315,9 @@ pub struct Guest {
     /// Per page, the version the destination holds once every transfer posted so far is
     /// placed; empty unless the content-hash log compares with it (`ScanBase`).
     held: Vec<Vec<u32>>,
+    /// `seen` holds the previous scan's reading (false before any scan, and after a scan of
+    /// every page that did not read memory).
+    seen_valid: bool,
     /// First global page of each block, and the total.
     first_page: Vec<u64>,
     total_pages: u64,
@@ -403,6 +406,7 @@ impl Guest {
             prev,
             seen,
             held,
+            seen_valid: false,
             mem,
             first_page,
             total_pages: total,
@@ -529,6 +533,10 @@ impl Guest {
     pub fn scan(&mut self, all: bool) -> DirtyScan {
         let mut dirty = Vec::with_capacity(self.dirty.len());
         let mut zero = Vec::with_capacity(self.dirty.len());
+        // rdmig's log does not hash memory in a scan that reports every page (the transport
+        // hashes what it sends), so the scan after it compares with what was sent alone; the
+        // previous-scan-only log hashed every scan.
+        let reads = !all || self.cfg.scan_base == ScanBase::LastScan;
         for (b, (log, z)) in self.dirty.iter_mut().zip(&self.zero).enumerate() {
             let mut d = log.take();
             let n = d.len();
@@ -537,17 +545,19 @@ impl Guest {
                     .expect("word count matches length");
             } else if self.cfg.hash_scan {
                 let mut words = vec![0u64; n.div_ceil(64) as usize];
-                for base in [self.seen.get(b), self.held.get(b)].into_iter().flatten() {
+                let seen = self.seen.get(b).filter(|_| self.seen_valid);
+                for base in [seen, self.held.get(b)].into_iter().flatten() {
                     differing(&self.mem[b], base, &mut words);
                 }
                 d = PageBitmap::from_words(words, n).expect("word count matches length");
             }
-            if let Some(seen) = self.seen.get_mut(b) {
+            if let (Some(seen), true) = (self.seen.get_mut(b), reads) {
                 seen.copy_from_slice(&self.mem[b]);
             }
             zero.push(z.and(&d));
             dirty.push(d);
         }
+        self.seen_valid = reads;
         DirtyScan { dirty, zero }
     }
 

@@ -180,6 +180,7 @@ pub fn scan_rate(blocks: Vec<Arc<RamBlock>>, threads: usize) -> f64 {
     let bytes: u64 = blocks.iter().map(|b| b.len()).sum();
     let mut t = ScanTracker::new(blocks, threads);
     t.scan_now(true);
+    t.scan_now(false);
     // As if every page had been sent as it reads, so the timed scan finds nothing changed.
     if let Some(h) = t.page_hashes() {
         for (b, hs) in h.iter().enumerate() {
@@ -479,7 +480,11 @@ struct ScanTracker {
     sent: Arc<SentPages>,
     /// xxh3-64 of an all-zero page, per block (only pages with this hash need a byte check).
     zero_hash: Vec<u64>,
+    /// No scan yet: the first reports every page.
     first: bool,
+    /// `hashes` hold the previous scan's reading: false before the first scan and after a
+    /// scan of every page, which reports without hashing.
+    hashed: bool,
 }
 
 impl ScanTracker {
@@ -497,12 +502,23 @@ impl ScanTracker {
             threads: threads.clamp(1, 64),
             zero_hash,
             first: true,
+            hashed: false,
         }
     }
 
     fn scan_now(&mut self, all: bool) -> DirtyScan {
-        let all = all || self.first;
-        self.first = false;
+        if all || self.first {
+            // Every page is reported, so nothing needs hashing now: the transport hashes
+            // each page as it sends it (SCAN-2), and the next scan compares with that alone.
+            // Only the zero check reads memory, and a page with data stops it at its first
+            // non-zero word: the first pass starts after a few milliseconds, not after a read
+            // of all memory.
+            self.hashed = false;
+            self.first = false;
+            return with_zero(&self.blocks, self.space.full(), self.threads);
+        }
+        let compare_seen = self.hashed;
+        self.hashed = true;
         let blocks = &self.blocks;
         let space = &self.space;
         let weights = (0..space.total()).map(|g| {
@@ -528,7 +544,7 @@ impl ScanTracker {
                     // spec: SCAN-1: against what was sent (a change undone after a write
                     // carried it), and against the previous scan (any change since it, which
                     // the zero bits carried from the scan that triggered switchover rely on).
-                    if all || sent.get(b, p) != h || hashes[i] != h {
+                    if sent.get(b, p) != h || compare_seen && hashes[i] != h {
                         dirty |= 1 << i;
                         if h == zero_hash[b] && is_zero_bytes(bytes) {
                             zero |= 1 << i;
@@ -556,8 +572,8 @@ impl DirtyTracker for ScanTracker {
         Some(self.sent.clone())
     }
     fn page_hashes(&self) -> Option<Vec<Vec<u64>>> {
-        if self.first {
-            return None; // nothing scanned yet
+        if !self.hashed {
+            return None; // no scan hashed memory since the last scan of every page
         }
         let s = &self.space;
         Some(
