@@ -90,8 +90,40 @@ pub struct Case {
 }
 
 /// The rdmig rows of `make qemu-bench`'s results: a QEMU guest of `guest_mb` with `fill_mb`
-/// written by memcheck (the rest zero), `scan` dirty tracking.
+/// written by memcheck (the rest zero), `scan` dirty tracking. The runs of one configuration
+/// (guest, rate, tool) become one case with their median total time, downtime and dirty rate:
+/// a shared machine makes single runs differ by more than the prediction's error.
 pub fn qemu_cases(jsonl: &str) -> Result<Vec<Case>, String> {
+    let runs = qemu_runs(jsonl)?;
+    let mut names: Vec<&str> = Vec::new();
+    for r in &runs {
+        if !names.contains(&r.name.as_str()) {
+            names.push(&r.name);
+        }
+    }
+    Ok(names
+        .iter()
+        .map(|n| {
+            let group: Vec<&Case> = runs.iter().filter(|r| r.name == *n).collect();
+            let median = |f: fn(&Case) -> f64| {
+                let mut v: Vec<f64> = group.iter().map(|c| f(c)).collect();
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let mut c = group[0].clone();
+            c.total_ms = median(|c| c.total_ms);
+            c.downtime_ms = median(|c| c.downtime_ms);
+            c.dirty_bytes_per_s = median(|c| c.dirty_bytes_per_s as f64) as u64;
+            if group.len() > 1 {
+                c.name = format!("{n} (median of {})", group.len());
+            }
+            c
+        })
+        .collect())
+}
+
+/// Every rdmig run of the results, one case each.
+fn qemu_runs(jsonl: &str) -> Result<Vec<Case>, String> {
     let mut v = Vec::new();
     for (i, line) in jsonl
         .lines()
@@ -203,6 +235,27 @@ mod tests {
 
     /// The per-frame cost is what the scattered run took beyond its bytes at the contiguous
     /// rate, per write and channel; older figures without the run calibrate none.
+    #[test]
+    fn qemu_runs_of_one_configuration_become_one_case_with_their_medians() {
+        let row = |tool: &str, rate: u64, total: u64, down: u64| {
+            format!(
+                "{{\"tool\":\"{tool}\",\"rate_mb_s\":{rate},\"guest_mb\":1024,\"fill_mb\":768,\"measured_dirty_mb_s\":{rate},\"total_ms\":{total},\"downtime_ms\":{down},\"survived\":true}}\n"
+            )
+        };
+        let mut jsonl = String::new();
+        for (total, down) in [(400, 70), (300, 40), (350, 90)] {
+            jsonl += &row("rdmig 2ch", 50, total, down);
+            jsonl += &row("qemu multifd 2ch", 50, 900, 200);
+        }
+        jsonl += &row("rdmig 2ch", 200, 500, 60);
+        let c = qemu_cases(&jsonl).unwrap();
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert_eq!(c[0].name, "QEMU 1024 MiB, 50 MB/s, rdmig 2ch (median of 3)");
+        assert_eq!((c[0].total_ms, c[0].downtime_ms), (350.0, 70.0));
+        assert_eq!(c[1].name, "QEMU 1024 MiB, 200 MB/s, rdmig 2ch");
+        assert_eq!((c[1].total_ms, c[1].downtime_ms), (500.0, 60.0));
+    }
+
     #[test]
     fn calibration_derives_the_per_frame_cost_from_the_scattered_run() {
         // 1000 single-page writes: 4,096,000 bytes take 1.024 ms at 4 GB/s; 11.024 ms in all

@@ -105,7 +105,13 @@ impl Sim {
     /// free. Returns when it took it, and when it has produced all of it (the link cannot
     /// finish sending before then).
     fn occupy_sender(&mut self, ch: usize, len: u64) -> (u64, u64) {
-        let send_cpu = self.core_share(ns(len, self.costs.send_fs_per_byte));
+        let mut per_byte = self.costs.send_fs_per_byte;
+        if self.cfg.guest.hash_scan && !self.costs.rdma {
+            // The TCP binding sends a hashing log's writes from a private copy it hashes
+            // (spec: SCAN-2): the same read-and-hash work as a scan, per byte sent.
+            per_byte += self.costs.scan_fs_per_byte;
+        }
+        let send_cpu = self.core_share(ns(len, per_byte));
         let wr_ns = self.costs.wr_ns;
         let chan = &mut self.chans[ch];
         let s1 = self.now.max(chan.send_free);

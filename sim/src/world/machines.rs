@@ -143,9 +143,10 @@ impl Sim {
                 // cache lines (counted as 256 bytes).
                 let compared = (zero << page_log2) + (dirty - zero) * 256;
                 let mut t = 50_000 + ns(compared, self.costs.zero_check_fs_per_byte);
-                if self.cfg.guest.hash_scan {
+                if self.cfg.guest.hash_scan && !all {
                     // Content hashing reads every page, whatever changed; once the workload is
-                    // paused its cores are the scan's too.
+                    // paused its cores are the scan's too. A scan of every page reports
+                    // without hashing (the transport hashes what it sends).
                     let per_byte = match self.stats.paused_ns {
                         Some(_) => self.costs.paused_scan_fs_per_byte,
                         None => self.costs.scan_fs_per_byte,
