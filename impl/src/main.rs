@@ -97,9 +97,10 @@ fn main() -> ExitCode {
             })
             .map(|_| ExitCode::SUCCESS),
         Cmd::Demo(a) => rdmig::tools::demo::demo(a.size, a.dirty_rate, a.channels, a.dir, a.tls),
-        Cmd::Bench(a) => match a.sink_port {
-            Some(p) => rdmig::tools::bench::raw_sink(p),
-            None => rdmig::tools::bench::bench(a.size, a.dir, a.json, a.busy),
+        Cmd::Bench(a) => match (a.sink_port, a.sink_into) {
+            (Some(p), Some(into)) => rdmig::tools::bench::memory_sink(p, &into, a.size),
+            (Some(p), None) => rdmig::tools::bench::raw_sink(p),
+            _ => rdmig::tools::bench::bench(a.size, a.dir, a.json, a.busy),
         },
         Cmd::Devices => cmd::devices(),
         Cmd::TlsInit { dir, names } => rdmig::transport::tls::init(&dir, &names).map(|files| {

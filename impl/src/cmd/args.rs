@@ -386,6 +386,10 @@ pub struct BenchArgs {
     /// Internal: run as the receiving half of the raw stream measurement.
     #[arg(long, hide = true)]
     pub sink_port: Option<u16>,
+    /// Internal: the sink receives into a new mapping of `--size` bytes at this path (the
+    /// memory-to-memory stream).
+    #[arg(long, hide = true)]
+    pub sink_into: Option<PathBuf>,
     #[arg(long)]
     pub dir: Option<PathBuf>,
 }
