@@ -69,14 +69,21 @@ fn lost_pages(base: ScanBase) -> (u64, u64) {
 
 #[test]
 fn inv_mem_1_hash_scan_survives_reverting_writes() {
+    let mut several = 0;
     let runs = run_cases(ScanBase::Held, |what, r| {
         assert!(r.failure.is_none(), "{what}: {}", r.failure.unwrap());
         assert_eq!(r.report.outcome.class, "completed", "{what}");
         assert!(r.report.memory_verified, "{what}");
+        // At least one pre-copy scan compares memory with what round 1 sent.
         let rounds = r.report.rounds.len();
-        assert!(rounds >= 3, "{what}: {rounds} rounds");
+        assert!(rounds >= 2, "{what}: {rounds} rounds");
+        several += (rounds >= 3) as u64;
     });
     assert_eq!(runs, 60);
+    assert!(
+        several >= 30,
+        "only {several} of {runs} runs had 3 rounds or more"
+    );
 }
 
 /// The log compared with its previous scan only: the simulator must find the lost page.
