@@ -116,6 +116,30 @@ fn scan_1_live_tcp_scan_log_loses_no_undone_write() {
     assert_eq!(digest(&w.ram), digest(&dst));
 }
 
+/// spec: SCAN-2: an RDMA NIC does not tell which bytes a write carried, so `send` refuses the
+/// scan dirty log over verbs before it touches the workload (still running afterwards).
+#[test]
+fn scan_2_rdma_refuses_the_scan_log_before_anything_starts() {
+    let d = dir("rdma-scan");
+    let k = key(&d.0, "psk", "0123456789abcdef0123");
+    let w = workload(&d.0, "4MiB", "10");
+    let o = send(
+        "127.0.0.1:9",
+        &k,
+        &w,
+        &["--transport", "rdma", "--dirty-log", "scan"],
+    )
+    .wait_with_output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(
+        err.contains("scan dirty log") && err.contains("--transport tcp"),
+        "{err}"
+    );
+    assert_ne!(state(w.child.id()), 'T', "the workload keeps running");
+}
+
 fn has_data(path: &std::path::Path) -> bool {
     use std::io::Read;
     let mut b = vec![0u8; 1 << 20];

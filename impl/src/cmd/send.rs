@@ -209,6 +209,17 @@ pub fn send(a: SendArgs) -> Result<ExitCode, String> {
         &blocks,
         a.common.threads,
     )?);
+    if sent_pages.is_some() && a.transport.verbs().is_some() {
+        // spec: SCAN-2, before anything is started or paused.
+        return Err(
+            "the scan dirty log (--dirty-log scan, or auto on a kernel without \
+             soft-dirty) finds changed pages by comparing memory with the bytes each page was \
+             sent with, and an RDMA NIC reads memory at a time no one learns: with --transport \
+             rdma use --dirty-log soft-dirty:PID (a kernel with CONFIG_MEM_SOFT_DIRTY), \
+             bitmap:PATH, or none for a paused workload; or use --transport tcp"
+                .into(),
+        );
+    }
     let (workload, resume) = workload(&a, &qemu)?;
     let guard = resume.map(|r| spawn_guard(&r)).transpose()?;
     let progress = progress_bar(a.common.json);
@@ -255,18 +266,7 @@ fn migrate(
             if a.max_bandwidth.is_some() {
                 return Err("--max-bandwidth is not supported with --transport rdma".into());
             }
-            if run.sent_pages.is_some() {
-                // spec: SCAN-2.
-                return Err(
-                    "the scan dirty log (--dirty-log scan, or auto on a kernel without \
-                     soft-dirty) finds changed pages by comparing memory with the bytes each \
-                     page was sent with, and an RDMA NIC reads memory at a time no one learns: \
-                     with --transport rdma use --dirty-log soft-dirty:PID (a kernel with \
-                     CONFIG_MEM_SOFT_DIRTY), bitmap:PATH, or none for a paused workload; or \
-                     use --transport tcp"
-                        .into(),
-                );
-            }
+            assert!(run.sent_pages.is_none(), "refused in `send` (spec: SCAN-2)");
             let link = rdmig::transport::verbs::SourceVerbs::connect(
                 addr,
                 run.blocks.clone(),
