@@ -13,19 +13,36 @@ use common::*;
 
 fn live_migration(channels: &str, pin_all: bool) {
     let d = dir(&format!("live-{channels}-{pin_all}"));
-    let k = key(&d.0, "psk", "0123456789abcdef0123");
     let w = workload(&d.0, "32MiB", "40");
-    let (r, addr, dst) = recv(
-        &d.0,
-        &k,
-        "32MiB",
-        &["--pin-budget", if pin_all { "32MiB" } else { "8MiB" }],
-    );
-    let mut extra = vec!["--verify", "--channels", channels, "--downtime-limit", "20"];
+    let budget = if pin_all { "32MiB" } else { "8MiB" };
+    let mut extra = vec!["--channels", channels];
     if pin_all {
         extra.push("--pin-all");
     }
-    let s = send(&addr, &k, &w, &extra).wait_with_output().unwrap();
+    let sr = migrate_live_and_compare(&d.0, &w, &["--pin-budget", budget], &extra);
+    if !pin_all {
+        assert!(
+            sr["chunks_evicted"].as_u64().unwrap() > 0,
+            "8 MiB budget for 32 MiB must evict"
+        );
+    }
+}
+
+/// Migrates the writing workload `w` (32 MiB) live with `--verify` and a 20 ms downtime
+/// limit, `recv_extra` and `send_extra` added: both sides complete, verified, in several
+/// rounds; the source stays stopped and its memory equals the destination's, which is no
+/// longer marked incomplete. Returns the source's report.
+fn migrate_live_and_compare(
+    d: &std::path::Path,
+    w: &Workload,
+    recv_extra: &[&str],
+    send_extra: &[&str],
+) -> serde_json::Value {
+    let k = key(d, "psk", "0123456789abcdef0123");
+    let (r, addr, dst) = recv(d, &k, "32MiB", recv_extra);
+    let mut extra = vec!["--verify", "--downtime-limit", "20"];
+    extra.extend_from_slice(send_extra);
+    let s = send(&addr, &k, w, &extra).wait_with_output().unwrap();
     let r = r.wait_with_output().unwrap();
     let (sr, rr) = (report(&s), report(&r));
     let logs = format!(
@@ -39,18 +56,13 @@ fn live_migration(channels: &str, pin_all: bool) {
     assert!(sr["verified"].as_bool().unwrap());
     assert!(
         sr["rounds"].as_array().unwrap().len() >= 2,
-        "a writing workload needs several rounds"
+        "a writing workload needs several rounds: {sr}"
     );
-    if !pin_all {
-        assert!(
-            sr["chunks_evicted"].as_u64().unwrap() > 0,
-            "8 MiB budget for 32 MiB must evict"
-        );
-    }
     // Committed: the source workload stays stopped, so its memory is as at the pause.
     assert_eq!(state(w.child.id()), 'T');
     assert_eq!(digest(&w.ram), digest(&dst));
     assert!(!PathBuf::from(format!("{}.rdmig-incomplete", dst.display())).exists());
+    sr
 }
 
 /// spec: INV-MEM-1 over real TCP with a concurrently writing workload, one channel, dynamic
@@ -81,39 +93,13 @@ fn inv_mem_1_live_tcp_four_channels_dynamic() {
 #[test]
 fn scan_1_live_tcp_scan_log_loses_no_undone_write() {
     let d = dir("live-scan-undo");
-    let k = key(&d.0, "psk", "0123456789abcdef0123");
     let w = workload_with(
         &d.0,
         "32MiB",
         "60",
         &["--pattern", "hot:0.02", "--undo-fraction", "0.5"],
     );
-    let (r, addr, dst) = recv(&d.0, &k, "32MiB", &[]);
-    let extra = [
-        "--dirty-log",
-        "scan",
-        "--verify",
-        "--channels",
-        "2",
-        "--downtime-limit",
-        "20",
-    ];
-    let s = send(&addr, &k, &w, &extra).wait_with_output().unwrap();
-    let r = r.wait_with_output().unwrap();
-    let (sr, rr) = (report(&s), report(&r));
-    let logs = format!(
-        "source stderr: {}\ndestination stderr: {}",
-        String::from_utf8_lossy(&s.stderr),
-        String::from_utf8_lossy(&r.stderr)
-    );
-    assert_eq!(sr["status"], "completed", "{sr}\n{rr}\n{logs}");
-    assert!(sr["verified"].as_bool().unwrap());
-    assert!(
-        sr["rounds"].as_array().unwrap().len() >= 2,
-        "a writing workload needs several rounds: {sr}"
-    );
-    assert_eq!(state(w.child.id()), 'T');
-    assert_eq!(digest(&w.ram), digest(&dst));
+    migrate_live_and_compare(&d.0, &w, &[], &["--dirty-log", "scan", "--channels", "2"]);
 }
 
 /// spec: SCAN-2: an RDMA NIC does not tell which bytes a write carried, so `send` refuses the
