@@ -336,9 +336,15 @@ fn scattered_memory(path: &Path, size: u64) -> Result<(), String> {
 
 /// Hash-scan rate of the dirty tracker with `threads` threads, GB/s.
 /// The `scan` dirty log's steady state over `src` in GB/s: every page hashed and compared,
-/// nothing changed since it was sent.
+/// nothing changed since it was sent; the median of 3 scans (one scan of 1 GiB lasts tens of
+/// milliseconds, short enough for a neighbour's burst to halve it).
 fn scan_rate(src: crate::memory::ram::RamBlock, threads: usize) -> f64 {
-    crate::memory::dirty::scan_rate(vec![Arc::new(src)], threads)
+    let blocks = vec![Arc::new(src)];
+    median(
+        (0..RUNS)
+            .map(|_| crate::memory::dirty::scan_rate(blocks.clone(), threads))
+            .collect(),
+    )
 }
 
 /// What one bench run measured.
