@@ -186,8 +186,9 @@ pub struct GuestConfig {
     /// The destination's memory was pre-faulted (e.g. -mem-prealloc), so pinning it and
     /// receiving into it costs no first-touch faults.
     pub dst_pretouched: bool,
-    /// The dirty log is content hashing (`rdmig send --dirty-log scan`): every scan reads all
-    /// of memory. Otherwise a bitmap or soft-dirty log, whose scans cost little.
+    /// The dirty log is content hashing (`rdmig send --dirty-log scan`): every scan after the
+    /// first reads all of memory, and TCP sends hash what they carry. Otherwise a bitmap or
+    /// soft-dirty log, whose scans cost little.
     pub hash_scan: bool,
     /// What the content-hash log compares against (with `hash_scan` only).
     pub scan_base: ScanBase,

@@ -11,8 +11,10 @@
 //!   bit 55, cleared by writing `4` to `/proc/PID/clear_refs`). Needs a kernel built with
 //!   `CONFIG_MEM_SOFT_DIRTY`, checked when the tracker opens.
 //! * `scan`: no help from the writer at all; rdmig keeps an xxh3-64 hash of every page and
-//!   reports the pages whose hash changed. Costs a full read of memory per scan (see
-//!   [`scan_rate`] for its throughput), so it suits small memories or low round counts.
+//!   reports the pages whose hash differs from the bytes they were last sent with or from the
+//!   previous scan (spec: section 11.2). Costs a full read of memory per scan after the first
+//!   (see [`scan_rate`] for its throughput), so it suits small memories or low round counts;
+//!   the transport hashes what it sends ([`crate::memory::sent_pages`]).
 //!
 //! Every scan also says which of the dirty pages read as all zeros, so the source can send a
 //! zero marker instead of the page. That check reads each dirty page once more (the `scan`
