@@ -130,6 +130,95 @@ pub fn scan(mem: &impl Pages, log: &mut [PageBitmap], all: bool) -> DirtyScan {
     DirtyScan { dirty, zero }
 }
 
+/// What a content-hash dirty log (`rdmig send --dirty-log scan`, spec section 11.2) compares
+/// each page with; page versions stand for page hashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HashCompare {
+    /// rdmig's log (SCAN-1): the previous scan's reading, and what the destination holds once
+    /// every transfer posted so far lands.
+    Both,
+    /// The previous scan only: loses a page changed back after a write carried it.
+    LastScanOnly,
+    /// What the destination holds only: loses a page the switchover carries as zero.
+    SentOnly,
+}
+
+/// A content-hash dirty log's memory of the pages: what the previous scan read and what the
+/// destination holds, per block in source order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HashLog<T> {
+    pub compare: HashCompare,
+    pub seen: Vec<Vec<T>>,
+    /// `seen` holds the previous scan's reading: false before any scan and after a scan of
+    /// every page, which rdmig's log answers without reading memory.
+    pub seen_valid: bool,
+    pub held: Vec<Vec<T>>,
+}
+
+impl<T: Copy + Default + PartialEq> HashLog<T> {
+    /// A log for `mem`, whose destination holds `unknown` everywhere (a value no page has).
+    pub fn new(compare: HashCompare, mem: &[Vec<T>], unknown: T) -> Self {
+        HashLog {
+            compare,
+            seen: mem.to_vec(),
+            seen_valid: false,
+            held: mem.iter().map(|b| vec![unknown; b.len()]).collect(),
+        }
+    }
+
+    /// A write read `data` from pages `[first, ..)` of source block `b` (SCAN-2).
+    pub fn sent(&mut self, b: usize, first: usize, data: &[T]) {
+        self.held[b][first..first + data.len()].copy_from_slice(data);
+    }
+
+    /// A ZERO range of source block `b` was posted; a range outside the block is ignored (the
+    /// destination refuses it).
+    pub fn zeroed(&mut self, b: usize, first: u64, count: u64) {
+        if let Some(h) = self.held.get_mut(b) {
+            if first.saturating_add(count) <= h.len() as u64 {
+                h[first as usize..(first + count) as usize].fill(T::default());
+            }
+        }
+    }
+
+    /// A scan of `mem` (every page with `all`): the dirty pages, and which of them are zero.
+    pub fn scan(&mut self, mem: &[Vec<T>], all: bool) -> DirtyScan {
+        let mut dirty = Vec::with_capacity(mem.len());
+        let mut zero = Vec::with_capacity(mem.len());
+        // rdmig's log does not read memory in a scan of every page; the previous-scan-only
+        // log (the old one) did.
+        let reads = !all || self.compare == HashCompare::LastScanOnly;
+        for (b, m) in mem.iter().enumerate() {
+            let n = m.len() as u64;
+            let mut d = PageBitmap::new(n);
+            let mut z = PageBitmap::new(n);
+            for (p, &v) in m.iter().enumerate() {
+                let since_scan = self.seen_valid && self.seen[b][p] != v;
+                let unsent = self.held[b][p] != v;
+                let is_dirty = all
+                    || match self.compare {
+                        HashCompare::Both => since_scan || unsent,
+                        HashCompare::LastScanOnly => since_scan,
+                        HashCompare::SentOnly => unsent,
+                    };
+                if is_dirty {
+                    d.set(p as u64);
+                    if v == T::default() {
+                        z.set(p as u64);
+                    }
+                }
+            }
+            if reads {
+                self.seen[b].copy_from_slice(m);
+            }
+            dirty.push(d);
+            zero.push(z);
+        }
+        self.seen_valid = reads;
+        DirtyScan { dirty, zero }
+    }
+}
+
 /// Byte memory, one `Vec<u8>` per block, with a page size per block.
 pub struct ByteMem<'a> {
     pub mem: &'a [Vec<u8>],

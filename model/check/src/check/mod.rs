@@ -49,6 +49,7 @@ use rdmig_model::wire::{self, BlockDesc, DigestAlg, RegMode};
 use rdmig_model::{DstTimer, PageBitmap};
 use stateright::{Model, Property};
 
+pub use crate::env::HashCompare;
 pub use hostile::Inject;
 pub use props::*;
 pub use run::*;
@@ -106,6 +107,14 @@ pub struct CheckConfig {
     /// The source workload is paused before the source machine starts (a save that is not
     /// live, spec: SAVE-1).
     pub src_paused_at_start: bool,
+    /// The source's dirty log hashes memory (spec: section 11.2) and compares as given,
+    /// instead of a writer's bitmap; its writes then read source memory when they land (the
+    /// latest point, the adversarial one for this log: a write carries bytes newer than the
+    /// scan that reported it).
+    pub hash_log: Option<crate::env::HashCompare>,
+    /// The guest may also put a page back to its version before its last write (a lock
+    /// released, a counter brought back).
+    pub guest_reverts: bool,
     /// Deliberate machine bugs, to show the checker catches them.
     #[cfg(feature = "mutations")]
     pub mutations: rdmig_model::source::Mutations,
@@ -141,6 +150,8 @@ impl CheckConfig {
             hostile_frames: 0,
             reverse_dst_blocks: false,
             src_paused_at_start: false,
+            hash_log: None,
+            guest_reverts: false,
             #[cfg(feature = "mutations")]
             mutations: Default::default(),
             #[cfg(feature = "mutations")]
@@ -224,13 +235,36 @@ impl CheckConfig {
         }
     }
 
-    pub const NAMES: [&'static str; 6] = [
+    /// The `scan` dirty log (spec: SCAN-1) against a guest that writes, zeroes and undoes
+    /// writes: one block of three one-page chunks (one page starting zero) under a pin budget
+    /// of two, one channel, three guest steps, no faults (the other configurations draw them
+    /// for the bitmap log).
+    pub fn hash_log(compare: crate::env::HashCompare) -> Self {
+        CheckConfig {
+            name: "hash-log",
+            block_pages: vec![3],
+            chunk_pages: 1,
+            pin_budget_chunks: 2,
+            guest_writes: 3,
+            guest_zeroes: true,
+            guest_reverts: true,
+            hash_log: Some(compare),
+            faults: 0,
+            silence: false,
+            strays: vec![],
+            max_rounds: 3,
+            ..Self::small()
+        }
+    }
+
+    pub const NAMES: [&'static str; 7] = [
         "small",
         "medium",
         "strays",
         "hostile-destination",
         "hostile-source",
         "paused-save",
+        "hash-log",
     ];
 
     pub fn by_name(name: &str) -> Option<Self> {
@@ -241,6 +275,7 @@ impl CheckConfig {
             "hostile-destination" => Some(Self::hostile_destination()),
             "hostile-source" => Some(Self::hostile_source()),
             "paused-save" => Some(Self::paused_save()),
+            "hash-log" => Some(Self::hash_log(crate::env::HashCompare::Both)),
             _ => None,
         }
     }
@@ -292,6 +327,11 @@ pub enum Action {
     },
     /// The guest zeroes a page.
     GuestZero {
+        block: u16,
+        page: u16,
+    },
+    /// The guest puts a page back to its version before its last write.
+    GuestRevert {
         block: u16,
         page: u16,
     },
@@ -424,7 +464,6 @@ impl ProtocolModel {
             data_lost: Vec::new(),
             completions: Vec::new(),
             nic: crate::env::Nic::default(),
-            src_mem,
             dst_mem,
             dirty: self
                 .cfg
@@ -450,6 +489,17 @@ impl ProtocolModel {
             keepalives_left: self.cfg.keepalives,
             hostile_left: self.cfg.hostile_frames,
             obs: Observed::default(),
+            prev: if self.cfg.guest_reverts {
+                src_mem.clone()
+            } else {
+                Vec::new()
+            },
+            // No page holds version 0xdd: the destination holds nothing known yet.
+            hash_log: self
+                .cfg
+                .hash_log
+                .map(|c| crate::env::HashLog::new(c, &src_mem, 0xdd)),
+            src_mem,
         };
         self.feed_lsn(
             &mut s,
@@ -512,6 +562,12 @@ impl ProtocolModel {
                     });
                     if self.cfg.guest_zeroes && v != 0 {
                         out.push(Action::GuestZero {
+                            block: b as u16,
+                            page: p as u16,
+                        });
+                    }
+                    if self.cfg.guest_reverts && s.prev[b][p] != v {
+                        out.push(Action::GuestRevert {
                             block: b as u16,
                             page: p as u16,
                         });
@@ -630,14 +686,29 @@ impl ProtocolModel {
             }
             Action::Notice(side) => self.notice(s, side),
             Action::GuestWrite { block, page } => {
-                let v = &mut s.src_mem[block as usize][page as usize];
-                *v = v.checked_add(1)?;
-                s.dirty[block as usize].set(page as u64);
+                let (b, p) = (block as usize, page as usize);
+                let old = s.src_mem[b][p];
+                s.src_mem[b][p] = old.checked_add(1)?;
+                if let Some(prev) = s.prev.get_mut(b) {
+                    prev[p] = old;
+                }
+                s.dirty[b].set(page as u64);
                 s.guest_left -= 1;
             }
             Action::GuestZero { block, page } => {
-                s.src_mem[block as usize][page as usize] = 0;
-                s.dirty[block as usize].set(page as u64);
+                let (b, p) = (block as usize, page as usize);
+                let old = std::mem::take(&mut s.src_mem[b][p]);
+                if let Some(prev) = s.prev.get_mut(b) {
+                    prev[p] = old;
+                }
+                s.dirty[b].set(page as u64);
+                s.guest_left -= 1;
+            }
+            Action::GuestRevert { block, page } => {
+                let (b, p) = (block as usize, page as usize);
+                let v = s.src_mem[b][p];
+                s.src_mem[b][p] = std::mem::replace(&mut s.prev[b][p], v);
+                s.dirty[b].set(page as u64);
                 s.guest_left -= 1;
             }
             Action::Stray(k) => self.stray(s, k),

@@ -53,8 +53,9 @@ pub enum DstReq {
 }
 
 /// A one-sided write on a data channel. It carries the page versions it read when posted:
-/// the NIC reads source memory at some point before completion, and the earliest point is the
-/// adversarial one (a late write then carries stale data).
+/// the NIC reads source memory at some point before completion, and for a writer's bitmap log
+/// the earliest point is the adversarial one (a late write then carries stale data); for a
+/// content-hash log the latest is, and the write reads when it lands.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Write {
     pub wr_id: u64,
@@ -62,6 +63,9 @@ pub struct Write {
     pub remote_offset: u64,
     pub len: u64,
     pub data: Vec<u8>,
+    /// With a content-hash dirty log: the source block and first page the write reads when
+    /// it lands (`data` is then empty until it does).
+    pub reads_at_landing: Option<(u16, u64)>,
 }
 
 /// One data channel: its link, the connection the listener admitted, the writes in flight.
@@ -207,6 +211,10 @@ pub struct State {
     pub keepalives_left: u8,
     pub hostile_left: u8,
     pub obs: Observed,
+    /// Per page, its version before the guest's last write (with reverting guests).
+    pub prev: Vec<Vec<u8>>,
+    /// The content-hash dirty log, when the configuration has it instead of the bitmap.
+    pub hash_log: Option<crate::env::HashLog<u8>>,
 }
 
 impl State {

@@ -142,6 +142,18 @@ impl ProtocolModel {
                         }
                     }
                     Message::UnregRequest { .. } => s.obs.evicted = true,
+                    // spec: SCAN-2: the destination will hold zeros there.
+                    Message::Zero { ref ranges, .. } => {
+                        if let Some(log) = s.hash_log.as_mut() {
+                            for r in ranges {
+                                log.zeroed(
+                                    r.block as usize,
+                                    r.first_page as u64,
+                                    r.page_count as u64,
+                                );
+                            }
+                        }
+                    }
                     _ => {}
                 }
                 if let Some(b) = Self::encode(s, &f) {
@@ -176,6 +188,14 @@ impl ProtocolModel {
                     return Self::driver_violation(s, "write on a channel that never joined");
                 }
                 match ch.link {
+                    Link::Up if s.hash_log.is_some() => ch.writes.push_back(Write {
+                        wr_id: w.wr_id,
+                        rkey: w.rkey,
+                        remote_offset: w.remote_offset,
+                        len: w.len,
+                        data: Vec::new(),
+                        reads_at_landing: Some((w.block, first)),
+                    }),
                     Link::Up => {
                         let data = s.src_mem[w.block as usize]
                             [first as usize..(first + count) as usize]
@@ -186,6 +206,7 @@ impl ProtocolModel {
                             remote_offset: w.remote_offset,
                             len: w.len,
                             data,
+                            reads_at_landing: None,
                         });
                     }
                     // A queue pair in error flushes every new work request.
@@ -325,7 +346,16 @@ impl ProtocolModel {
     pub(super) fn answer_src(&self, s: &mut State, r: SrcReq) {
         match r {
             SrcReq::Scan { all } => {
-                let scan = env::scan(&Versions { mem: &s.src_mem }, &mut s.dirty, all);
+                let scan = match s.hash_log.as_mut() {
+                    Some(log) => {
+                        // The writer's bitmap is not what this log reads: kept empty.
+                        for d in &mut s.dirty {
+                            *d = rdmig_model::PageBitmap::new(d.len());
+                        }
+                        log.scan(&s.src_mem, all)
+                    }
+                    None => env::scan(&Versions { mem: &s.src_mem }, &mut s.dirty, all),
+                };
                 self.feed_src(s, SrcInput::Dirty(scan));
             }
             SrcReq::Pause => {
@@ -381,9 +411,19 @@ impl ProtocolModel {
 
     /// The NIC places (or rejects) the oldest write of a channel (spec: INV-REG-1, DATA-1).
     pub(super) fn land(&self, s: &mut State, ch: usize) {
-        let Some(w) = s.data[ch].writes.pop_front() else {
+        let Some(mut w) = s.data[ch].writes.pop_front() else {
             return;
         };
+        if let Some((b, first)) = w.reads_at_landing {
+            // The NIC reads source memory now (checked against the block when posted), and
+            // the hash log learns what the destination holds (spec: SCAN-2).
+            let count = (w.len >> PAGE_LOG2) as usize;
+            let first = first as usize;
+            w.data = s.src_mem[b as usize][first..first + count].to_vec();
+            if let Some(log) = s.hash_log.as_mut() {
+                log.sent(b as usize, first, &w.data);
+            }
+        }
         let placed = match s.nic.place(w.rkey, w.remote_offset, w.len) {
             Ok((block, at)) => {
                 let first = (at >> PAGE_LOG2) as usize;
