@@ -8,6 +8,7 @@
 
 use std::str::FromStr;
 
+use rdmig_check::env::{HashCompare, HashLog};
 use rdmig_model::wire::BlockDesc;
 use rdmig_model::{DirtyScan, PageBitmap};
 use serde::Serialize;
@@ -126,12 +127,13 @@ pub enum ScanBase {
 }
 
 impl ScanBase {
-    fn compares_last_scan(self) -> bool {
-        self != ScanBase::HeldOnly
-    }
-
-    fn compares_held(self) -> bool {
-        self != ScanBase::LastScan
+    /// The comparison of the environment the model checker uses too.
+    pub fn compare(self) -> HashCompare {
+        match self {
+            ScanBase::Held => HashCompare::Both,
+            ScanBase::LastScan => HashCompare::LastScanOnly,
+            ScanBase::HeldOnly => HashCompare::SentOnly,
+        }
     }
 }
 
@@ -310,15 +312,9 @@ pub struct Guest {
     /// Per page, the version before its last write: what a reverting write restores. Empty
     /// without reverting writes.
     prev: Vec<Vec<u32>>,
-    /// Per page, the version the content-hash log saw at its previous scan; empty unless it
-    /// compares with it (`ScanBase`).
-    seen: Vec<Vec<u32>>,
-    /// Per page, the version the destination holds once every transfer posted so far is
-    /// placed; empty unless the content-hash log compares with it (`ScanBase`).
-    held: Vec<Vec<u32>>,
-    /// `seen` holds the previous scan's reading (false before any scan, and after a scan of
-    /// every page that did not read memory).
-    seen_valid: bool,
+    /// The content-hash log (with `hash_scan`): what its previous scan read and what the
+    /// destination holds once every transfer posted so far is placed, per page.
+    hash_log: Option<HashLog<u32>>,
     /// First global page of each block, and the total.
     first_page: Vec<u64>,
     total_pages: u64,
@@ -387,17 +383,9 @@ impl Guest {
         } else {
             Vec::new()
         };
-        // The source's first scan reports every page, whatever these say.
-        let seen = if cfg.hash_scan && cfg.scan_base.compares_last_scan() {
-            mem.clone()
-        } else {
-            Vec::new()
-        };
-        let held = if cfg.hash_scan && cfg.scan_base.compares_held() {
-            mem.iter().map(|b| vec![GARBAGE; b.len()]).collect()
-        } else {
-            Vec::new()
-        };
+        let hash_log = cfg
+            .hash_scan
+            .then(|| HashLog::new(cfg.scan_base.compare(), &mem, GARBAGE));
         Guest {
             dirty: blocks
                 .iter()
@@ -405,9 +393,7 @@ impl Guest {
                 .collect(),
             zero,
             prev,
-            seen,
-            held,
-            seen_valid: false,
+            hash_log,
             mem,
             first_page,
             total_pages: total,
@@ -511,8 +497,8 @@ impl Guest {
     /// A write read pages `[first, first + n)` of source block `b` from memory: the
     /// destination holds their current versions.
     pub fn sent(&mut self, b: usize, first: usize, n: usize) {
-        if let Some(held) = self.held.get_mut(b) {
-            held[first..first + n].copy_from_slice(&self.mem[b][first..first + n]);
+        if let Some(log) = self.hash_log.as_mut() {
+            log.sent(b, first, &self.mem[b][first..first + n]);
         }
     }
 
@@ -520,10 +506,8 @@ impl Guest {
     /// destination holds zeros there. A range outside the block is ignored (the destination
     /// refuses it).
     pub fn zeroed(&mut self, b: usize, first: u64, n: u64) {
-        if let Some(held) = self.held.get_mut(b) {
-            if first.saturating_add(n) <= held.len() as u64 {
-                held[first as usize..(first + n) as usize].fill(0);
-            }
+        if let Some(log) = self.hash_log.as_mut() {
+            log.zeroed(b, first, n);
         }
     }
 
@@ -532,33 +516,25 @@ impl Guest {
     /// log compares it with (`ScanBase`), whatever was written in between. The zero subset
     /// is the dirty pages whose version is 0.
     pub fn scan(&mut self, all: bool) -> DirtyScan {
+        if let Some(log) = self.hash_log.as_mut() {
+            // The writes' marks are not what this log reads.
+            for d in &mut self.dirty {
+                d.take();
+            }
+            return log.scan(&self.mem, all);
+        }
         let mut dirty = Vec::with_capacity(self.dirty.len());
         let mut zero = Vec::with_capacity(self.dirty.len());
-        // rdmig's log does not hash memory in a scan that reports every page (the transport
-        // hashes what it sends), so the scan after it compares with what was sent alone; the
-        // previous-scan-only log hashed every scan.
-        let reads = !all || self.cfg.scan_base == ScanBase::LastScan;
-        for (b, (log, z)) in self.dirty.iter_mut().zip(&self.zero).enumerate() {
+        for (log, z) in self.dirty.iter_mut().zip(&self.zero) {
             let mut d = log.take();
-            let n = d.len();
             if all {
+                let n = d.len();
                 d = PageBitmap::from_words(vec![!0; n.div_ceil(64) as usize], n)
                     .expect("word count matches length");
-            } else if self.cfg.hash_scan {
-                let mut words = vec![0u64; n.div_ceil(64) as usize];
-                let seen = self.seen.get(b).filter(|_| self.seen_valid);
-                for base in [seen, self.held.get(b)].into_iter().flatten() {
-                    differing(&self.mem[b], base, &mut words);
-                }
-                d = PageBitmap::from_words(words, n).expect("word count matches length");
-            }
-            if let (Some(seen), true) = (self.seen.get_mut(b), reads) {
-                seen.copy_from_slice(&self.mem[b]);
             }
             zero.push(z.and(&d));
             dirty.push(d);
         }
-        self.seen_valid = reads;
         DirtyScan { dirty, zero }
     }
 
@@ -568,15 +544,6 @@ impl Guest {
 
     pub fn total_pages(&self) -> u64 {
         self.total_pages
-    }
-}
-
-/// Sets in `words` the bit of every page whose version in `mem` differs from `base`.
-fn differing(mem: &[u32], base: &[u32], words: &mut [u64]) {
-    for ((m, s), w) in mem.chunks(64).zip(base.chunks(64)).zip(words) {
-        for (i, (x, y)) in m.iter().zip(s).enumerate() {
-            *w |= ((x != y) as u64) << i;
-        }
     }
 }
 
