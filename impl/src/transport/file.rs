@@ -91,12 +91,12 @@ impl Shared {
                 let dst = &self.dst_blocks[block as usize];
                 let cache = self.digests.lock().unwrap().clone();
                 let ticket = cache.as_ref().map(|c| c.begin(block as usize, off, w.len));
+                let hashed = self.hashed.lock().unwrap().clone();
                 let r = match &self.side {
                     FileSide::Destination { file, base } => {
                         let at = base[block as usize] + off;
-                        let hashed = self.hashed.lock().unwrap().clone();
-                        match hashed {
-                            Some(h) => self.copy_to_file(src, w, &h, copy, file, at),
+                        match &hashed {
+                            Some(h) => self.copy_to_file(src, w, h, copy, file, at),
                             None => src.write_to_file(w.offset, w.len, file.as_fd(), at),
                         }
                         .inspect(|_| {
@@ -117,11 +117,15 @@ impl Shared {
                 // A failed write left its units unknown; reading them back could fault on
                 // space the file system does not have.
                 if let (Some(c), Some(t), true) = (cache, ticket, r.is_ok()) {
-                    match (&self.side, self.direct_io) {
-                        // The pages went to the device from the source's buffer, which is
-                        // what they hold; reading them back would pull every page into the
-                        // page cache `O_DIRECT` avoids.
-                        (FileSide::Destination { .. }, true) => c.end_with(t, src, w.offset),
+                    match (&self.side, self.direct_io, &hashed) {
+                        // The pages went to the device straight from source memory, which
+                        // still holds them unless the workload wrote them since, and then
+                        // its log reports them again; reading them back would pull every
+                        // page into the page cache `O_DIRECT` avoids.
+                        (FileSide::Destination { .. }, true, None) => c.end_with(t, src, w.offset),
+                        // Otherwise what landed is read back: with a hashing log a page can
+                        // change and change back after its copy, leaving source memory
+                        // equal to neither the file nor the next scan's report (SCAN-1).
                         _ => c.end(t, dst),
                     }
                 }

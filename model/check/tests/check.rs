@@ -281,15 +281,10 @@ fn hash_log_violations(compare: check::HashCompare) -> Vec<&'static str> {
         2,
         Stop::FirstFailure,
     );
-    let v = run.violations();
-    if let Some(first) = v.first() {
-        let path = run
-            .result(first)
-            .and_then(|r| r.discovery.as_ref())
-            .expect("a violation has a path");
-        eprintln!("{}", check::render_path(first, path));
+    if let Some(trace) = run.first_violation_trace() {
+        eprintln!("{trace}");
     }
-    v
+    run.violations()
 }
 
 /// spec: SCAN-1: a log that compares only with its previous scan loses a page the guest

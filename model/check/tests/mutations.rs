@@ -43,12 +43,8 @@ fn violations(
             run.elapsed.as_secs_f64()
         );
     }
-    if let Some(first) = v.first() {
-        let path = run
-            .result(first)
-            .and_then(|r| r.discovery.as_ref())
-            .expect("checked");
-        eprintln!("{}", check::render_path(first, path));
+    if let Some(trace) = run.first_violation_trace() {
+        eprintln!("{trace}");
     }
     v
 }
@@ -193,12 +189,8 @@ fn assert_hostile_source_catches(m: DstMutations, expected: &[&str]) {
         Stop::FirstFailure,
     );
     let v = run.violations();
-    if let Some(first) = v.first() {
-        let path = run
-            .result(first)
-            .and_then(|r| r.discovery.as_ref())
-            .expect("a path");
-        eprintln!("{}", check::render_path(first, path));
+    if let Some(trace) = run.first_violation_trace() {
+        eprintln!("{trace}");
     }
     assert!(
         !v.is_empty(),

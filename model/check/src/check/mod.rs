@@ -686,30 +686,13 @@ impl ProtocolModel {
             }
             Action::Notice(side) => self.notice(s, side),
             Action::GuestWrite { block, page } => {
-                let (b, p) = (block as usize, page as usize);
-                let old = s.src_mem[b][p];
-                s.src_mem[b][p] = old.checked_add(1)?;
-                if let Some(prev) = s.prev.get_mut(b) {
-                    prev[p] = old;
-                }
-                s.dirty[b].set(page as u64);
-                s.guest_left -= 1;
+                let v = s.src_mem[block as usize][page as usize].checked_add(1)?;
+                guest_store(s, block, page, v);
             }
-            Action::GuestZero { block, page } => {
-                let (b, p) = (block as usize, page as usize);
-                let old = std::mem::take(&mut s.src_mem[b][p]);
-                if let Some(prev) = s.prev.get_mut(b) {
-                    prev[p] = old;
-                }
-                s.dirty[b].set(page as u64);
-                s.guest_left -= 1;
-            }
+            Action::GuestZero { block, page } => guest_store(s, block, page, 0),
             Action::GuestRevert { block, page } => {
-                let (b, p) = (block as usize, page as usize);
-                let v = s.src_mem[b][p];
-                s.src_mem[b][p] = std::mem::replace(&mut s.prev[b][p], v);
-                s.dirty[b].set(page as u64);
-                s.guest_left -= 1;
+                let v = s.prev[block as usize][page as usize];
+                guest_store(s, block, page, v);
             }
             Action::Stray(k) => self.stray(s, k),
             Action::Inject(i) => {
@@ -873,6 +856,18 @@ impl Model for ProtocolModel {
     fn properties(&self) -> Vec<Property<Self>> {
         props::properties(&self.cfg)
     }
+}
+
+/// The guest stores version `v` in a page and marks it in the writer's log; the version it
+/// replaces is what a revert restores.
+fn guest_store(s: &mut State, block: u16, page: u16, v: u8) {
+    let (b, p) = (block as usize, page as usize);
+    let old = std::mem::replace(&mut s.src_mem[b][p], v);
+    if let Some(prev) = s.prev.get_mut(b) {
+        prev[p] = old;
+    }
+    s.dirty[b].set(page as u64);
+    s.guest_left -= 1;
 }
 
 #[cfg(test)]

@@ -68,6 +68,12 @@ impl CheckRun {
             .map(|p| p.name)
             .collect()
     }
+    /// The counterexample of the first violated property, rendered, if any.
+    pub fn first_violation_trace(&self) -> Option<String> {
+        let first = *self.violations().first()?;
+        let path = self.result(first)?.discovery.as_ref()?;
+        Some(render_path(first, path))
+    }
     pub fn states_per_sec(&self) -> f64 {
         self.total_states as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
