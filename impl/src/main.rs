@@ -100,7 +100,7 @@ fn main() -> ExitCode {
         Cmd::Bench(a) => match (a.sink_port, a.sink_into) {
             (Some(p), Some(into)) => rdmig::tools::bench::memory_sink(p, &into, a.size),
             (Some(p), None) => rdmig::tools::bench::raw_sink(p),
-            _ => rdmig::tools::bench::bench(a.size, a.dir, a.json, a.busy),
+            _ => rdmig::tools::bench::bench(a.size, a.state_size, a.dir, a.json, a.busy),
         },
         Cmd::Devices => cmd::devices(),
         Cmd::TlsInit { dir, names } => rdmig::transport::tls::init(&dir, &names).map(|files| {

@@ -32,6 +32,10 @@ pub struct PhaseReport {
 pub struct Bytes {
     pub data: u64,
     pub zero_pages: u64,
+    /// Device state moved, and how: over the data channels into the state area, or on the
+    /// control channel (spec: STATE-1, SW-3).
+    pub device_state: u64,
+    pub device_state_path: &'static str,
     pub control_frames: u64,
     pub control_bytes: u64,
 }

@@ -100,6 +100,10 @@ struct GuestSpec {
     rate: u64,
     /// RAM in this shared file (None: QEMU's default, private RAM).
     ram: Option<PathBuf>,
+    /// MiB of private RAM (a memory-backend-ram) beside the shared file, as the NUMA node of
+    /// the guest's CPU, so the guest's own allocations fill it first: it travels inside
+    /// QEMU's device state.
+    private_mb: u64,
     incoming: bool,
     extra: Vec<String>,
 }
@@ -111,7 +115,7 @@ fn qemu_args(a: &Assets, s: &Scratch, g: &GuestSpec) -> Vec<String> {
         "-accel".into(),
         "tcg".into(),
         "-m".into(),
-        format!("{}M", ram_mb()),
+        format!("{}M", ram_mb() + g.private_mb),
         "-smp".into(),
         "1".into(),
         "-no-reboot".into(),
@@ -143,8 +147,8 @@ fn qemu_args(a: &Assets, s: &Scratch, g: &GuestSpec) -> Vec<String> {
         "-pidfile".into(),
         s.path(&format!("{}.pid", g.name)).display().to_string(),
     ];
-    match &g.ram {
-        Some(ram) => v.extend([
+    match (&g.ram, g.private_mb) {
+        (Some(ram), 0) => v.extend([
             "-object".into(),
             format!(
                 "memory-backend-file,id=mem,size={}M,mem-path={},share=on",
@@ -154,7 +158,23 @@ fn qemu_args(a: &Assets, s: &Scratch, g: &GuestSpec) -> Vec<String> {
             "-machine".into(),
             "q35,memory-backend=mem".into(),
         ]),
-        None => v.extend(["-machine".into(), "q35".into()]),
+        (Some(ram), private) => v.extend([
+            "-object".into(),
+            format!(
+                "memory-backend-file,id=mem,size={}M,mem-path={},share=on",
+                ram_mb(),
+                ram.display()
+            ),
+            "-object".into(),
+            format!("memory-backend-ram,id=priv,size={private}M"),
+            "-numa".into(),
+            "node,nodeid=0,cpus=0,memdev=priv".into(),
+            "-numa".into(),
+            "node,nodeid=1,memdev=mem".into(),
+            "-machine".into(),
+            "q35".into(),
+        ]),
+        (None, _) => v.extend(["-machine".into(), "q35".into()]),
     }
     if g.incoming {
         v.extend(["-incoming".into(), "defer".into()]);
@@ -517,10 +537,22 @@ fn dirtied(src: &Guest) -> u64 {
 /// memcheck runs, and returns it with the spec of its destination: the same machine on its own
 /// RAM file, waiting with `-incoming defer`.
 fn boot_source(a: &Assets, s: &Scratch, rate: u64, extra: Vec<String>) -> (Guest, GuestSpec) {
+    boot_source_with(a, s, rate, 0, extra)
+}
+
+/// [`boot_source`] for a guest with `private_mb` MiB of private RAM beside its shared file.
+fn boot_source_with(
+    a: &Assets,
+    s: &Scratch,
+    rate: u64,
+    private_mb: u64,
+    extra: Vec<String>,
+) -> (Guest, GuestSpec) {
     let srcg = GuestSpec {
         name: "src",
         rate,
         ram: Some(s.ram("src.ram")),
+        private_mb,
         incoming: false,
         extra,
     };
@@ -601,7 +633,19 @@ fn rdmig_migrate_with(
     send_extra: &[&str],
     recv_extra: &[&str],
 ) -> RdmigRun {
-    let (src, dstg) = boot_source(a, s, rate, src_extra);
+    let booted = boot_source(a, s, rate, src_extra);
+    rdmig_migrate_booted(a, s, booted, start_by_recv, send_extra, recv_extra)
+}
+
+/// Migrates a booted source guest with rdmig to its destination spec.
+fn rdmig_migrate_booted(
+    a: &Assets,
+    s: &Scratch,
+    (src, dstg): (Guest, GuestSpec),
+    start_by_recv: bool,
+    send_extra: &[&str],
+    recv_extra: &[&str],
+) -> RdmigRun {
     let mut recv_args = recv_args(s);
     recv_args.extend(recv_extra.iter().map(|x| x.to_string()));
     let dst = if start_by_recv {
@@ -718,8 +762,23 @@ fn qemu_migrate(a: &Assets, rate: u64, multifd: bool) -> Row {
 /// QEMU's own migration, inside TLS with `tls-creds-x509` objects on the credentials in
 /// `tls` (the layout `rdmig tls-init` writes) when given.
 fn qemu_migrate_with(a: &Assets, rate: u64, multifd: bool, tls: Option<&Path>) -> Row {
-    let s = Scratch::new(&format!("qemu-{rate}-{multifd}-{}", tls.is_some()));
-    let (src, dstg) = boot_source(a, &s, rate, vec![]);
+    qemu_migrate_guest(a, rate, multifd, tls, 0)
+}
+
+/// QEMU's own migration of a guest with `private_mb` MiB of private RAM beside its shared
+/// file (all of it, shared and private, in QEMU's stream).
+fn qemu_migrate_guest(
+    a: &Assets,
+    rate: u64,
+    multifd: bool,
+    tls: Option<&Path>,
+    private_mb: u64,
+) -> Row {
+    let s = Scratch::new(&format!(
+        "qemu-{rate}-{multifd}-{}-{private_mb}",
+        tls.is_some()
+    ));
+    let (src, dstg) = boot_source_with(a, &s, rate, private_mb, vec![]);
     let dst = Guest::start(a, &s, &dstg);
     let mut qs = src.qmp();
     let mut qd = dst.qmp();
@@ -765,10 +824,11 @@ fn qemu_migrate_with(a: &Assets, rate: u64, multifd: bool, tls: Option<&Path>) -
             _ => std::thread::sleep(Duration::from_millis(5)),
         }
     };
-    let tool = match (multifd, tls.is_some()) {
-        (true, true) => "qemu multifd 2ch tls",
-        (true, false) => "qemu multifd 2ch",
-        (false, _) => "qemu precopy",
+    let tool = match (multifd, tls.is_some(), private_mb > 0) {
+        (true, _, true) => "qemu multifd 2ch, private RAM",
+        (true, true, _) => "qemu multifd 2ch tls",
+        (true, false, _) => "qemu multifd 2ch",
+        (false, _, _) => "qemu precopy",
     };
     let survived = if m["status"] == "completed" {
         check_continues(&src, &dst)
@@ -924,6 +984,43 @@ fn bench_rdmig_2ch_against_qemu_multifd_2ch() {
     assert!(failed.is_empty(), "guests that failed: {failed:#?}");
 }
 
+/// `make qemu-bench`, a guest with private RAM (`RDMIG_QEMU_PRIVATE_MB`, default 256 MiB)
+/// beside its shared file: rdmig with 2 channels (the private RAM inside the device state,
+/// streamed over the data channels) next to QEMU's own multifd migration of the same guest
+/// with 2 channels, at 0 and 50 MB/s, interleaved, rows as above.
+#[test]
+#[ignore = "a benchmark: run `make qemu-bench`"]
+fn bench_private_ram_rdmig_2ch_against_qemu_multifd_2ch() {
+    let a = assets();
+    let runs = env_mb("RDMIG_QEMU_BENCH_RUNS", 3);
+    let private = env_mb("RDMIG_QEMU_PRIVATE_MB", 256);
+    let mut failed: Vec<String> = Vec::new();
+    for run in 0..runs {
+        for rate in [0, 50] {
+            let s = Scratch::new(&format!("bench-private-{rate}-{run}"));
+            let booted = boot_source_with(&a, &s, rate, private, vec![]);
+            let r = rdmig_migrate_booted(&a, &s, booted, false, &["--channels", "2"], &[]);
+            let sr = report(&r.send, "send");
+            eprintln!(
+                "ROW-STATE rate {rate}: {} bytes of device state over the {}",
+                sr["bytes"]["device_state"], sr["bytes"]["device_state_path"]
+            );
+            let row = bench_row(
+                "rdmig 2ch, private RAM",
+                rate,
+                &s,
+                &r,
+                &format!("private-{rate}-{run}"),
+            );
+            note_failure(&mut failed, &row);
+            let q = qemu_migrate_guest(&a, rate, true, None, private);
+            record(&q);
+            note_failure(&mut failed, &q);
+        }
+    }
+    assert!(failed.is_empty(), "guests that failed: {failed:#?}");
+}
+
 /// `make qemu-bench`, TLS: rdmig with 2 channels inside TLS 1.3 (`--tls-creds`, with the
 /// PSK bound to the session) next to QEMU's multifd with 2 channels and `tls-creds-x509` on
 /// the same credentials, at 0 and 200 MB/s, interleaved, rows as above.
@@ -1067,6 +1164,7 @@ fn guest_without_shared_file_ram_is_refused_and_keeps_running() {
             name: "src",
             rate: 0,
             ram: None,
+            private_mb: 0,
             incoming: false,
             extra: vec![],
         },
@@ -1089,12 +1187,81 @@ fn guest_without_shared_file_ram_is_refused_and_keeps_running() {
     .wait(Duration::from_secs(60));
     assert_eq!(e.code, Some(1), "{}", e.stderr);
     assert!(
-        e.stderr
-            .contains("is a memory-backend-ram, not a shared file"),
+        e.stderr.contains("is not a RAM backend of this guest"),
         "{}",
         e.stderr
     );
     assert_eq!(src.status(), "running");
+}
+
+/// MiB of private RAM in the tests of guests that have some.
+const PRIVATE_MB: u64 = 128;
+
+/// spec: STATE-1: a guest whose private RAM (it all becomes downtime) exceeds the operator's
+/// limit is refused before anything is paused, with a message that says why, and keeps
+/// running.
+#[test]
+#[ignore = "needs QEMU 10 and the test guest: run `make qemu`"]
+fn state_1_a_guest_with_more_private_ram_than_allowed_is_refused_and_keeps_running() {
+    let a = assets();
+    let s = Scratch::new("private-limit");
+    let (src, _) = boot_source_with(&a, &s, 0, PRIVATE_MB, vec![]);
+    let mut args = send_args(&s, "127.0.0.1:9".into(), &[]);
+    args.extend(["--max-private-ram".into(), "64MiB".into()]);
+    let e = Proc::spawn("rdmig send", &args).wait(Duration::from_secs(60));
+    assert_eq!(e.code, Some(1), "{}", e.stderr);
+    assert!(
+        e.stderr.contains("private RAM")
+            && e.stderr.contains("downtime")
+            && e.stderr.contains("--max-private-ram"),
+        "{}",
+        e.stderr
+    );
+    assert_eq!(src.status(), "running");
+}
+
+/// spec: STATE-1 .. STATE-5: a guest with private RAM beside its shared file migrates live:
+/// the shared file by rdmig's rounds, the private RAM inside QEMU's device state, streamed
+/// over the data channels while the final round runs and loaded by the destination QEMU as
+/// it lands; the guest verifies all its memory (the private node holds its first pages).
+#[test]
+#[ignore = "needs QEMU 10 and the test guest: run `make qemu`"]
+fn state_3_a_guest_with_private_ram_migrates_with_it_in_its_device_state() {
+    let a = assets();
+    let s = Scratch::new("private-ram");
+    let booted = boot_source_with(&a, &s, 50, PRIVATE_MB, vec![]);
+    let r = rdmig_migrate_booted(&a, &s, booted, true, &["--channels", "2", "--verify"], &[]);
+    let sr = report(&r.send, "send");
+    let rr = report(&r.recv, "recv");
+    assert_eq!(
+        (r.send.code, r.recv.code),
+        (Some(0), Some(0)),
+        "send {sr}\nrecv {rr}\nrecv stderr:\n{}",
+        r.recv.stderr
+    );
+    assert_eq!(sr["status"], "completed");
+    assert_eq!(rr["guest"], "running");
+    assert_eq!(sr["bytes"]["device_state_path"], "data channels", "{sr}");
+    let state = sr["bytes"]["device_state"].as_u64().unwrap();
+    assert!(
+        state > 64 << 20,
+        "the private RAM's pages travel in the device state: {state} bytes"
+    );
+    assert_eq!(rr["bytes"]["device_state"].as_u64(), Some(state), "{rr}");
+    let row = Row {
+        tool: "rdmig 2ch --verify, private RAM",
+        rate: 50,
+        total_ms: sr["total_time_ms"].as_u64().unwrap(),
+        downtime_ms: sr["downtime_ms"].as_u64().unwrap(),
+        transferred_mb: sr["bytes"]["data"].as_u64().unwrap() as f64 / 1e6,
+        dirtied_mb_s: dirtied(&r.src),
+        survived: check_continues(&r.src, &r.dst),
+        phases: sr["phases"].clone(),
+    };
+    record(&row);
+    if let Err(e) = &row.survived {
+        panic!("the guest did not survive: {e}");
+    }
 }
 
 /// A tick line the pause cut short is not read as a failed verification.

@@ -36,6 +36,10 @@ pub enum Detail {
     StartFailed,
     #[error("received memory differs from the source")]
     DigestMismatch,
+    #[error("received device state differs from the source's")]
+    StateDigest,
+    #[error("the device state's consumer refused it")]
+    StateRefused,
 
     // ---- negotiation (HELLO, HELLO_ACK, AUTH, BLOCK_TABLE)
     #[error("no common protocol version")]
@@ -138,6 +142,18 @@ pub enum Detail {
     StateTotalChanged,
     #[error("device state not contiguous")]
     StateGap,
+    #[error("DEVICE_STATE in a session whose device state uses the state area")]
+    StateOnControl,
+    #[error("STATE_PLACED in a session without a state area")]
+    NoStateArea,
+    #[error("STATE_PLACED not growing, or beyond the state area")]
+    StatePlacedOrder,
+    #[error("REG_REQUEST after the final round names a chunk outside the state area")]
+    RegOutsideStateArea,
+    #[error("PREPARE with a registration outstanding")]
+    PrepareBusy,
+    #[error("HELLO_ACK offers a state area larger than proposed")]
+    StateAreaOverMax,
     #[error("digests out of order or beyond the chunk count")]
     DigestOrder,
     #[error("PREPARE counts differ from what was received")]
@@ -156,6 +172,10 @@ pub enum Detail {
     ScanShape,
     #[error("device state larger than the protocol allows")]
     StateTooLarge,
+    #[error("device state larger than the negotiated state area")]
+    StateOverArea,
+    #[error("device state bytes reported shrinking or after the end")]
+    StateProgress,
     #[error("digest count differs from chunk count")]
     DigestCount,
     #[error("registration result for a block or chunk not being registered")]

@@ -129,9 +129,15 @@ impl PageBitmap {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Geometry {
     pub chunk_log2: u8,
+    /// The RAM blocks in table order, then the state area when the session has one.
     pub blocks: Vec<BlockGeom>,
+    /// Chunks and bytes of every block, the state area included.
     pub total_chunks: u32,
     pub total_bytes: u64,
+    /// The RAM blocks alone: what dirty scans, ZERO and digests cover (spec: STATE-2).
+    pub ram_blocks: usize,
+    pub ram_chunks: u32,
+    pub ram_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -173,10 +179,45 @@ impl Geometry {
         }
         Ok(Geometry {
             chunk_log2,
+            ram_blocks: out.len(),
             blocks: out,
             total_chunks: total as u32,
             total_bytes: bytes,
+            ram_chunks: total as u32,
+            ram_bytes: bytes,
         })
+    }
+
+    /// This geometry with a state area of `len` bytes appended as one more block of
+    /// `STATE_PAGE_LOG2` pages, its chunks numbered after every RAM chunk (spec: STATE-2).
+    /// `len` 0 adds nothing.
+    pub fn with_state_area(&self, len: u64) -> Result<Self, crate::Detail> {
+        let mut g = self.clone();
+        if len == 0 {
+            return Ok(g);
+        }
+        let log2 = crate::wire::STATE_PAGE_LOG2;
+        debug_assert!(len.is_multiple_of(1 << log2) && log2 <= self.chunk_log2);
+        let chunks = len.div_ceil(1u64 << self.chunk_log2);
+        let total = self.total_chunks as u64 + chunks;
+        if total > MAX_TOTAL_CHUNKS {
+            return Err(crate::Detail::TooManyChunks);
+        }
+        g.blocks.push(BlockGeom {
+            length: len,
+            page_log2: log2,
+            pages: len >> log2,
+            chunks: chunks as u32,
+            first_chunk: self.total_chunks,
+        });
+        g.total_chunks = total as u32;
+        g.total_bytes += len;
+        Ok(g)
+    }
+
+    /// The state area's block index, when the session has one.
+    pub fn state_block(&self) -> Option<usize> {
+        (self.blocks.len() > self.ram_blocks).then_some(self.ram_blocks)
     }
     pub fn chunk_size(&self) -> u64 {
         1u64 << self.chunk_log2
@@ -212,7 +253,7 @@ impl Geometry {
     /// only pages it reports dirty.
     pub fn scan_fits(&self, scan: &crate::DirtyScan) -> bool {
         let fits = |v: &[PageBitmap]| {
-            v.len() == self.blocks.len()
+            v.len() == self.ram_blocks
                 && v.iter().zip(&self.blocks).all(|(d, b)| d.len() == b.pages)
         };
         // The all-zero pages are a subset of the dirty ones.

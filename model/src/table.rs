@@ -20,7 +20,8 @@ pub enum SrcPhase {
     AwaitRoundAck,
     /// Converged (or out of rounds): workload pause requested.
     Pausing,
-    /// Final round acknowledged: capturing device state and digests, sending them and PREPARE.
+    /// Final round acknowledged: sending the device state (DEVICE_STATE, or writes into the
+    /// state area announced by STATE_PLACED), the digests and PREPARE.
     Finalizing,
     /// PREPARE sent.
     AwaitPrepared,
@@ -40,9 +41,10 @@ pub enum DstPhase {
     Pinning,
     /// Rounds in progress.
     Receiving,
-    /// Final ROUND_END received: device state, digests, PREPARE.
+    /// Final ROUND_END received: device state (on the control channel, or over the data
+    /// channels into the state area), digests, PREPARE.
     ReceivingTail,
-    /// Computing digests of received memory.
+    /// PREPARE received: the device state's consumer finishing, digests being computed.
     Verifying,
     /// PREPARED sent; starts only on COMMIT (spec: SW-7).
     Prepared,
@@ -73,9 +75,8 @@ pub enum Event {
     Pinned,
     RoundEnd,
     LastRoundEnd,
-    PrepareVerify,
-    PrepareNoVerify,
-    DigestsMatch,
+    Prepare,
+    Verified,
     CommitMsg,
     WorkloadStarted,
     Abort,
@@ -122,9 +123,8 @@ pub const DESTINATION: &[(DstPhase, Event, DstPhase, &str)] = &[
     (D::Pinning, E::Pinned, D::Receiving, "REG-8"),
     (D::Receiving, E::RoundEnd, D::Receiving, "RND-4"),
     (D::Receiving, E::LastRoundEnd, D::ReceivingTail, "SW-2"),
-    (D::ReceivingTail, E::PrepareVerify, D::Verifying, "SW-5"),
-    (D::ReceivingTail, E::PrepareNoVerify, D::Prepared, "SW-5"),
-    (D::Verifying, E::DigestsMatch, D::Prepared, "SW-5"),
+    (D::ReceivingTail, E::Prepare, D::Verifying, "SW-5"),
+    (D::Verifying, E::Verified, D::Prepared, "STATE-4"),
     (D::Prepared, E::CommitMsg, D::Starting, "SW-7"),
     (D::Starting, E::WorkloadStarted, D::Done, "SW-7"),
     (D::AwaitHello, E::Abort, D::Done, "ERR-1"),

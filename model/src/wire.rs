@@ -27,8 +27,12 @@ pub const MAX_REG_BATCH: usize = 1024;
 pub const MAX_ZERO_RANGES: usize = 2048;
 /// Device-state bytes in one DEVICE_STATE message (spec: SW-3).
 pub const MAX_STATE_CHUNK: usize = 32_768;
-/// Largest device-state blob (spec: SW-3).
+/// Largest device-state blob sent on the control channel (spec: SW-3).
 pub const MAX_DEVICE_STATE: u32 = 64 << 20;
+/// Largest state area: device state carried over the data channels (spec: STATE-1).
+pub const MAX_STATE_AREA: u64 = 1 << 40;
+/// The state area's page size, as log2 of bytes; its length is a multiple of it (spec: STATE-1).
+pub const STATE_PAGE_LOG2: u8 = 12;
 /// Digests in one DIGESTS message (spec: SW-4).
 pub const MAX_DIGEST_BATCH: usize = 4096;
 /// Smallest and largest chunk size, as log2 of bytes (spec: HS-3).
@@ -72,6 +76,7 @@ pub mod code {
     pub const STARTED: u8 = 0x12;
     pub const ABORT: u8 = 0x13;
     pub const NOP: u8 = 0x14;
+    pub const STATE_PLACED: u8 = 0x15;
 }
 
 /// Why a byte string is not a valid frame. One variant per cause, so tests and fuzz oracles
@@ -159,6 +164,9 @@ pub struct Hello {
     /// Control messages the source can receive at once (its posted receive buffers).
     pub credit_window: u16,
     pub nonce: [u8; NONCE_LEN],
+    /// Largest device state the source may send over the data channels; 0 = none, the
+    /// device state travels on the control channel (spec: STATE-1).
+    pub state_max: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -172,6 +180,9 @@ pub struct HelloAck {
     pub pin_budget: u64,
     pub nonce: [u8; NONCE_LEN],
     pub mac: [u8; MAC_LEN],
+    /// The state area the destination holds for this session, at most `state_max`; 0 = the
+    /// device state travels on the control channel (spec: STATE-1).
+    pub state_capacity: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -258,7 +269,8 @@ pub enum Message {
     BlockTable {
         blocks: Vec<BlockDesc>,
     },
-    /// One remote key per block: the whole-block registration in pin-all mode, 0 in dynamic mode.
+    /// One remote key per block (then one for the state area, if any): the whole-block
+    /// registration in pin-all mode, 0 in dynamic mode.
     BlockTableAck {
         rkeys: Vec<u32>,
     },
@@ -302,8 +314,10 @@ pub enum Message {
         digests: Vec<u64>,
     },
     Prepare {
-        state_len: u32,
+        state_len: u64,
         digest_count: u32,
+        /// XXH3-64 of the device state's bytes when digests are negotiated, else 0.
+        state_digest: u64,
     },
     Prepared,
     Commit,
@@ -312,6 +326,11 @@ pub enum Message {
         reason: AbortReason,
     },
     Nop,
+    /// The first `placed` bytes of the device state are in the destination's state area
+    /// (spec: STATE-3).
+    StatePlaced {
+        placed: u64,
+    },
 }
 
 /// A message plus the credit grant every frame carries (spec: FC-2).
@@ -346,6 +365,7 @@ impl Message {
             Started => code::STARTED,
             Abort { .. } => code::ABORT,
             Nop => code::NOP,
+            StatePlaced { .. } => code::STATE_PLACED,
         }
     }
 
@@ -375,7 +395,8 @@ impl Message {
                     h.credit_window as u64,
                     MIN_CREDIT_WINDOW as u64,
                     MAX_CREDIT_WINDOW as u64,
-                )
+                )?;
+                state_area("state_max", h.state_max)
             }
             HelloAck(a) => {
                 range("version", a.version as u64, 1, u16::MAX as u64)?;
@@ -385,7 +406,8 @@ impl Message {
                     a.credit_window as u64,
                     MIN_CREDIT_WINDOW as u64,
                     MAX_CREDIT_WINDOW as u64,
-                )
+                )?;
+                state_area("state_capacity", a.state_capacity)
             }
             Auth { .. } | Prepared | Commit | Started | Nop | Abort { .. } => Ok(()),
             BlockTable { blocks } => {
@@ -411,7 +433,7 @@ impl Message {
                 Ok(())
             }
             BlockTableAck { rkeys } => {
-                range("block_count", rkeys.len() as u64, 1, MAX_BLOCKS as u64)
+                range("block_count", rkeys.len() as u64, 1, MAX_BLOCKS as u64 + 1)
             }
             RegRequest { chunks, .. } | UnregRequest { chunks, .. } => {
                 range("chunk_count", chunks.len() as u64, 1, MAX_REG_BATCH as u64)
@@ -470,9 +492,8 @@ impl Message {
                     u32::MAX as u64,
                 )
             }
-            Prepare { state_len, .. } => {
-                range("state_len", *state_len as u64, 0, MAX_DEVICE_STATE as u64)
-            }
+            Prepare { state_len, .. } => range("state_len", *state_len, 0, MAX_STATE_AREA),
+            StatePlaced { placed } => range("placed", *placed, 1, MAX_STATE_AREA),
         }
     }
 }
@@ -500,6 +521,7 @@ pub fn code_name(c: u8) -> Option<&'static str> {
         code::STARTED => "STARTED",
         code::ABORT => "ABORT",
         code::NOP => "NOP",
+        code::STATE_PLACED => "STATE_PLACED",
         _ => return None,
     })
 }
@@ -510,6 +532,15 @@ fn range(field: &'static str, value: u64, lo: u64, hi: u64) -> Result<(), WireEr
     } else {
         Ok(())
     }
+}
+
+/// A state area length: at most `MAX_STATE_AREA`, whole state pages (spec: STATE-1).
+fn state_area(field: &'static str, len: u64) -> Result<(), WireError> {
+    range(field, len, 0, MAX_STATE_AREA)?;
+    if len & ((1u64 << STATE_PAGE_LOG2) - 1) != 0 {
+        return Err(WireError::OutOfRange { field, value: len });
+    }
+    Ok(())
 }
 
 fn validate_params(p: &Params) -> Result<(), WireError> {
@@ -602,6 +633,7 @@ fn encode_payload(msg: &Message, out: &mut Vec<u8>) {
             put_params(&h.params, out);
             out.extend_from_slice(&h.credit_window.to_le_bytes());
             out.extend_from_slice(&h.nonce);
+            out.extend_from_slice(&h.state_max.to_le_bytes());
         }
         HelloAck(a) => {
             out.extend_from_slice(&a.version.to_le_bytes());
@@ -611,6 +643,7 @@ fn encode_payload(msg: &Message, out: &mut Vec<u8>) {
             out.extend_from_slice(&a.pin_budget.to_le_bytes());
             out.extend_from_slice(&a.nonce);
             out.extend_from_slice(&a.mac);
+            out.extend_from_slice(&a.state_capacity.to_le_bytes());
         }
         Auth { mac } => out.extend_from_slice(mac),
         BlockTable { blocks } => {
@@ -682,10 +715,14 @@ fn encode_payload(msg: &Message, out: &mut Vec<u8>) {
         Prepare {
             state_len,
             digest_count,
+            state_digest,
         } => {
             out.extend_from_slice(&state_len.to_le_bytes());
             out.extend_from_slice(&digest_count.to_le_bytes());
+            out.extend_from_slice(&[0; 4]);
+            out.extend_from_slice(&state_digest.to_le_bytes());
         }
+        StatePlaced { placed } => out.extend_from_slice(&placed.to_le_bytes()),
         Abort { reason } => out.extend_from_slice(&(*reason as u16).to_le_bytes()),
         Prepared | Commit | Started | Nop => {}
     }
@@ -961,6 +998,7 @@ fn decode_payload(code: u8, payload: &[u8]) -> Result<Message, WireError> {
             params: get_params(&mut r)?,
             credit_window: r.u16()?,
             nonce: r.array()?,
+            state_max: r.u64()?,
         }),
         code::HELLO_ACK => Message::HelloAck(HelloAck {
             version: r.u16()?,
@@ -970,6 +1008,7 @@ fn decode_payload(code: u8, payload: &[u8]) -> Result<Message, WireError> {
             pin_budget: r.u64()?,
             nonce: r.array()?,
             mac: r.array()?,
+            state_capacity: r.u64()?,
         }),
         code::AUTH => Message::Auth { mac: r.array()? },
         code::BLOCK_TABLE => {
@@ -990,7 +1029,7 @@ fn decode_payload(code: u8, payload: &[u8]) -> Result<Message, WireError> {
             Message::BlockTable { blocks }
         }
         code::BLOCK_TABLE_ACK => Message::BlockTableAck {
-            rkeys: get_rkeys(&mut r, MAX_BLOCKS)?,
+            rkeys: get_rkeys(&mut r, MAX_BLOCKS + 1)?,
         },
         code::REG_REQUEST => Message::RegRequest {
             req_id: r.u32()?,
@@ -1068,10 +1107,18 @@ fn decode_payload(code: u8, payload: &[u8]) -> Result<Message, WireError> {
                 digests,
             }
         }
-        code::PREPARE => Message::Prepare {
-            state_len: r.u32()?,
-            digest_count: r.u32()?,
-        },
+        code::PREPARE => {
+            let state_len = r.u64()?;
+            let digest_count = r.u32()?;
+            if r.take(4)? != [0; 4] {
+                return Err(WireError::Reserved("PREPARE"));
+            }
+            Message::Prepare {
+                state_len,
+                digest_count,
+                state_digest: r.u64()?,
+            }
+        }
         code::PREPARED => Message::Prepared,
         code::COMMIT => Message::Commit,
         code::STARTED => Message::Started,
@@ -1084,6 +1131,7 @@ fn decode_payload(code: u8, payload: &[u8]) -> Result<Message, WireError> {
             Message::Abort { reason }
         }
         code::NOP => Message::Nop,
+        code::STATE_PLACED => Message::StatePlaced { placed: r.u64()? },
         other => return Err(WireError::UnknownType(other)),
     };
     r.finish()?;
@@ -1111,6 +1159,7 @@ pub fn sample_frames() -> Vec<Frame> {
             params,
             credit_window: 64,
             nonce: [0x11; NONCE_LEN],
+            state_max: 1 << 30,
         }),
         Message::HelloAck(HelloAck {
             version: 1,
@@ -1120,6 +1169,7 @@ pub fn sample_frames() -> Vec<Frame> {
             pin_budget: 1 << 30,
             nonce: [0x22; NONCE_LEN],
             mac: [0x33; MAC_LEN],
+            state_capacity: 256 << 20,
         }),
         Message::Auth {
             mac: [0x44; MAC_LEN],
@@ -1190,6 +1240,7 @@ pub fn sample_frames() -> Vec<Frame> {
         Message::Prepare {
             state_len: 40_000,
             digest_count: 1040,
+            state_digest: 0x0123_4567_89ab_cdef,
         },
         Message::Prepared,
         Message::Commit,
@@ -1198,6 +1249,7 @@ pub fn sample_frames() -> Vec<Frame> {
             reason: AbortReason::DigestMismatch,
         },
         Message::Nop,
+        Message::StatePlaced { placed: 8 << 20 },
     ];
     msgs.into_iter()
         .enumerate()

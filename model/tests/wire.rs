@@ -21,7 +21,7 @@ fn wire_3_every_message_layout_snapshot() {
     let mut codes: Vec<u8> = frames.iter().map(|f| f.msg.code()).collect();
     codes.sort();
     codes.dedup();
-    assert_eq!(codes.len(), 20, "sample set must cover every message type");
+    assert_eq!(codes.len(), 21, "sample set must cover every message type");
     for f in frames {
         let bytes = encode_to_vec(&f).unwrap();
         insta::assert_snapshot!(f.msg.name(), hexdump(&bytes));
@@ -93,7 +93,7 @@ fn wire_4_corrupted_frames_decode_or_fail_cleanly() {
 /// spec: WIRE-3: unknown type codes are rejected by the header check.
 #[test]
 fn wire_3_unknown_type_rejected() {
-    for code in [0x00, 0x15, 0x7f, 0xff] {
+    for code in [0x00, 0x16, 0x7f, 0xff] {
         assert_eq!(
             decode(&[code, 0, 0, 0, 0, 0, 0, 0]),
             Err(WireError::UnknownType(code))

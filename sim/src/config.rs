@@ -38,6 +38,10 @@ pub struct MigrationConfig {
     pub pin_budget: Option<u64>,
     /// The destination lists its blocks in another order than the source (spec: BLK-2).
     pub permute_dst_blocks: bool,
+    /// With a state area: the destination's capacity for it (whole 4 KiB pages); `None`
+    /// offers what the source proposes (the device state rounded up to pages). Below the
+    /// device state, the source aborts at capture and resumes (spec: STATE-1, STATE-3).
+    pub state_capacity: Option<u64>,
 }
 
 impl Default for MigrationConfig {
@@ -65,6 +69,7 @@ impl Default for MigrationConfig {
             authenticate: true,
             pin_budget: None,
             permute_dst_blocks: false,
+            state_capacity: None,
         }
     }
 }
@@ -130,10 +135,49 @@ impl SimConfig {
         if m.chunk_log2 < self.guest.page_log2 || m.chunk_log2 > 30 {
             return Err("chunk size must be between the page size and 1 GiB".into());
         }
-        if (self.guest.ram_bytes >> m.chunk_log2) > rdmig_model::MAX_TOTAL_CHUNKS {
+        let state_chunks = self.state_area_bytes().div_ceil(1 << m.chunk_log2);
+        if (self.guest.ram_bytes >> m.chunk_log2) + state_chunks > rdmig_model::MAX_TOTAL_CHUNKS {
             return Err("too many chunks: raise the chunk size".into());
         }
+        if let Some(cap) = m.state_capacity {
+            if !self.guest.state_area {
+                return Err("a state capacity needs the state area".into());
+            }
+            let page = 1u64 << crate::guest::STATE_PAGE_LOG2;
+            if cap == 0 || !cap.is_multiple_of(page) || cap > rdmig_model::wire::MAX_STATE_AREA {
+                return Err("the state capacity must be whole 4 KiB pages, 4 KiB ..= 1 TiB".into());
+            }
+        }
         Ok(())
+    }
+
+    /// The state area the source proposes (`state_max`): the device state rounded up to whole
+    /// 4 KiB pages; 0 without a state area (spec: STATE-1).
+    pub fn state_max(&self) -> u64 {
+        if !self.guest.state_area {
+            return 0;
+        }
+        let page = 1u64 << crate::guest::STATE_PAGE_LOG2;
+        self.guest.device_state_bytes.div_ceil(page) * page
+    }
+
+    /// The destination's capacity for a state area (`state_capacity`); 0 without one.
+    pub fn state_capacity(&self) -> u64 {
+        if !self.guest.state_area {
+            return 0;
+        }
+        self.migration.state_capacity.unwrap_or(self.state_max())
+    }
+
+    /// The state area the handshake settles on: the smaller of the two (spec: STATE-1).
+    pub fn state_area_bytes(&self) -> u64 {
+        self.state_max().min(self.state_capacity())
+    }
+
+    /// The destination's area is smaller than the device state: the source must abort when
+    /// the VMM reports more than fits (spec: STATE-3).
+    pub fn state_exceeds_area(&self) -> bool {
+        self.guest.state_area && self.guest.device_state_bytes > self.state_area_bytes()
     }
 
     /// Rough fault-free duration: everything sent once at link rate plus registration; used
@@ -148,7 +192,31 @@ impl SimConfig {
                 c.reg_fs_per_byte + c.touch_fs_per_byte,
             );
         let cpu = ns(ram, c.send_fs_per_byte.max(c.recv_fs_per_byte)) / self.channels() as u64;
-        c.wire_ns(ram).max(cpu) + chunks * per_chunk / c.reg_threads as u64 + 5_000_000
+        let base = c.wire_ns(ram).max(cpu) + chunks * per_chunk / c.reg_threads as u64 + 5_000_000;
+        base + self.state_estimate_ns()
+    }
+
+    /// What a state area adds to the estimate: capture, production, registration of its
+    /// chunks, the transfer and the consumer, one after the other; 0 without one.
+    fn state_estimate_ns(&self) -> u64 {
+        let area = self.state_area_bytes();
+        if area == 0 {
+            return 0;
+        }
+        let c = self.profile.costs();
+        let g = &self.guest;
+        let at_rate = |bytes: u64, rate: u64| match rate {
+            0 => 0,
+            r => (bytes as u128 * 1_000_000_000 / r as u128) as u64,
+        };
+        let chunk = 1u64 << self.migration.chunk_log2;
+        let per_chunk = c.reg_fixed_ns + ns(chunk, c.reg_fs_per_byte + c.touch_fs_per_byte);
+        let cpu = ns(area, c.send_fs_per_byte.max(c.recv_fs_per_byte)) / self.channels() as u64;
+        g.capture_ns
+            + at_rate(g.device_state_bytes, g.state_save_bytes_per_s)
+            + at_rate(g.device_state_bytes, g.state_load_bytes_per_s)
+            + area.div_ceil(chunk) * per_chunk / c.reg_threads as u64
+            + c.wire_ns(area).max(cpu)
     }
 
     /// Virtual time after the safety phase within which every live side must have an
@@ -162,9 +230,12 @@ impl SimConfig {
             + 1_000_000_000
     }
 
-    /// The pin budget the destination announces.
+    /// The pin budget the destination announces; by default all of RAM and the state area
+    /// (which pin-all registers whole, spec: STATE-2).
     pub fn pin_budget(&self) -> u64 {
-        self.migration.pin_budget.unwrap_or(self.guest.ram_bytes)
+        self.migration
+            .pin_budget
+            .unwrap_or(self.guest.ram_bytes + self.state_area_bytes())
     }
 
     /// Applies one kind's configuration-level effect (pin starvation), drawing the budget
@@ -172,8 +243,9 @@ impl SimConfig {
     fn starve_pin_budget(&mut self, rng: &mut Rng) {
         let chunk = 1u64 << self.migration.chunk_log2;
         let ram = self.guest.ram_bytes;
+        let all = ram + self.state_area_bytes();
         self.migration.pin_budget = Some(if self.migration.pin_all {
-            ram - rng.between(1, ram.min(chunk))
+            all - rng.between(1, ram.min(chunk))
         } else {
             match rng.below(3) {
                 0 => rng.between(1, chunk.min(ram) - 1).max(1),
@@ -232,7 +304,7 @@ impl SimConfig {
                 off_ms: rng.between(0, 50) as u32,
             },
         };
-        g.device_state_bytes = rng.between(1, 200_000) as u32;
+        g.device_state_bytes = rng.between(1, 200_000);
         g.dst_pretouched = rng.chance(500_000);
         let m = &mut c.migration;
         m.pin_all = rng.chance(200_000);
@@ -275,6 +347,48 @@ impl SimConfig {
         g.revert_write_ppm = rng.pick(&[0, 0, 10_000, 300_000]);
         g.hash_scan = base.guest.hash_scan || rng.chance(300_000);
         g.scan_base = ScanBase::Held;
+        c.draw_state_area(&mut rng, base);
         c
+    }
+
+    /// The device state over the data channels (spec: STATE-1 .. STATE-5), in a quarter of
+    /// the seeds (all with a base that has it): a few KiB to several MiB, produced and
+    /// consumed at drawn rates (slow ones keep it in flight for a while), now and then a
+    /// destination whose area is too small; the faults' window grows by what the state
+    /// takes, so they strike while it crosses. Drawn after everything else, so the draws
+    /// above keep their values for every seed.
+    fn draw_state_area(&mut self, rng: &mut Rng, base: &SimConfig) {
+        let goodput = self.profile.costs().goodput_bytes_per_s() as u64;
+        let g = &mut self.guest;
+        g.state_area = base.guest.state_area || rng.chance(250_000);
+        if !g.state_area {
+            self.migration.state_capacity = None;
+            return;
+        }
+        g.device_state_bytes = match rng.below(3) {
+            0 => rng.between(1, 64 << 10),
+            1 => rng.between(64 << 10, 1 << 20),
+            _ => rng.between(1 << 20, 8 << 20),
+        };
+        g.state_save_bytes_per_s = rng.pick(&[0, goodput / 32, goodput / 4, goodput * 2]);
+        g.state_load_bytes_per_s = rng.pick(&[0, goodput / 16, goodput * 4]);
+        g.capture_ns = rng.pick(&[0, 100_000, 1_000_000, 5_000_000]);
+        let max = self.state_max();
+        self.migration.state_capacity = match rng.below(20) {
+            // Smaller than the state: the source aborts at capture.
+            0 if max > 4096 => Some(rng.between(1, max / 4096 - 1) * 4096),
+            // Larger than proposed: the area is the proposal.
+            1 => Some(max + rng.between(1, 16) * 4096),
+            _ => None,
+        };
+        if self.migration.pin_all && self.migration.pin_budget.is_some() {
+            // A starved pin-all budget stays short of RAM and area together.
+            let short = (1u64 << self.migration.chunk_log2).min(self.guest.ram_bytes);
+            self.migration.pin_budget =
+                Some(self.guest.ram_bytes + self.state_area_bytes() - short);
+        }
+        if self.faults.any() {
+            self.faults.safety_ns += rng.between(0, 2 * self.state_estimate_ns());
+        }
     }
 }

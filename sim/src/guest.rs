@@ -20,6 +20,18 @@ use crate::rng::Rng;
 /// guest produces, so a page the migration forgets never compares equal by accident.
 pub const GARBAGE: u32 = u32::MAX;
 
+/// Content of a page of the source's state buffer before the VMM produced it: distinct from
+/// every version the device state's pages take, so a write that reads a page too early
+/// carries a stale version and is caught (spec: STATE-3).
+pub const UNPRODUCED: u32 = GARBAGE - 1;
+
+/// The state area's page size, as log2 of bytes (spec: STATE-2).
+pub const STATE_PAGE_LOG2: u8 = rdmig_model::wire::STATE_PAGE_LOG2;
+
+/// Largest device state the simulator streams into a state area. Its pages cost 4 bytes
+/// each on either side, so 16 GiB of device state is 16 MiB of simulator memory per side.
+pub const MAX_STATE_AREA_BYTES: u64 = 16 << 30;
+
 /// Where the guest's writes go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -177,13 +189,26 @@ pub struct GuestConfig {
     /// Fraction of guest writes that put a page back to the content it had before its last
     /// write (a lock word released, a counter decremented).
     pub revert_write_ppm: u32,
-    pub device_state_bytes: u32,
+    /// The device state handed over at switchover: at most 64 MiB on the control channel,
+    /// up to `MAX_STATE_AREA_BYTES` with `state_area`.
+    pub device_state_bytes: u64,
+    /// The device state travels over the data channels into a state area at the
+    /// destination (spec: STATE-1) instead of in DEVICE_STATE frames.
+    pub state_area: bool,
+    /// With `state_area`: the rate at which the VMM writes its device state into the
+    /// source's state buffer, bytes per second, after `capture_ns`; 0 = all of it at once
+    /// `capture_ns` after the request.
+    pub state_save_bytes_per_s: u64,
+    /// With `state_area`: the rate at which the destination's consumer (the VMM loading
+    /// its devices) takes the device state as it is placed, bytes per second; 0 = at once.
+    pub state_load_bytes_per_s: u64,
     /// Virtual time between two batches of guest writes.
     pub tick_ns: u64,
     /// Time from a pause request to stopped vCPUs, and from a start request to running ones.
     pub pause_ns: u64,
     pub start_ns: u64,
-    /// Time to capture device state.
+    /// Time to capture device state (with `state_area`: until the first bytes of it are in
+    /// the state buffer).
     pub capture_ns: u64,
     /// The destination's memory was pre-faulted (e.g. -mem-prealloc), so pinning it and
     /// receiving into it costs no first-touch faults.
@@ -214,6 +239,9 @@ impl GuestConfig {
             zero_write_ppm: 0,
             revert_write_ppm: 0,
             device_state_bytes: 256 << 10,
+            state_area: false,
+            state_save_bytes_per_s: 0,
+            state_load_bytes_per_s: 0,
             tick_ns: 1_000_000,
             pause_ns: 200_000,
             start_ns: 200_000,
@@ -242,10 +270,14 @@ impl GuestConfig {
         if self.blocks == 0 || self.blocks as usize > rdmig_model::wire::MAX_BLOCKS {
             return Err("blocks must be 1..=64".into());
         }
-        if self.device_state_bytes == 0
-            || self.device_state_bytes > rdmig_model::wire::MAX_DEVICE_STATE
+        if self.state_area {
+            if self.device_state_bytes == 0 || self.device_state_bytes > MAX_STATE_AREA_BYTES {
+                return Err("device state over the data channels must be 1 byte ..= 16 GiB".into());
+            }
+        } else if self.device_state_bytes == 0
+            || self.device_state_bytes > rdmig_model::wire::MAX_DEVICE_STATE as u64
         {
-            return Err("device state must be 1 byte ..= 64 MiB".into());
+            return Err("device state must be 1 byte ..= 64 MiB (more needs a state area)".into());
         }
         if self.tick_ns == 0 {
             return Err("tick must be positive".into());
@@ -542,6 +574,16 @@ impl Guest {
         self.cfg.page_log2
     }
 
+    /// The page size of source block `b`, as log2 of bytes: the guest's for RAM, 4 KiB for
+    /// the state buffer that follows the RAM blocks (spec: STATE-2).
+    pub fn block_page_log2(&self, b: usize) -> u8 {
+        if b < self.mem.len() {
+            self.cfg.page_log2
+        } else {
+            STATE_PAGE_LOG2
+        }
+    }
+
     pub fn total_pages(&self) -> u64 {
         self.total_pages
     }
@@ -588,6 +630,14 @@ pub fn digests(
         }
     }
     out
+}
+
+/// XXH3-64 of page versions as bytes (each page its version's 4 little-endian bytes): the
+/// digest of a device state held as page versions, the same encoding at the source
+/// (`StateDone`) and at the destination's consumer (`StateLoaded`) (spec: STATE-5).
+pub fn versions_digest(versions: &[u32]) -> u64 {
+    let bytes: Vec<u8> = versions.iter().flat_map(|v| v.to_le_bytes()).collect();
+    rdmig_model::digest::chunk_digest(&bytes)
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ use rdmig_sim::{bench, run, swarm, Report, RunResult, SimConfig, SwarmSummary};
     after_help = "Examples:\n  \
     rdmig-sim run --seed 7 --ram 4GiB --dirty 500MB/s --pattern hot:0.1 --plot-dir out\n  \
     rdmig-sim run --seed 7 --faults                 (faults drawn from the seed)\n  \
+    rdmig-sim run --ram 8GiB --device-state 2GiB --state-area --state-save-rate 4GB/s\n  \
     rdmig-sim compare --profiles rdma-100g,tcp-100g --ram 64GiB --dirty 2GB/s\n  \
     rdmig-sim sweep --ram 8GiB --downtime-ms 100 --dirty-to 4GB/s --out sweep.svg\n  \
     rdmig-sim swarm --seeds 1000 --ram 16MiB\n  \
@@ -180,9 +181,26 @@ struct Workload {
     /// RAM blocks.
     #[arg(long, default_value_t = 1)]
     blocks: u8,
-    /// Device state handed over at switchover.
+    /// Device state handed over at switchover (at most 64MiB on the control channel, 16GiB
+    /// with --state-area).
     #[arg(long, default_value = "256KiB")]
     device_state: String,
+    /// The device state travels over the data channels into a state area at the destination
+    /// (spec: STATE-1) instead of in DEVICE_STATE frames on the control channel.
+    #[arg(long)]
+    state_area: bool,
+    /// With --state-area: the rate at which the VMM writes its device state into the state
+    /// buffer, e.g. 2GB/s (0 = all of it at once when captured).
+    #[arg(long, default_value = "0")]
+    state_save_rate: String,
+    /// With --state-area: the rate at which the destination's VMM loads the device state as
+    /// it is placed, e.g. 1GB/s (0 = at once).
+    #[arg(long, default_value = "0")]
+    state_load_rate: String,
+    /// With --state-area: the destination's capacity for it (whole 4KiB pages; default: what
+    /// the source proposes). Below the device state, the source aborts and resumes.
+    #[arg(long, value_name = "SIZE")]
+    state_capacity: Option<String>,
     /// Destination memory pre-faulted (no first-touch cost when pinning or receiving).
     #[arg(long)]
     pretouched: bool,
@@ -288,8 +306,10 @@ impl Workload {
         g.revert_write_ppm = frac(self.revert_writes, "--revert-writes")?;
         g.page_log2 = log2_of(parse_size(&self.page_size)?, "--page-size")?;
         g.blocks = self.blocks;
-        g.device_state_bytes = u32::try_from(parse_size(&self.device_state)?)
-            .map_err(|_| "--device-state too large".to_string())?;
+        g.device_state_bytes = parse_size(&self.device_state)?;
+        g.state_area = self.state_area;
+        g.state_save_bytes_per_s = parse_rate(&self.state_save_rate)?;
+        g.state_load_bytes_per_s = parse_rate(&self.state_load_rate)?;
         g.dst_pretouched = self.pretouched;
         g.hash_scan = self.hash_scan;
         g.scan_base = self.scan_base.parse::<ScanBase>()?;
@@ -325,6 +345,7 @@ impl Workload {
         m.zero_elision = !self.no_zero_elision;
         m.verify_digests = !self.no_verify;
         m.authenticate = !self.insecure;
+        m.state_capacity = self.state_capacity.as_deref().map(parse_size).transpose()?;
         c.validate()?;
         Ok(c)
     }
@@ -349,6 +370,15 @@ impl Workload {
         }
         if let Some(p) = &self.pin_budget {
             a += &format!(" --pin-budget {p}");
+        }
+        if self.state_area {
+            a += &format!(
+                " --state-area --state-save-rate {} --state-load-rate {}",
+                self.state_save_rate, self.state_load_rate
+            );
+        }
+        if let Some(c) = &self.state_capacity {
+            a += &format!(" --state-capacity {c}");
         }
         a += &format!(" --pause-ms {} --start-ms {}", self.pause_ms, self.start_ms);
         for (on, flag) in [

@@ -103,6 +103,35 @@ pub struct Downtime {
     pub verify_ms: Option<f64>,
     /// COMMIT to the destination's workload running.
     pub commit_to_start_ms: Option<f64>,
+    /// Final ROUND_ACK to PREPARE sent: what the device state (and the digests) added to the
+    /// downtime before the destination could vote.
+    pub ack_to_prepare_ms: Option<f64>,
+}
+
+/// The device state and its path (spec: SW-3, STATE-1 .. STATE-5).
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceStateReport {
+    /// `control` (DEVICE_STATE frames) or `area` (writes into the state area).
+    pub path: &'static str,
+    pub bytes: u64,
+    /// The negotiated state area (0 on the control channel).
+    pub area_bytes: u64,
+    /// Device-state bytes the source wrote into the area, the writes that carried them, and
+    /// what the destination's NIC placed of them per data channel.
+    pub written_bytes: u64,
+    pub writes: u64,
+    /// Those writes on the wire, headers included.
+    pub wire_bytes: u64,
+    pub placed_by_channel: Vec<u64>,
+    /// Bytes the destination fed its consumer (STATE_PLACED).
+    pub fed_bytes: u64,
+    /// The VMM's production rate and the consumer's rate, bytes per second (0: at once).
+    pub save_bytes_per_s: u64,
+    pub load_bytes_per_s: u64,
+    /// From the final ROUND_ACK: the VMM done producing, and the consumer done loading
+    /// (negative when it happened before the ROUND_ACK).
+    pub produced_after_ack_ms: Option<f64>,
+    pub loaded_after_ack_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -130,6 +159,7 @@ pub struct Report {
     /// Source pause to destination workload running.
     pub downtime_ms: Option<f64>,
     pub downtime: Downtime,
+    pub device_state: DeviceStateReport,
     pub predicted_downtime_ms: Option<f64>,
     pub downtime_limit_ms: u64,
     pub bytes: Bytes,
@@ -220,6 +250,7 @@ impl Report {
             setup_ms: st.setup_done_ns.map(ms),
             downtime_ms: st.paused_ns.zip(st.dst_started_ns).map(|(p, s)| ms(s - p)),
             downtime: downtime_parts(st),
+            device_state: device_state_report(sim),
             predicted_downtime_ms: st.predicted_downtime_ns.map(ms),
             downtime_limit_ms: cfg.migration.downtime_limit_ms,
             bytes: byte_counts(sim),
@@ -330,6 +361,28 @@ impl Report {
                 opt_ms(self.downtime.final_round_ms),
                 opt_ms(self.downtime.verify_ms),
                 opt_ms(self.downtime.commit_to_start_ms)
+            ));
+        }
+        let d = &self.device_state;
+        if d.path == "area" {
+            let rel = |t: Option<f64>| {
+                t.map(|t| format!("{t:+.3} ms"))
+                    .unwrap_or_else(|| "-".into())
+            };
+            line(format!(
+                "device state {} over the data channels into a {} state area: {} written in {} writes ({} with headers), {} fed to the consumer",
+                fmt_bytes(d.bytes),
+                fmt_bytes(d.area_bytes),
+                fmt_bytes(d.written_bytes),
+                d.writes,
+                fmt_bytes(d.wire_bytes),
+                fmt_bytes(d.fed_bytes)
+            ));
+            line(format!(
+                "device state in the downtime: final ROUND_ACK to PREPARE {} (from the ROUND_ACK: produced {}, loaded {})",
+                opt_ms(self.downtime.ack_to_prepare_ms),
+                rel(d.produced_after_ack_ms),
+                rel(d.loaded_after_ack_ms)
             ));
         }
     }
@@ -483,6 +536,37 @@ fn downtime_parts(st: &Stats) -> Downtime {
             .commit_sent_ns
             .zip(st.dst_started_ns)
             .map(|(c, s)| ms(s - c)),
+        ack_to_prepare_ms: st
+            .final_ack_ns
+            .zip(st.prepare_sent_ns)
+            .map(|(a, p)| ms(p.saturating_sub(a))),
+    }
+}
+
+fn device_state_report(sim: &Sim) -> DeviceStateReport {
+    let (cfg, st) = (&sim.cfg, &sim.stats);
+    let area = cfg.state_area_bytes();
+    let after_ack = |t: Option<u64>| {
+        t.zip(st.final_ack_ns)
+            .map(|(t, a)| (t as f64 - a as f64) / 1e6)
+    };
+    DeviceStateReport {
+        path: if cfg.guest.state_area {
+            "area"
+        } else {
+            "control"
+        },
+        bytes: cfg.guest.device_state_bytes,
+        area_bytes: area,
+        written_bytes: sim.src_stats.state_bytes,
+        writes: sim.src_stats.state_writes,
+        wire_bytes: st.state_wire_bytes,
+        placed_by_channel: st.state_placed_by_channel.clone(),
+        fed_bytes: st.state_fed_bytes,
+        save_bytes_per_s: cfg.guest.state_save_bytes_per_s,
+        load_bytes_per_s: cfg.guest.state_load_bytes_per_s,
+        produced_after_ack_ms: after_ack(st.state_done_ns),
+        loaded_after_ack_ms: after_ack(st.state_loaded_ns),
     }
 }
 

@@ -39,8 +39,14 @@ pub enum Tag {
     Scan,
     Paused,
     Resumed,
-    /// a = device state bytes.
+    /// a = device state bytes, b = 1 if it streams into the state area.
     DeviceState,
+    /// a = device-state bytes in the state buffer, b = 1 once complete.
+    StateProduced,
+    /// a = the placed prefix fed to the consumer, b = pages fed now.
+    StateFed,
+    /// a = device-state bytes the consumer holds, b = ns until it has loaded them.
+    StateLoaded,
     /// a = side.
     Digests,
     StartWorkload,
@@ -83,7 +89,30 @@ impl std::fmt::Display for Rec {
             Tag::Scan => write!(f, "dirty scan (all={}) {} pages", self.a, self.b),
             Tag::Paused => write!(f, "source workload paused"),
             Tag::Resumed => write!(f, "source workload resumed"),
+            Tag::DeviceState if self.b == 1 => {
+                write!(
+                    f,
+                    "device state requested into the state area ({} bytes)",
+                    self.a
+                )
+            }
             Tag::DeviceState => write!(f, "device state captured ({} bytes)", self.a),
+            Tag::StateProduced => write!(
+                f,
+                "device state produced up to {} bytes{}",
+                self.a,
+                if self.b == 1 { " (complete)" } else { "" }
+            ),
+            Tag::StateFed => write!(
+                f,
+                "consumer fed device state up to {} bytes ({} pages)",
+                self.a, self.b
+            ),
+            Tag::StateLoaded => write!(
+                f,
+                "consumer finishes {} bytes of device state in {} ns",
+                self.a, self.b
+            ),
             Tag::Digests => write!(f, "{} digests computed", side(self.a)),
             Tag::StartWorkload => write!(f, "destination start requested"),
             Tag::Started => write!(f, "destination workload running"),
@@ -111,7 +140,7 @@ impl std::fmt::Display for Rec {
 }
 
 /// Names of input kinds, indexed by `src_input_kind` and `lsn_input_kind`.
-pub const INPUT_KINDS: [&str; 21] = [
+pub const INPUT_KINDS: [&str; 25] = [
     "Start",
     "Frame",
     "Malformed",
@@ -133,6 +162,10 @@ pub const INPUT_KINDS: [&str; 21] = [
     "Accepted",
     "DataHello",
     "Closed",
+    "StateProduced",
+    "StateDone",
+    "StateLoaded",
+    "StateFailed",
 ];
 
 pub fn src_input_kind(i: &SrcInput) -> u64 {
@@ -152,6 +185,8 @@ pub fn src_input_kind(i: &SrcInput) -> u64 {
         SrcInput::Cancel => 15,
         SrcInput::DataOpened { .. } => 16,
         SrcInput::DataLost { .. } => 17,
+        SrcInput::StateProduced { .. } => 21,
+        SrcInput::StateDone { .. } => 22,
     }
 }
 
@@ -164,6 +199,8 @@ pub fn lsn_input_kind(i: &LsnInput) -> u64 {
         LsnInput::Local(DstInput::WorkloadStarted) => 9,
         LsnInput::Local(DstInput::WorkloadFailed) => 10,
         LsnInput::Local(DstInput::Digests(_)) => 12,
+        LsnInput::Local(DstInput::StateLoaded { .. }) => 23,
+        LsnInput::Local(DstInput::StateFailed) => 24,
         LsnInput::Timer(_) | LsnInput::Local(DstInput::Timer(_)) => 13,
         LsnInput::Local(DstInput::TransportFailed) => 14,
         LsnInput::Cancel | LsnInput::Local(DstInput::Cancel) => 15,

@@ -84,7 +84,7 @@ pub struct Case {
     pub channels: u8,
     pub verify: bool,
     pub hash_scan: bool,
-    pub device_state_bytes: u32,
+    pub device_state_bytes: u64,
     pub total_ms: f64,
     pub downtime_ms: f64,
 }

@@ -4,7 +4,9 @@
 # next to QEMU's own multifd migration with 2 channels, at 0, 50 and 200 MB/s, three runs each
 # (RDMIG_QEMU_BENCH_RUNS), interleaved; then both inside TLS (rdmig --tls-creds, QEMU multifd
 # with tls-creds-x509 on the same credentials) at 0 and 200 MB/s (RDMIG_QEMU_BENCH_TLS=0 to
-# skip). Every run is a JSON line in target/qemu-cache/results.jsonl; the tables show medians
+# skip); then a guest with 256 MiB of private RAM beside the shared file
+# (RDMIG_QEMU_PRIVATE_MB), rdmig against QEMU multifd at 0 and 50 MB/s
+# (RDMIG_QEMU_BENCH_PRIVATE=0 to skip). Every run is a JSON line in target/qemu-cache/results.jsonl; the tables show medians
 # and the ratios rdmig / QEMU.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -18,6 +20,10 @@ rm -f "$RDMIG_QEMU_RESULTS"
 cd "$ROOT"
 cargo test --release -q -p rdmig --test qemu_guest -- --ignored --test-threads=1 --nocapture \
 	bench_rdmig_2ch_against_qemu_multifd_2ch 2>&1 | grep -E '^(ROW|DIFF|test |thread)' || true
+if [ "${RDMIG_QEMU_BENCH_PRIVATE:-1}" != 0 ]; then
+	cargo test --release -q -p rdmig --test qemu_guest -- --ignored --test-threads=1 --nocapture \
+		bench_private_ram_rdmig_2ch_against_qemu_multifd_2ch 2>&1 | grep -E '^(ROW|DIFF|test |thread)' || true
+fi
 if [ "${RDMIG_QEMU_BENCH_TLS:-1}" != 0 ]; then
 	cargo test --release -q -p rdmig --test qemu_guest -- --ignored --test-threads=1 --nocapture \
 		bench_tls_rdmig_2ch_against_qemu_multifd_tls_2ch 2>&1 | grep -E '^(ROW|DIFF|test |thread)' || true
@@ -56,6 +62,18 @@ if tls:
             continue
         clear = f"{rt / ct:.2f}" if ct else "-"
         print(f"| {rate} | {rt:.0f} / {rd:.0f} | {qt:.0f} / {qd:.0f} | {rt / qt:.2f} | {rd / qd:.2f} | {clear} |")
+private = sorted({r["rate_mb_s"] for r in rows if r["tool"] == "rdmig 2ch, private RAM"})
+if private:
+    print()
+    print("| dirty MB/s | rdmig 2ch, private RAM total / downtime (ms) | QEMU multifd 2ch, same guest total / downtime (ms) | ratio total | ratio downtime |")
+    print("|---|---|---|---|---|")
+    for rate in private:
+        rt, rd = med("rdmig 2ch, private RAM", rate, "total_ms"), med("rdmig 2ch, private RAM", rate, "downtime_ms")
+        qt, qd = med("qemu multifd 2ch, private RAM", rate, "total_ms"), med("qemu multifd 2ch, private RAM", rate, "downtime_ms")
+        if None in (rt, rd, qt, qd):
+            print(f"| {rate} | (missing runs) |")
+            continue
+        print(f"| {rate} | {rt:.0f} / {rd:.0f} | {qt:.0f} / {qd:.0f} | {rt / qt:.2f} | {rd / qd:.2f} |")
 for r in bad:
     print("GUEST FAILED:", r)
 sys.exit(1 if bad else 0)

@@ -104,7 +104,8 @@ pub struct RecvArgs {
     /// RAM block NAME=PATH:SIZE (repeatable); files are created or resized and pre-faulted.
     #[arg(long = "ram", required = true, value_parser = cli::parse_ram)]
     pub ram: Vec<RamSpec>,
-    /// Most bytes registered for remote writes at once (default: all memory).
+    /// Most bytes registered for remote writes at once (default: all memory, the device
+    /// state's staging area included).
     #[arg(long, value_parser = cli::parse_size)]
     pub pin_budget: Option<u64>,
     /// Most data channels accepted.
@@ -116,12 +117,19 @@ pub struct RecvArgs {
     /// Process (stopped) to continue after commit.
     #[arg(long)]
     pub start_pid: Option<i32>,
-    /// Where to write the received device state.
+    /// Where to write the received device state (written as it arrives, beside this path
+    /// until the commit, then renamed to it).
     #[arg(long)]
     pub state_out: Option<PathBuf>,
+    /// Largest device state taken over the data channels into a staging area (0: device
+    /// state only on the control channel, at most 64 MiB). Default: 16 GiB or half the
+    /// memory available at start, whichever is smaller; memory is taken only as state
+    /// arrives, and a state the memory cannot hold is refused before the commit.
+    #[arg(long, value_parser = cli::parse_size)]
+    pub max_state_size: Option<u64>,
     /// QMP socket of the destination QEMU, waiting with `-incoming defer` on the --ram files
-    /// (memory-backend-file, share=on). After commit rdmig loads the received device state
-    /// into it (x-ignore-shared) and runs the guest.
+    /// (memory-backend-file, share=on). rdmig loads the device state into it as it arrives
+    /// (x-ignore-shared, its autostart off) and runs the guest after commit.
     #[arg(long)]
     pub qemu_qmp: Option<PathBuf>,
     /// Command that starts the destination QEMU (with `-incoming defer` and `-qmp
@@ -208,6 +216,16 @@ pub struct SendArgs {
     /// Quit the source QEMU after commit (default: leave it stopped).
     #[arg(long, requires = "qemu_qmp")]
     pub qemu_quit: bool,
+    /// Most guest RAM QEMU may keep privately (a memory-backend-ram, or a file without
+    /// share=on): it travels inside QEMU's device state, all of it during the downtime.
+    #[arg(long, default_value = "1GiB", value_parser = cli::parse_size, requires = "qemu_qmp")]
+    pub max_private_ram: u64,
+    /// Largest device state sent over the data channels, streamed while the final round
+    /// runs (0: on the control channel, at most 64 MiB). Default: for a QEMU guest with
+    /// private RAM, that RAM plus 64 MiB; for a --state-in file over 64 MiB, its size;
+    /// otherwise 0.
+    #[arg(long, value_parser = cli::parse_size)]
+    pub max_state_size: Option<u64>,
     /// Disable zero-page elision.
     #[arg(long)]
     pub no_zero_elision: bool,
@@ -376,6 +394,11 @@ pub struct DemoArgs {
 pub struct BenchArgs {
     #[arg(long, default_value = "1GiB", value_parser = cli::parse_size)]
     pub size: u64,
+    /// Device state of random bytes migrated beside 64 MiB of RAM, over the data channels
+    /// and (64 MiB of it) over the control channel, for their rates and the downtime it adds
+    /// (0: not measured).
+    #[arg(long, default_value = "1GiB", value_parser = cli::parse_size)]
+    pub state_size: u64,
     /// Print the figures as one JSON object.
     #[arg(long)]
     pub json: bool,

@@ -12,7 +12,7 @@ use rdmig::report::{FileReport, Report, Status};
 use rdmig::savefile::{SaveTarget, SavedImage};
 use rdmig::transport::file::{self, FileSide};
 use rdmig::transport::{self, SrcEvent};
-use rdmig::vmm::control::{DestWorkload, SourceWorkload, StateSink};
+use rdmig::vmm::control::{DestWorkload, SourceWorkload, StateConsumer};
 use rdmig_model::wire::{self, DigestAlg};
 use rdmig_model::{DestConfig, DirtyScan, ListenerConfig, PageBitmap, SourceConfig};
 
@@ -148,7 +148,8 @@ pub fn save(a: SaveArgs) -> Result<ExitCode, String> {
     // spec: SAVE-1: paused before the machine starts, the workload is the machine's to resume
     // on any abort.
     cfg.paused_at_start = !a.live;
-    let qemu = super::send::attach_qemu(a.qemu_qmp.as_deref(), &a.ram, &blocks)?;
+    // A save file keeps the device state whole (at most 64 MiB): no private RAM in it.
+    let qemu = super::send::attach_qemu(a.qemu_qmp.as_deref(), &a.ram, &blocks, 0)?;
     let (workload, resume) = super::send::source_workload(
         a.pid,
         a.pause_cmd.as_deref(),
@@ -241,6 +242,7 @@ pub fn save(a: SaveArgs) -> Result<ExitCode, String> {
         known_digests: (!a.live)
             .then(|| KnownDigests::computing(blocks.clone(), digest, chunk_log2, a.common.threads)),
         sent_pages,
+        state_buffer: None,
     };
     let dst = DestRun {
         cfg: dest_config(&dst_blocks, key, a.common.idle_timeout),
@@ -249,7 +251,8 @@ pub fn save(a: SaveArgs) -> Result<ExitCode, String> {
             save: Some(target.clone()),
             ..Default::default()
         },
-        state: StateSink::default(),
+        state: StateConsumer::memory(),
+        state_area: None,
         threads: a.common.threads,
     };
     let (fd, base, direct) = target.data();
@@ -369,6 +372,7 @@ pub fn restore(a: RestoreArgs) -> Result<ExitCode, String> {
             img.trailer.digests.clone(),
         )),
         sent_pages: None,
+        state_buffer: None,
     };
     let dst = DestRun {
         cfg: dest_config(&dst_blocks, key, 30),
@@ -379,10 +383,8 @@ pub fn restore(a: RestoreArgs) -> Result<ExitCode, String> {
             qemu: qemu.clone(),
             save: None,
         },
-        state: StateSink {
-            path: a.state_out.clone(),
-            data: Vec::new(),
-        },
+        state: super::recv::consumer(&qemu, a.state_out.as_deref()),
+        state_area: None,
         threads: a.threads,
     };
     let (fd, base, direct) = img.data();

@@ -12,7 +12,7 @@ use rdmig::memory::ram::RamBlock;
 use rdmig::report::Status;
 use rdmig::transport::tcp::DestTcp;
 use rdmig::transport::{self, Deadlines, DstEvent};
-use rdmig::vmm::control::{DestWorkload, StateSink};
+use rdmig::vmm::control::{DestWorkload, StateConsumer};
 use rdmig::vmm::qemu::{QemuDest, RamFile};
 use rdmig_model::{wire, DestConfig, ListenerConfig};
 
@@ -81,7 +81,8 @@ pub(super) fn attach_qemu(
         l.push(".log");
         PathBuf::from(l)
     });
-    let q = QemuDest::attach(sock, &files, start, &log)
+    // The destination moves no private RAM itself: QEMU loads it from the stream.
+    let q = QemuDest::attach(sock, &files, start, &log, u64::MAX)
         .map_err(|e| format!("destination QEMU: {e}"))?;
     tracing::info!("destination QEMU {} waiting for the guest", q.version());
     Ok(Some(Arc::new(q)))
@@ -105,12 +106,16 @@ fn config(
     key: Option<Vec<u8>>,
 ) -> Result<ListenerConfig, String> {
     let total: u64 = blocks.iter().map(|b| b.len()).sum();
+    let capacity = state_capacity(a.max_state_size)?;
+    // By default every byte may be registered at once: the RAM and the state area (spec:
+    // REG-4; only what the source uses is ever registered).
     let mut cfg = DestConfig::with_defaults(
         blocks.iter().map(|b| b.desc()).collect(),
         key,
-        a.pin_budget.unwrap_or(total),
+        a.pin_budget.unwrap_or(total + capacity),
     );
     cfg.max_channels = a.max_channels.clamp(1, wire::MAX_CHANNELS);
+    cfg.state_capacity = capacity;
     cfg.idle_timeout_ms = a.common.idle_timeout.saturating_mul(1000);
     cfg.keepalive_ms = (cfg.idle_timeout_ms / 4)
         .max(100)
@@ -118,6 +123,55 @@ fn config(
     cfg.validate()
         .map_err(|e| format!("{e} (check --idle-timeout, --max-channels, --pin-budget)"))?;
     Ok(ListenerConfig::new(cfg))
+}
+
+/// Default cap of the destination's staging area for device state.
+const DEFAULT_STATE_CAPACITY: u64 = 16 << 30;
+
+/// The staging area the destination offers (spec: STATE-1): as given, or 16 GiB or half the
+/// memory available now, whichever is smaller; whole 4 KiB pages.
+fn state_capacity(given: Option<u64>) -> Result<u64, String> {
+    let page = 1u64 << wire::STATE_PAGE_LOG2;
+    let n = match given {
+        Some(n) if n > wire::MAX_STATE_AREA => {
+            return Err(format!(
+                "--max-state-size {n}: at most {} bytes",
+                wire::MAX_STATE_AREA
+            ))
+        }
+        Some(n) => n.div_ceil(page) * page,
+        None => {
+            let available = std::fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|t| {
+                    let l = t.lines().find(|l| l.starts_with("MemAvailable:"))?;
+                    l.split_whitespace().nth(1)?.parse::<u64>().ok()
+                })
+                .map_or(0, |kib| kib << 10);
+            DEFAULT_STATE_CAPACITY.min(available / 2) / page * page
+        }
+    };
+    Ok(n)
+}
+
+/// The staging area for a capacity (its memory is taken only as state lands).
+pub(super) fn state_area(capacity: u64) -> Result<Option<Arc<RamBlock>>, String> {
+    if capacity == 0 {
+        return Ok(None);
+    }
+    RamBlock::staging("device-state", capacity)
+        .map(|b| Some(Arc::new(b)))
+        .map_err(|e| format!("the device state's staging area: {e}"))
+}
+
+/// Where the device state goes: the destination QEMU, the `--state-out` file, or nowhere
+/// (digested only: a workload started by a hook or a signal takes none).
+pub(super) fn consumer(qemu: &Option<Arc<QemuDest>>, state_out: Option<&Path>) -> StateConsumer {
+    match (qemu, state_out) {
+        (Some(q), _) => StateConsumer::qemu(q.clone()),
+        (None, Some(p)) => StateConsumer::file(p.to_path_buf()),
+        (None, None) => StateConsumer::digest_only(),
+    }
 }
 
 pub fn recv(a: RecvArgs) -> Result<ExitCode, String> {
@@ -148,6 +202,8 @@ pub fn recv(a: RecvArgs) -> Result<ExitCode, String> {
     transport::watch_signals(tx.clone(), DstEvent::Signal)
         .map_err(|e| format!("watching signals: {e}"))?;
     let credit_window = cfg.dest.credit_window;
+    let area = state_area(cfg.dest.state_capacity)?;
+    let link_blocks = super::send::with_state_block(&blocks, area.as_ref());
     let run = DestRun {
         cfg,
         blocks: blocks.clone(),
@@ -157,10 +213,8 @@ pub fn recv(a: RecvArgs) -> Result<ExitCode, String> {
             qemu: qemu.clone(),
             save: None,
         },
-        state: StateSink {
-            path: a.state_out.clone(),
-            data: Vec::new(),
-        },
+        state: consumer(&qemu, a.state_out.as_deref()),
+        state_area: area,
         threads: a.common.threads,
     };
     let link_up = |what: &str| {
@@ -174,7 +228,7 @@ pub fn recv(a: RecvArgs) -> Result<ExitCode, String> {
         Some(o) => {
             let link = rdmig::transport::verbs::DestVerbs::listen(
                 listener,
-                blocks,
+                link_blocks,
                 &o,
                 credit_window,
                 deadlines,
@@ -185,7 +239,7 @@ pub fn recv(a: RecvArgs) -> Result<ExitCode, String> {
             driver::run_destination(link, rx, run)
         }
         None => {
-            let link = DestTcp::listen(listener, tls, blocks, rand_u32(), deadlines, tx)
+            let link = DestTcp::listen(listener, tls, link_blocks, rand_u32(), deadlines, tx)
                 .map_err(|e| format!("accepting: {e}"))?;
             link_up("tcp")?;
             driver::run_destination(link, rx, run)

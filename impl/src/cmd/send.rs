@@ -66,6 +66,7 @@ pub(super) fn attach_qemu(
     sock: Option<&std::path::Path>,
     ram: &[rdmig::cli::RamSpec],
     blocks: &Blocks,
+    max_private: u64,
 ) -> Result<Option<Arc<QemuSource>>, String> {
     let Some(sock) = sock else {
         return Ok(None);
@@ -78,8 +79,14 @@ pub(super) fn attach_qemu(
             size: b.len(),
         })
         .collect();
-    let q = QemuSource::attach(sock, &files).map_err(|e| format!("source QEMU: {e}"))?;
-    tracing::info!("source QEMU {} (pid {:?}) ready", q.version(), q.pid());
+    let q =
+        QemuSource::attach(sock, &files, max_private).map_err(|e| format!("source QEMU: {e}"))?;
+    tracing::info!(
+        "source QEMU {} (pid {:?}) ready, {} bytes of private RAM",
+        q.version(),
+        q.pid(),
+        q.private_ram()
+    );
     Ok(Some(Arc::new(q)))
 }
 
@@ -175,6 +182,50 @@ fn config(a: &SendArgs, blocks: &Blocks, key: Option<Vec<u8>>) -> Result<SourceC
     Ok(cfg)
 }
 
+/// Bytes of device state beyond a QEMU guest's private RAM that its stream may carry (device
+/// sections, page headers).
+const STATE_SLACK: u64 = 64 << 20;
+
+/// The largest device state to propose for the data channels (spec: STATE-1): as given, or
+/// what this workload's state can reach when it may exceed the control channel's 64 MiB.
+fn state_max(a: &SendArgs, qemu: &Option<Arc<QemuSource>>) -> Result<u64, String> {
+    let page = 1u64 << wire::STATE_PAGE_LOG2;
+    let want = match (a.max_state_size, qemu, &a.state_in) {
+        (Some(n), _, _) => n,
+        (None, Some(q), _) if q.private_ram() > 0 => {
+            // QEMU sends each page with a header of its own: 1/512 more, rounded up.
+            q.private_ram() + q.private_ram() / 256 + STATE_SLACK
+        }
+        (None, None, Some(p)) => {
+            let len = std::fs::metadata(p)
+                .map_err(|e| format!("--state-in {}: {e}", p.display()))?
+                .len();
+            if len > wire::MAX_DEVICE_STATE as u64 {
+                len
+            } else {
+                0
+            }
+        }
+        _ => 0,
+    };
+    let n = want.div_ceil(page) * page;
+    if n > wire::MAX_STATE_AREA {
+        return Err(format!(
+            "--max-state-size {n}: at most {} bytes",
+            wire::MAX_STATE_AREA
+        ));
+    }
+    Ok(n)
+}
+
+/// The transport's blocks: the RAM blocks, then the device state's buffer if there is one
+/// (spec: STATE-2).
+pub(super) fn with_state_block(blocks: &Blocks, state: Option<&Arc<RamBlock>>) -> Blocks {
+    let mut v: Vec<Arc<RamBlock>> = blocks.iter().cloned().collect();
+    v.extend(state.cloned());
+    Arc::new(v)
+}
+
 pub fn send(a: SendArgs) -> Result<ExitCode, String> {
     let log2 = page_log2(a.common.page_size)?;
     if !a.chunk_size.is_power_of_two() || !(4096..=1 << 30).contains(&a.chunk_size) {
@@ -192,8 +243,8 @@ pub fn send(a: SendArgs) -> Result<ExitCode, String> {
         addr,
     )?;
     let blocks = open_blocks(&a, log2)?;
-    let cfg = config(&a, &blocks, key)?;
-    let qemu = attach_qemu(a.qemu_qmp.as_deref(), &a.ram, &blocks)?;
+    let mut cfg = config(&a, &blocks, key)?;
+    let qemu = attach_qemu(a.qemu_qmp.as_deref(), &a.ram, &blocks, a.max_private_ram)?;
     let mut restore = RestoreCaps(qemu.clone());
     let writer_pid = a.pid.or_else(|| qemu.as_ref().and_then(|q| q.pid()));
     let dirty_log = a.dirty_log.clone().unwrap_or_else(|| {
@@ -220,6 +271,24 @@ pub fn send(a: SendArgs) -> Result<ExitCode, String> {
                 .into(),
         );
     }
+    cfg.state_max = state_max(&a, &qemu)?;
+    let state_buffer = match cfg.state_max {
+        0 => None,
+        n => Some(Arc::new(
+            RamBlock::staging("device-state", n)
+                .map_err(|e| format!("the device state's buffer: {e}"))?,
+        )),
+    };
+    if let Some(b) = &state_buffer {
+        // Faulted in while the rounds run, so the state streams into it without page faults
+        // inside the downtime.
+        let b = b.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = b.populate(b.len()) {
+                tracing::info!("pre-faulting the device state's buffer: {e}");
+            }
+        });
+    }
     let (workload, resume) = workload(&a, &qemu)?;
     let guard = resume.map(|r| spawn_guard(&r)).transpose()?;
     let progress = progress_bar(a.common.json);
@@ -240,6 +309,7 @@ pub fn send(a: SendArgs) -> Result<ExitCode, String> {
         background: Some(tx.clone()),
         known_digests: None,
         sent_pages,
+        state_buffer,
     };
     let mut report = migrate(&a, addr, tls, run, deadlines, (tx, rx))?;
     if report.status == Status::Completed {
@@ -261,6 +331,7 @@ fn migrate(
     (tx, rx): (mpsc::Sender<SrcEvent>, mpsc::Receiver<SrcEvent>),
 ) -> Result<rdmig::report::Report, String> {
     let (channels, credit_window) = (run.cfg.params.channels, run.cfg.credit_window);
+    let link_blocks = with_state_block(&run.blocks, run.state_buffer.as_ref());
     match a.transport.verbs() {
         Some(o) => {
             if a.max_bandwidth.is_some() {
@@ -269,7 +340,7 @@ fn migrate(
             assert!(run.sent_pages.is_none(), "refused in `send` (spec: SCAN-2)");
             let link = rdmig::transport::verbs::SourceVerbs::connect(
                 addr,
-                run.blocks.clone(),
+                link_blocks,
                 &o,
                 credit_window,
                 deadlines,
@@ -282,7 +353,7 @@ fn migrate(
             let link = SourceTcp::connect(
                 addr,
                 tls,
-                run.blocks.clone(),
+                link_blocks,
                 a.max_bandwidth.unwrap_or(0),
                 channels,
                 deadlines,

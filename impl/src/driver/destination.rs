@@ -16,15 +16,31 @@ use crate::memory::digest_cache::{all_digests, DigestCache};
 use crate::memory::ram::RamBlock;
 use crate::report::{PhaseReport, Report, Status};
 use crate::transport::{DestLink, DstEvent};
-use crate::vmm::control::{DestWorkload, StateSink};
+use crate::vmm::control::{DestWorkload, StateConsumer};
 
 /// Everything the destination driver needs besides the transport.
 pub struct DestRun {
     pub cfg: ListenerConfig,
+    /// The RAM blocks (what digests cover).
     pub blocks: Arc<Vec<Arc<RamBlock>>>,
     pub workload: DestWorkload,
-    pub state: StateSink,
+    /// Where the device state goes as it arrives (spec: STATE-4).
+    pub state: StateConsumer,
+    /// The staging area for device state sent over the data channels: the transport's block
+    /// after the RAM blocks, at least `cfg.session.state_capacity` bytes (spec: STATE-2).
+    pub state_area: Option<Arc<RamBlock>>,
     pub threads: usize,
+}
+
+/// Memory left free beside a staging area the destination grows (spec: STATE-2).
+const STAGING_MARGIN: u64 = 256 << 20;
+
+/// Bytes of memory the kernel can give without swapping (`MemAvailable`), if known.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
 }
 
 /// How long the driver lets the source read the last frame and close its end before it shuts
@@ -83,6 +99,10 @@ struct Driver<L: DestLink> {
     digests: Option<Arc<DigestCache>>,
     /// The digests of received memory the last verification compared.
     verified: Option<Vec<u64>>,
+    /// The staging area's registered end so far: memory the state may take (spec: STATE-2).
+    staged: u64,
+    /// The staging area is being faulted in ahead of the device state (once per session).
+    populating: bool,
 }
 
 impl<L: DestLink> Driver<L> {
@@ -140,6 +160,77 @@ impl<L: DestLink> Driver<L> {
 }
 
 impl<L: DestLink> Driver<L> {
+    /// The staging area may grow to `end` bytes: refused when the memory it would take is
+    /// not available (with a margin), so a large device state fails cleanly at registration,
+    /// before the source commits, rather than the process running out of memory (spec:
+    /// STATE-2).
+    fn stage(&mut self, end: u64) -> bool {
+        if end <= self.staged {
+            return true;
+        }
+        let grow = end - self.staged;
+        match mem_available() {
+            Some(free) if free < grow + STAGING_MARGIN => {
+                tracing::error!(
+                    "no memory for the device state's staging area: {grow} more bytes needed, {free} available"
+                );
+                false
+            }
+            _ => {
+                self.staged = end;
+                true
+            }
+        }
+    }
+
+    /// Once the session's state area is known (its block table accepted, long before the
+    /// switchover): faults the staging area in on a thread of its own, so the device state
+    /// lands in memory that costs no page faults inside the downtime. Only when the memory is
+    /// there to spare; otherwise pages are taken as the state lands.
+    fn populate_staging(&mut self, area: u64) {
+        if self.populating || area == 0 {
+            return;
+        }
+        self.populating = true;
+        let Some(block) = self.run.state_area.clone() else {
+            return;
+        };
+        if mem_available().is_some_and(|free| free < area + STAGING_MARGIN) {
+            tracing::info!("not pre-faulting the {area}-byte staging area: memory is short");
+            return;
+        }
+        self.staged = self.staged.max(area);
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            match block.populate(area) {
+                Ok(()) => tracing::info!(
+                    "staging area of {area} bytes faulted in ({} ms)",
+                    t.elapsed().as_millis()
+                ),
+                Err(e) => tracing::info!("pre-faulting the staging area: {e}"),
+            }
+        });
+    }
+
+    /// Hands the device state's newly placed bytes, `[fed, upto)` of the staging area, to the
+    /// consumer in order (spec: STATE-4).
+    fn feed_state(&mut self, upto: u64) {
+        if !self.run.state.wants_bytes() {
+            return self.run.state.skip_to(upto);
+        }
+        let Some(area) = self.run.state_area.clone() else {
+            tracing::error!("device state placed without a staging area");
+            return;
+        };
+        let mut buf = vec![0u8; (1usize << 20).min((upto - self.run.state.len()) as usize)];
+        while self.run.state.len() < upto {
+            let at = self.run.state.len();
+            let n = buf.len().min((upto - at) as usize);
+            area.read(at, &mut buf[..n]);
+            self.run.state.append(&buf[..n]);
+        }
+    }
+
     fn exec(&mut self, c: LsnCommand) {
         match c {
             LsnCommand::Send { conn, frame } => {
@@ -158,6 +249,7 @@ impl<L: DestLink> Driver<L> {
                 }
             }
             LsnCommand::Session(c) => self.exec_session(c),
+            LsnCommand::Finish(Outcome::Aborted(_)) => self.run.state.discard(),
             LsnCommand::Finish(_) => {}
         }
     }
@@ -168,6 +260,14 @@ impl<L: DestLink> Driver<L> {
 
     fn exec_session(&mut self, c: DstCommand) {
         match c {
+            DstCommand::Register {
+                target,
+                block,
+                offset,
+                len,
+            } if block as usize == self.run.blocks.len() && !self.stage(offset + len) => {
+                self.local(DstInput::RegisterFailed { target });
+            }
             DstCommand::Register {
                 target,
                 block,
@@ -191,7 +291,26 @@ impl<L: DestLink> Driver<L> {
                     c.end_zero(t);
                 }
             }
-            DstCommand::StoreDeviceState { offset, data } => self.run.state.store(offset, &data),
+            DstCommand::StoreDeviceState { offset, data } => {
+                debug_assert_eq!(offset as u64, self.run.state.len(), "in order (SW-3)");
+                self.run.state.append(&data)
+            }
+            DstCommand::FeedState { upto } => self.feed_state(upto),
+            DstCommand::FinishState { len } => {
+                let r = self.timed("device state: the consumer finishes loading it", |d| {
+                    d.run.state.finish()
+                });
+                match r {
+                    Ok(digest) => {
+                        tracing::info!("device state: {len} bytes taken by its consumer");
+                        self.local(DstInput::StateLoaded { digest })
+                    }
+                    Err(e) => {
+                        tracing::error!("device state refused: {e}");
+                        self.local(DstInput::StateFailed)
+                    }
+                }
+            }
             DstCommand::ComputeDigests => {
                 let log2 = self.params.map_or(20, |p| p.chunk_log2);
                 let alg = self.params.map_or(DigestAlg::Xxh3_64, |p| p.digest);
@@ -210,11 +329,11 @@ impl<L: DestLink> Driver<L> {
                 self.local(DstInput::Digests(d));
             }
             DstCommand::StartWorkload => {
-                let started = self.timed("load device state and start the workload", |d| {
-                    d.run.state.persist().map_err(|e| e.to_string())?;
+                let started = self.timed("start the workload", |d| {
+                    d.run.state.commit()?;
                     d.run
                         .workload
-                        .start(&d.run.state.data, d.verified.as_deref())
+                        .start(d.run.state.data(), d.verified.as_deref())
                         .map_err(|e| e.to_string())
                 });
                 match started {
@@ -247,6 +366,8 @@ pub fn run_destination(link: impl DestLink, rx: Receiver<DstEvent>, run: DestRun
         timeline: Vec::new(),
         digests: None,
         verified: None,
+        staged: 0,
+        populating: false,
     };
     let mut out = LsnOut::new();
     while lsn.outcome().is_none() {
@@ -265,7 +386,11 @@ pub fn run_destination(link: impl DestLink, rx: Receiver<DstEvent>, run: DestRun
         if let Some(p) = lsn.session().and_then(|s| s.params()) {
             // Once, when the parameters are first agreed.
             d.start_digest_cache(p);
+            d.run.state.set_digest(p.digest != DigestAlg::None);
             d.params = Some(p);
+        }
+        if let Some(area) = lsn.session().map(|s| s.state_area()) {
+            d.populate_staging(area);
         }
         for c in std::mem::take(&mut out.cmds) {
             d.exec(c);
@@ -312,6 +437,12 @@ fn report<L: DestLink>(
     r.verified =
         r.status == Status::Completed && params.is_some_and(|p| p.digest != DigestAlg::None);
     r.bytes.zero_pages = st.zero_pages;
+    r.bytes.device_state = st.state_bytes;
+    r.bytes.device_state_path = if d.run.state_area.is_some() && d.staged > 0 {
+        "data channels"
+    } else {
+        "control channel"
+    };
     r.bytes.control_frames = st.control_frames_received;
     r.phases = d.timeline.clone();
     let mut span = |name: &str, a: Option<Millis>, b: Option<Millis>, downtime: bool| {

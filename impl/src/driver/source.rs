@@ -61,6 +61,9 @@ pub struct SourceRun {
     /// transport hashes every write's bytes into it, and the driver records every ZERO range
     /// it posts (spec: SCAN-2). The caller picks a transport that can.
     pub sent_pages: Option<Arc<SentPages>>,
+    /// The buffer the device state streams into when it travels over the data channels: the
+    /// transport's block after the RAM blocks, at least `cfg.state_max` bytes (spec: STATE-2).
+    pub state_buffer: Option<Arc<RamBlock>>,
 }
 
 /// Chunk digests of source memory, known in advance or being computed.
@@ -129,6 +132,106 @@ fn to_input(e: SrcEvent) -> SrcInput {
         }
         SrcEvent::Digests(d) => SrcInput::Digests(d),
         SrcEvent::Scanned(r) => scanned(r),
+        SrcEvent::StateProduced(len) => SrcInput::StateProduced { len },
+        SrcEvent::StateDone(len, digest) => SrcInput::StateDone { len, digest },
+        SrcEvent::StateFailed(why) => {
+            tracing::error!("device state: {why}");
+            SrcInput::WorkloadFailed
+        }
+    }
+}
+
+/// How often the producer of a streamed device state reports its progress.
+const STATE_REPORT_STEP: u64 = 1 << 20;
+/// Bytes of a `--state-in` file read into the state buffer per call.
+const STATE_FILE_PIECE: u64 = 4 << 20;
+
+/// Where a streamed device state comes from (spec: STATE-3).
+enum StateFrom {
+    /// A stopped QEMU saving it into a pipe.
+    Qemu(Arc<crate::vmm::qemu::QemuSource>),
+    /// A `--state-in` file, read into the state buffer as it is sent.
+    File(PathBuf),
+    /// What the pause produced (a pause hook's output).
+    Bytes(Vec<u8>),
+}
+
+/// Fills `buf` with the device state from `from`, reporting its length every
+/// `STATE_REPORT_STEP` bytes and, at the end, its length and (with `hash`) its XXH3-64
+/// digest (spec: STATE-3, STATE-5). A state larger than `buf` fails.
+fn stream_state(
+    buf: &RamBlock,
+    from: StateFrom,
+    hash: bool,
+    report: &mut (dyn FnMut(SrcEvent) + Send),
+) {
+    let too_large = || {
+        format!(
+            "the device state exceeds the {} bytes of its state area (--max-state-size)",
+            buf.len()
+        )
+    };
+    let mut len = 0u64;
+    let mut reported = 0u64;
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut grown = |len: u64, report: &mut (dyn FnMut(SrcEvent) + Send)| {
+        if len - reported >= STATE_REPORT_STEP {
+            reported = len;
+            report(SrcEvent::StateProduced(len));
+        }
+    };
+    let r: Result<(), String> = match from {
+        // Straight from the page cache into the buffer: one copy, in the kernel.
+        StateFrom::File(p) => (|| {
+            let what = |e: std::io::Error| format!("reading device state {}: {e}", p.display());
+            let f = std::fs::File::open(&p).map_err(what)?;
+            let size = f.metadata().map_err(what)?.len();
+            if size > buf.len() {
+                return Err(too_large());
+            }
+            while len < size {
+                let n = (size - len).min(STATE_FILE_PIECE);
+                buf.read_from_file(len, n, std::os::fd::AsFd::as_fd(&f), len)
+                    .map_err(what)?;
+                if hash {
+                    buf.visit(len, n, |b| hasher.update(b));
+                }
+                len += n;
+                grown(len, report);
+            }
+            Ok(())
+        })(),
+        StateFrom::Qemu(_) | StateFrom::Bytes(_) => {
+            let mut sink = |bytes: &[u8]| -> std::io::Result<()> {
+                if len + bytes.len() as u64 > buf.len() {
+                    return Err(std::io::Error::other(too_large()));
+                }
+                buf.write(len, bytes);
+                if hash {
+                    hasher.update(bytes);
+                }
+                len += bytes.len() as u64;
+                grown(len, report);
+                Ok(())
+            };
+            match from {
+                StateFrom::Qemu(q) => q
+                    .save_with(Box::new(|b: &[u8]| sink(b)))
+                    .map_err(|e| e.to_string()),
+                StateFrom::Bytes(b) => b
+                    .chunks(STATE_REPORT_STEP as usize)
+                    .try_for_each(&mut sink)
+                    .map_err(|e| e.to_string()),
+                StateFrom::File(_) => unreachable!("matched above"),
+            }
+        }
+    };
+    match r {
+        Ok(()) => report(SrcEvent::StateDone(
+            len,
+            if hash { hasher.digest() } else { 0 },
+        )),
+        Err(e) => report(SrcEvent::StateFailed(e)),
     }
 }
 
@@ -221,6 +324,12 @@ struct Driver<'a, L: SourceLink> {
     /// Dirty scans run so far, to name them.
     scans: u32,
     paused: bool,
+    /// The negotiated state area: the device state streams over the data channels.
+    state_area: u64,
+    /// The streamed device state under way, for the timeline.
+    state_phase: Option<(PhaseReport, Instant)>,
+    /// The device state's length, once known.
+    state_len: u64,
 }
 
 impl<L: SourceLink> Driver<'_, L> {
@@ -288,7 +397,8 @@ impl<L: SourceLink> Driver<'_, L> {
             SrcCommand::PauseWorkload => self.pause(),
             SrcCommand::ResumeWorkload => self.resume(),
             SrcCommand::RelinquishWorkload => self.relinquish(),
-            SrcCommand::CaptureDeviceState => self.capture_state(),
+            SrcCommand::CaptureDeviceState { area: 0 } => self.capture_state(),
+            SrcCommand::CaptureDeviceState { .. } => self.stream_state(),
             SrcCommand::ComputeDigests => self.digests(),
             SrcCommand::Finish(_) => {}
         }
@@ -384,8 +494,20 @@ impl<L: SourceLink> Driver<'_, L> {
         }
         // The workload stops at the start of this step: it is downtime.
         self.paused = true;
-        let r = self.timed("pause (and device state save)".into(), |d| {
-            d.run.workload.pause()
+        // A QEMU whose state streams is only stopped here: it saves its state while the
+        // final round runs (spec: STATE-3).
+        let streaming = self.state_area > 0 && self.run.state_in.is_none();
+        let name = if streaming {
+            "pause"
+        } else {
+            "pause (and device state save)"
+        };
+        let r = self.timed(name.into(), |d| {
+            if streaming {
+                d.run.workload.pause_for_streaming()
+            } else {
+                d.run.workload.pause()
+            }
         });
         self.pending.push_back(match r {
             Ok(out) => {
@@ -415,6 +537,41 @@ impl<L: SourceLink> Driver<'_, L> {
             if let Err(e) = g.disarm() {
                 // A guard that cannot be told is gone, and resumes nothing.
                 tracing::warn!("disarming the guard: {e}");
+            }
+        }
+    }
+
+    /// The device state, streamed into the state buffer while the final round runs: saved
+    /// by QEMU into it, or copied from what the pause produced or `--state-in` holds. On a
+    /// thread of its own when the driver has a channel for background work.
+    fn stream_state(&mut self) {
+        let Some(buf) = self.run.state_buffer.clone() else {
+            tracing::error!("a state area was negotiated but the driver has no state buffer");
+            return self.pending.push_back(SrcInput::WorkloadFailed);
+        };
+        let from = match (&self.run.state_in, self.run.workload.streaming_qemu()) {
+            (Some(p), _) => StateFrom::File(p.clone()),
+            (None, Some(q)) => StateFrom::Qemu(q),
+            (None, None) => StateFrom::Bytes(std::mem::take(&mut self.paused_state)),
+        };
+        // The digest travels only when digests are negotiated (spec: STATE-5).
+        let hash = self.digest_alg != DigestAlg::None;
+        let name = "device state save (streamed beside the final round)";
+        match self.run.background.clone() {
+            Some(tx) => {
+                self.state_phase = Some((self.phase(name), Instant::now()));
+                std::thread::spawn(move || {
+                    stream_state(&buf, from, hash, &mut |e| {
+                        let _ = tx.send(e);
+                    })
+                });
+            }
+            None => {
+                let mut events = Vec::new();
+                self.timed(name.into(), |_| {
+                    stream_state(&buf, from, hash, &mut |e| events.push(e))
+                });
+                self.pending.extend(events.into_iter().map(to_input));
             }
         }
     }
@@ -474,6 +631,9 @@ pub fn run_source(mut link: impl SourceLink, rx: Receiver<SrcEvent>, mut run: So
         digest_alg: DigestAlg::None,
         scans: 0,
         paused: false,
+        state_area: 0,
+        state_phase: None,
+        state_len: 0,
     };
     let mut out = SrcOut::new();
     let mut last_round = 0;
@@ -488,6 +648,7 @@ pub fn run_source(mut link: impl SourceLink, rx: Receiver<SrcEvent>, mut run: So
                     let done = match &e {
                         SrcEvent::Digests(_) => d.background_phase.take(),
                         SrcEvent::Scanned(_) => d.scan_phase.take(),
+                        SrcEvent::StateDone(..) | SrcEvent::StateFailed(_) => d.state_phase.take(),
                         _ => None,
                     };
                     if let Some((mut p, t)) = done {
@@ -501,9 +662,16 @@ pub fn run_source(mut link: impl SourceLink, rx: Receiver<SrcEvent>, mut run: So
                 Wake::Gone => SrcInput::TransportFailed,
             },
         };
+        match &input {
+            SrcInput::StateDone { len, .. } => d.state_len = *len,
+            SrcInput::DeviceState(b) => d.state_len = b.len() as u64,
+            _ => {}
+        }
         src.handle(clock.now(), input, &mut out);
         d.chunk_log2 = src.params().chunk_log2;
         d.digest_alg = src.params().digest;
+        let geo = src.geometry();
+        d.state_area = geo.state_block().map_or(0, |b| geo.blocks[b].length);
         for c in std::mem::take(&mut out.cmds) {
             d.exec(c);
         }
@@ -644,6 +812,12 @@ fn report<L: SourceLink>(
     }
     r.bytes.data = st.data_bytes;
     r.bytes.zero_pages = st.zero_pages;
+    r.bytes.device_state = d.state_len;
+    r.bytes.device_state_path = if d.state_area > 0 {
+        "data channels"
+    } else {
+        "control channel"
+    };
     r.bytes.control_frames = st.control_frames_sent + st.control_frames_received;
     r.bytes.control_bytes = d.control_bytes;
     let active = r.total_time_ms.saturating_sub(r.setup_time_ms).max(1);

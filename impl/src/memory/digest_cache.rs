@@ -91,8 +91,10 @@ impl DigestCache {
     }
 
     /// The units `[offset, offset+len)` of `block` touches: (global chunk, first unit, end).
+    /// Nothing for a block the cache does not cover: the state area is no RAM, and its
+    /// device state has a digest of its own (spec: STATE-2, STATE-5).
     fn touched(&self, block: usize, offset: u64, len: u64) -> Vec<(usize, usize, usize)> {
-        if len == 0 {
+        if len == 0 || block >= self.first_chunk.len() {
             return Vec::new();
         }
         let (first, last) = (

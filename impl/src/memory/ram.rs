@@ -271,6 +271,27 @@ impl RamBlock {
         })
     }
 
+    /// Private anonymous memory for a device state streamed through it (the source's state
+    /// buffer, the destination's staging area, spec: STATE-2): zero-filled, taken only as it
+    /// is written or [populated](Self::populate).
+    pub fn staging(name: &str, len: u64) -> Result<Self, MemError> {
+        Self::anonymous(name, len, rdmig_model::wire::STATE_PAGE_LOG2)
+    }
+
+    /// Faults in `[0, len)` of anonymous memory ahead of its use (`MADV_POPULATE_WRITE`), so
+    /// that a device state streamed into it later pays no page faults then. A file-backed
+    /// block, or a kernel without it, is left as it is.
+    pub fn populate(&self, len: u64) -> std::io::Result<()> {
+        match &self._map {
+            Mapping::Anon(m) => m.advise_range(
+                memmap2::Advice::PopulateWrite,
+                0,
+                len.min(self.len) as usize,
+            ),
+            Mapping::File(_) => Ok(()),
+        }
+    }
+
     /// Private anonymous memory, zero-filled.
     pub fn anonymous(name: &str, len: u64, page_log2: u8) -> Result<Self, MemError> {
         check_name(name)?;

@@ -60,9 +60,13 @@ impl SentPages {
 
     /// `bytes` (whole pages from `offset` of `block`) are about to be sent: records each
     /// page's hash. The bytes must be the very ones sent, a private copy no one else writes.
+    /// A block the table does not cover (the device state's buffer, spec: STATE-2) records
+    /// nothing: no dirty log scans it.
     pub fn record(&self, block: u16, offset: u64, bytes: &[u8]) {
         let b = block as usize;
-        let log2 = self.page_log2[b];
+        let Some(&log2) = self.page_log2.get(b) else {
+            return;
+        };
         debug_assert_eq!(offset & ((1 << log2) - 1), 0, "writes cover whole pages");
         let first = offset >> log2;
         for (i, page) in bytes.chunks(1 << log2).enumerate() {

@@ -296,6 +296,95 @@ fn rdmig_run(
     Ok((s, r))
 }
 
+/// RAM migrated beside the device state in the state measurements.
+const STATE_RAM: u64 = 64 << 20;
+/// The largest device state the control channel carries (spec: SW-3).
+const CONTROL_STATE: u64 = rdmig_model::wire::MAX_DEVICE_STATE as u64;
+
+/// One migration of `ram` (STATE_RAM bytes) with 2 channels and the device state in `state`
+/// (none when `None`), over the control channel when `control`: the source's report.
+fn state_run(
+    d: &Path,
+    key: &Path,
+    ram: &Path,
+    state: Option<&Path>,
+    control: bool,
+) -> Result<Value, String> {
+    let dst = d.join("state-dst.ram");
+    let (recv, addr) = start_recv(d, key, &[("ram".into(), dst.clone(), STATE_RAM)], &[])?;
+    let mut send = Command::new(exe());
+    send.args(["send", "--connect", &addr, "--json", "--channels", "2"])
+        .arg("--ram")
+        .arg(format!("ram={}", ram.display()))
+        .arg("--psk-file")
+        .arg(key);
+    if let Some(p) = state {
+        send.arg("--state-in").arg(p);
+        let len = std::fs::metadata(p).map_err(|e| e.to_string())?.len();
+        let max = if control { 0 } else { len };
+        send.args(["--max-state-size", &max.to_string()]);
+    }
+    let send = send
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let (sc, s) = report_of(send, "rdmig send")?;
+    let (dc, _) = report_of(recv, "rdmig recv")?;
+    let _ = std::fs::remove_file(&dst);
+    if sc != 0 || dc != 0 {
+        return Err(format!(
+            "device state migration failed: source {sc}, destination {dc}"
+        ));
+    }
+    Ok(s)
+}
+
+/// Milliseconds from the final round's acknowledgement to PREPARE: the device state's
+/// transfer (no digests are negotiated).
+fn tail_ms(s: &Value) -> f64 {
+    s["phases"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == "device state and digests sent")
+        .and_then(|p| p["duration_ms"].as_u64())
+        .unwrap_or(0)
+        .max(1) as f64
+}
+
+/// A file of `len` random bytes (xorshift: incompressible, cheap).
+fn random_file(path: &Path, len: u64) -> Result<(), String> {
+    let mut f = std::fs::File::create(path).map_err(|e| e.to_string())?;
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        for w in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// The device state figures: medians of [`RUNS`] runs each.
+struct StateFigures {
+    size: u64,
+    /// The large state over the data channels: transfer ms (final ROUND_ACK to PREPARE) and
+    /// downtime ms; the same migration without device state: downtime ms.
+    big_ms: f64,
+    big_downtime_ms: f64,
+    none_downtime_ms: f64,
+    /// 64 MiB over the control channel and over the data channels: transfer ms.
+    control_ms: f64,
+    data_ms: f64,
+}
+
 /// rdmig's data rate in a run: memory moved over the time from the end of setup to the end.
 fn rdmig_gb_s(s: &Value, size: u64) -> f64 {
     let ms = (field(s, "total_time_ms") - field(s, "setup_time_ms")).max(1);
@@ -362,9 +451,10 @@ struct Figures {
     phases: [String; 2],
     overhead: [(u64, u64); 2],
     scan: [f64; 2],
+    state: Option<StateFigures>,
 }
 
-fn measure(d: &Path, size: u64) -> Result<Figures, String> {
+fn measure(d: &Path, size: u64, state_size: u64) -> Result<Figures, String> {
     let key = write_key(d)?;
     let src_path = d.join("src.ram");
     let src = source_memory(&src_path, size)?;
@@ -392,6 +482,17 @@ fn measure(d: &Path, size: u64) -> Result<Figures, String> {
     scattered_memory(&scattered_path, size)?;
     let mut scattered = Vec::new();
     let mut last = Vec::new();
+    let (state_ram, big_state, small_state) = (
+        d.join("state-src.ram"),
+        d.join("state-big.bin"),
+        d.join("state-64mib.bin"),
+    );
+    if state_size > 0 {
+        source_memory(&state_ram, STATE_RAM)?;
+        random_file(&big_state, state_size)?;
+        random_file(&small_state, CONTROL_STATE)?;
+    }
+    let mut st: [Vec<f64>; 5] = Default::default();
     // Interleaved, so that a noisy moment hits every figure alike.
     for _ in 0..RUNS {
         one.push(wire(1)?);
@@ -408,7 +509,27 @@ fn measure(d: &Path, size: u64) -> Result<Figures, String> {
         }
         let (s, _) = rdmig_run(d, &key, &scattered_path, size, 2, None)?;
         scattered.push((field(&s, "total_time_ms") - field(&s, "setup_time_ms")) as f64 / 1e3);
+        if state_size > 0 {
+            let s = state_run(d, &key, &state_ram, Some(&big_state), false)?;
+            st[0].push(tail_ms(&s));
+            st[1].push(field(&s, "downtime_ms") as f64);
+            let s = state_run(d, &key, &state_ram, None, false)?;
+            st[2].push(field(&s, "downtime_ms") as f64);
+            let s = state_run(d, &key, &state_ram, Some(&small_state), true)?;
+            st[3].push(tail_ms(&s));
+            let s = state_run(d, &key, &state_ram, Some(&small_state), false)?;
+            st[4].push(tail_ms(&s));
+        }
     }
+    let [big, big_down, none_down, control, data] = st;
+    let state = (state_size > 0).then(|| StateFigures {
+        size: state_size,
+        big_ms: median(big),
+        big_downtime_ms: median(big_down),
+        none_downtime_ms: median(none_down),
+        control_ms: median(control),
+        data_ms: median(data),
+    });
     let phases = |s: &Value| -> String {
         s["phases"]
             .as_array()
@@ -453,12 +574,19 @@ fn measure(d: &Path, size: u64) -> Result<Figures, String> {
         phases: [phases(&last[0].0), phases(&last[1].0)],
         overhead: [overhead(&last[0]), overhead(&last[1])],
         scan,
+        state,
     })
 }
 
 /// Side-by-side data-path figures; `--json` prints them as one object. With `busy`, that many
 /// threads spin for the whole measurement.
-pub fn bench(size: u64, dir: Option<PathBuf>, json: bool, busy: usize) -> Result<ExitCode, String> {
+pub fn bench(
+    size: u64,
+    state_size: u64,
+    dir: Option<PathBuf>,
+    json: bool,
+    busy: usize,
+) -> Result<ExitCode, String> {
     let d = work_dir(dir, "bench")?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let spinners: Vec<_> = (0..busy)
@@ -472,7 +600,7 @@ pub fn bench(size: u64, dir: Option<PathBuf>, json: bool, busy: usize) -> Result
             })
         })
         .collect();
-    let result = measure(&d, size);
+    let result = measure(&d, size, state_size);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for s in spinners {
         let _ = s.join();
@@ -524,7 +652,42 @@ fn print_json(f: &Figures, size: u64, busy: usize, idle_scan: f64) {
         "scattered_writes": size >> 13,
         "rss_anon_mib": {"1ch": f.overhead[0], "2ch": f.overhead[1]},
     });
+    let mut v = v;
+    if let Some(s) = &f.state {
+        let t = state_terms(s, f.rdmig[1]);
+        v["device_state"] = json!({
+            "bytes": s.size,
+            "data_channels_gb_s": t.rate,
+            "ratio_to_rdmig_2ch": t.rate / f.rdmig[1],
+            "transfer_ms": s.big_ms,
+            "downtime_ms": s.big_downtime_ms,
+            "downtime_without_state_ms": s.none_downtime_ms,
+            "added_downtime_ms": t.added,
+            "transfer_ms_at_ram_rate": t.at_ram_rate,
+            "added_downtime_ratio": t.added / t.at_ram_rate,
+            "control_channel_64mib_gb_s": CONTROL_STATE as f64 / (s.control_ms / 1e3) / 1e9,
+            "data_channels_64mib_gb_s": CONTROL_STATE as f64 / (s.data_ms / 1e3) / 1e9,
+        });
+    }
     println!("{}", serde_json::to_string_pretty(&v).expect("plain JSON"));
+}
+
+/// What the device state figures come to beside the RAM rate.
+struct StateTerms {
+    /// The large state's rate over the data channels, GB/s.
+    rate: f64,
+    /// Downtime it added to the same migration without state, ms.
+    added: f64,
+    /// Its transfer time at the RAM's rate (2 channels), ms.
+    at_ram_rate: f64,
+}
+
+fn state_terms(s: &StateFigures, ram_gb_s: f64) -> StateTerms {
+    StateTerms {
+        rate: s.size as f64 / (s.big_ms / 1e3) / 1e9,
+        added: s.big_downtime_ms - s.none_downtime_ms,
+        at_ram_rate: s.size as f64 / (ram_gb_s * 1e9) * 1e3,
+    }
 }
 
 /// The figures as a table, each ratio beside its target.
@@ -596,4 +759,33 @@ fn print_table(f: &Figures, size: u64) {
         "  {:<44} {:6.2} GB/s",
         "dirty-log hash scan, 2 threads", f.scan[1]
     );
+    if let Some(s) = &f.state {
+        let t = state_terms(s, f.rdmig[1]);
+        let ratio = t.rate / f.rdmig[1];
+        let added = t.added / t.at_ram_rate;
+        println!(
+            "  {:<44} {:6.2} GB/s  {ratio:.2}x rdmig's RAM, 2 channels (target 0.8x: {})",
+            format!("device state {} MiB, data channels (2)", s.size >> 20),
+            t.rate,
+            if ratio >= 0.8 { "met" } else { "not met" }
+        );
+        println!(
+            "    adds {:.0} ms of downtime ({:.0} ms with it, {:.0} ms without): {added:.2}x its {:.0} ms at the RAM's rate (target 1.3x: {})",
+            t.added,
+            s.big_downtime_ms,
+            s.none_downtime_ms,
+            t.at_ram_rate,
+            if added <= 1.3 { "met" } else { "not met" }
+        );
+        println!(
+            "  {:<44} {:6.2} GB/s",
+            "device state 64 MiB, control channel",
+            CONTROL_STATE as f64 / (s.control_ms / 1e3) / 1e9
+        );
+        println!(
+            "  {:<44} {:6.2} GB/s",
+            "device state 64 MiB, data channels (2)",
+            CONTROL_STATE as f64 / (s.data_ms / 1e3) / 1e9
+        );
+    }
 }

@@ -38,6 +38,13 @@ pub enum SrcEvent {
     Digests(Vec<u64>),
     /// Not the transport's: a dirty scan the driver ran in the background, done.
     Scanned(Result<rdmig_model::DirtyScan, String>),
+    /// Not the transport's: the device state streaming into the state buffer has reached
+    /// this many bytes (spec: STATE-3).
+    StateProduced(u64),
+    /// Not the transport's: the device state is complete: its length and XXH3-64 digest.
+    StateDone(u64, u64),
+    /// Not the transport's: the device state could not be produced.
+    StateFailed(String),
 }
 
 /// What a destination-side transport tells the driver.

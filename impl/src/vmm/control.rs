@@ -114,6 +114,30 @@ impl SourceWorkload {
         }
     }
 
+    /// Pauses the workload whose device state will be streamed afterwards
+    /// ([`streaming_qemu`](Self::streaming_qemu)): a QEMU guest is only stopped; the others pause
+    /// as with [`pause`](Self::pause), whose output is then their state.
+    pub fn pause_for_streaming(&self) -> Result<Vec<u8>, ControlError> {
+        match self {
+            SourceWorkload::Qemu(q) => {
+                q.stop()?;
+                Ok(Vec::new())
+            }
+            SourceWorkload::PausedBefore { state: None, then } => then.pause_for_streaming(),
+            other => other.pause(),
+        }
+    }
+
+    /// The QEMU that saves its device state into a stream (`sink`), when this workload is
+    /// one paused by [`pause_for_streaming`](Self::pause_for_streaming).
+    pub fn streaming_qemu(&self) -> Option<Arc<crate::vmm::qemu::QemuSource>> {
+        match self {
+            SourceWorkload::Qemu(q) => Some(q.clone()),
+            SourceWorkload::PausedBefore { state: None, then } => then.streaming_qemu(),
+            _ => None,
+        }
+    }
+
     /// Resumes the workload after an abort (spec: INV-OWN-2).
     pub fn resume(&self) -> Result<(), ControlError> {
         match self {
@@ -142,8 +166,9 @@ pub struct DestWorkload {
 }
 
 impl DestWorkload {
-    /// Starts the workload with the device state received; `digests` are the chunk digests
-    /// of the memory received, when the migration verified them.
+    /// Starts the workload with the device state received (in memory, for a save file; a
+    /// QEMU has loaded it already); `digests` are the chunk digests of the memory received,
+    /// when the migration verified them.
     pub fn start(&self, state: &[u8], digests: Option<&[u64]>) -> Result<(), ControlError> {
         if let Some(s) = &self.save {
             // spec: SAVE-3: the footer is what a commit makes of a save.
@@ -152,7 +177,7 @@ impl DestWorkload {
                 .map_err(|e| ControlError::Save(e.to_string()))?;
         }
         if let Some(q) = &self.qemu {
-            q.load_and_run(state)?;
+            q.run()?;
         }
         if let Some(pid) = self.start_pid {
             signal(pid, Signal::CONT)?;
@@ -164,27 +189,250 @@ impl DestWorkload {
     }
 }
 
-/// Where the destination writes device state.
-#[derive(Debug, Clone, Default)]
-pub struct StateSink {
-    pub path: Option<PathBuf>,
-    pub data: Vec<u8>,
+/// Where the destination's device state goes, in order, as it arrives (spec: STATE-4): kept
+/// in memory (for a start hook or a save file), written to `--state-out` (beside it until the
+/// commit, then renamed over it), or loaded by the destination QEMU. Each byte is digested on
+/// the way, so the consumer's digest is known once the last byte is in (spec: STATE-5).
+#[derive(Default)]
+pub struct StateConsumer {
+    kind: ConsumerKind,
+    len: u64,
+    /// The bytes are digested (digests are negotiated, spec: STATE-5).
+    hash: bool,
+    hasher: Option<Box<xxhash_rust::xxh3::Xxh3>>,
+    /// The first error, reported at `finish`.
+    failed: Option<String>,
+    /// The memory consumer's bytes.
+    data: Vec<u8>,
 }
 
-impl StateSink {
-    pub fn store(&mut self, offset: u32, bytes: &[u8]) {
-        let end = offset as usize + bytes.len();
-        if self.data.len() < end {
-            self.data.resize(end, 0);
-        }
-        self.data[offset as usize..end].copy_from_slice(bytes);
+impl std::fmt::Debug for StateConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateConsumer")
+            .field("kind", &self.kind)
+            .field("len", &self.len)
+            .field("failed", &self.failed)
+            .finish()
+    }
+}
+
+#[derive(Debug, Default)]
+enum ConsumerKind {
+    /// Nothing keeps it: a workload started by a hook or a signal has no use for it, but its
+    /// digest is still checked (spec: STATE-5).
+    #[default]
+    DigestOnly,
+    Memory,
+    File {
+        path: PathBuf,
+        partial: PathBuf,
+        file: Option<std::fs::File>,
+    },
+    Qemu {
+        q: Arc<crate::vmm::qemu::QemuDest>,
+        writer: Option<StateWriter>,
+    },
+}
+
+/// The thread that writes the state into QEMU's pipe, so that a QEMU loading slowly never
+/// blocks the driver (which still has frames to answer).
+#[derive(Debug)]
+struct StateWriter {
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+    thread: std::thread::JoinHandle<std::io::Result<()>>,
+}
+
+/// Pieces the destination hands its consumer at a time.
+const FEED_PIECE: usize = 1 << 20;
+
+impl StateConsumer {
+    /// Digested and dropped (a workload that takes no device state).
+    pub fn digest_only() -> Self {
+        Self::with(ConsumerKind::DigestOnly)
     }
 
-    /// Writes the state file once the migration is committed.
-    pub fn persist(&self) -> std::io::Result<()> {
-        match &self.path {
-            Some(p) => std::fs::write(p, &self.data),
-            None => Ok(()),
+    /// Kept in memory; `data()` has it.
+    pub fn memory() -> Self {
+        Self::with(ConsumerKind::Memory)
+    }
+
+    /// Written to `path` as it arrives (into a file beside it, renamed over it on commit).
+    pub fn file(path: PathBuf) -> Self {
+        let mut partial = path.as_os_str().to_owned();
+        partial.push(".partial");
+        Self::with(ConsumerKind::File {
+            path,
+            partial: PathBuf::from(partial),
+            file: None,
+        })
+    }
+
+    /// Loaded by the destination QEMU as it arrives.
+    pub fn qemu(q: Arc<crate::vmm::qemu::QemuDest>) -> Self {
+        Self::with(ConsumerKind::Qemu { q, writer: None })
+    }
+
+    fn with(kind: ConsumerKind) -> Self {
+        StateConsumer {
+            kind,
+            len: 0,
+            hash: true,
+            hasher: Some(Box::default()),
+            failed: None,
+            data: Vec::new(),
+        }
+    }
+
+    /// Bytes taken so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the bytes are digested: only when the session negotiated digests.
+    pub fn set_digest(&mut self, on: bool) {
+        self.hash = on;
+    }
+
+    /// Whether the bytes must be handed over at all: a consumer that keeps nothing and
+    /// digests nothing only counts them.
+    pub fn wants_bytes(&self) -> bool {
+        self.hash || !matches!(self.kind, ConsumerKind::DigestOnly)
+    }
+
+    /// Counts bytes up to `upto` without taking them (when it [wants no bytes](Self::wants_bytes)).
+    pub fn skip_to(&mut self, upto: u64) {
+        debug_assert!(!self.wants_bytes());
+        self.len = self.len.max(upto);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The state kept in memory (empty for the other consumers).
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// Takes the next bytes of the device state.
+    pub fn append(&mut self, bytes: &[u8]) {
+        if let Some(h) = self.hasher.as_mut().filter(|_| self.hash) {
+            h.update(bytes);
+        }
+        self.len += bytes.len() as u64;
+        if self.failed.is_some() {
+            return;
+        }
+        if let Err(e) = self.deliver(bytes) {
+            self.failed = Some(e);
+        }
+    }
+
+    fn deliver(&mut self, bytes: &[u8]) -> Result<(), String> {
+        use std::io::Write;
+        match &mut self.kind {
+            ConsumerKind::DigestOnly => Ok(()),
+            ConsumerKind::Memory => {
+                self.data.extend_from_slice(bytes);
+                Ok(())
+            }
+            ConsumerKind::File { partial, file, .. } => {
+                if file.is_none() {
+                    *file = Some(
+                        std::fs::File::create(&*partial)
+                            .map_err(|e| format!("creating {}: {e}", partial.display()))?,
+                    );
+                }
+                let f = file.as_mut().expect("created above");
+                f.write_all(bytes)
+                    .map_err(|e| format!("writing {}: {e}", partial.display()))
+            }
+            ConsumerKind::Qemu { q, writer } => {
+                if writer.is_none() {
+                    let mut pipe = q.begin_load().map_err(|e| e.to_string())?;
+                    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(64);
+                    let thread = std::thread::spawn(move || {
+                        for piece in rx {
+                            pipe.write_all(&piece)?;
+                        }
+                        Ok(())
+                    });
+                    *writer = Some(StateWriter { tx, thread });
+                }
+                let w = writer.as_ref().expect("started above");
+                for piece in bytes.chunks(FEED_PIECE) {
+                    if w.tx.send(piece.to_vec()).is_err() {
+                        return Err("QEMU stopped reading the device state".into());
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Every byte is in: lets the consumer finish taking it (QEMU loads the rest; the file is
+    /// flushed) and returns the digest of all bytes taken (XXH3-64, spec: STATE-5).
+    pub fn finish(&mut self) -> Result<u64, String> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        if matches!(self.kind, ConsumerKind::Qemu { writer: None, .. }) {
+            // An empty state still makes QEMU load (and check) its stream's end.
+            self.deliver(&[])?;
+        }
+        match &mut self.kind {
+            ConsumerKind::DigestOnly | ConsumerKind::Memory => {}
+            ConsumerKind::File { partial, file, .. } => {
+                let f = match file.take() {
+                    Some(f) => f,
+                    None => std::fs::File::create(&*partial)
+                        .map_err(|e| format!("creating {}: {e}", partial.display()))?,
+                };
+                f.sync_all()
+                    .map_err(|e| format!("writing {}: {e}", partial.display()))?;
+            }
+            ConsumerKind::Qemu { q, writer } => {
+                let w = writer.take().expect("started above");
+                drop(w.tx);
+                let written = w.thread.join().expect("the state writer does not panic");
+                // QEMU's own verdict first: it says why it stopped reading.
+                q.finish_load().map_err(|e| e.to_string())?;
+                written.map_err(|e| format!("writing the device state to QEMU: {e}"))?;
+            }
+        }
+        let h = self
+            .hasher
+            .take()
+            .ok_or("the device state was finished twice")?;
+        Ok(if self.hash { h.digest() } else { 0 })
+    }
+
+    /// After COMMIT: a `--state-out` file takes its name.
+    pub fn commit(&mut self) -> Result<(), String> {
+        if let ConsumerKind::File { path, partial, .. } = &self.kind {
+            std::fs::rename(partial, path).map_err(|e| {
+                format!("renaming {} to {}: {e}", partial.display(), path.display())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// After an abort: nothing of the state is kept (a QEMU that was loading sees its pipe
+    /// close and fails its incoming migration; the driver's discard then deals with it).
+    pub fn discard(&mut self) {
+        match &mut self.kind {
+            ConsumerKind::DigestOnly => {}
+            ConsumerKind::Memory => self.data.clear(),
+            ConsumerKind::File { partial, file, .. } => {
+                file.take();
+                let _ = std::fs::remove_file(&*partial);
+            }
+            ConsumerKind::Qemu { writer, .. } => {
+                if let Some(w) = writer.take() {
+                    drop(w.tx);
+                    let _ = w.thread.join();
+                }
+            }
         }
     }
 }

@@ -3,10 +3,16 @@
 //! rdmig moves the RAM files live; QEMU moves only its device state, with the migration
 //! capability `x-ignore-shared` on both sides, through a pipe whose end is passed over QMP
 //! (`getfd`, then `migrate fd:` / `migrate-incoming fd:`). The state bytes travel inside the
-//! rdmig session as its device-state blob (spec: SW-3), so the guest switches over inside the
-//! same two-phase commit as its memory.
+//! rdmig session as its device state (spec: SW-3 on the control channel, or STATE-3 streamed
+//! over the data channels), so the guest switches over inside the same two-phase commit as its
+//! memory. RAM QEMU keeps privately (a `memory-backend-ram`, or a file mapped without
+//! `share=on`) is part of that stream: it moves, but all of it inside the downtime, so a
+//! guest whose private RAM exceeds the operator's limit is refused.
+//!
+//! The destination QEMU loads the state as it arrives, with its autostart turned off (`stop`
+//! while in `inmigrate`), and runs only on `cont` after COMMIT (spec: STATE-4, SW-7).
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,6 +25,25 @@ use crate::vmm::qmp::{Qmp, QmpError};
 
 /// Name under which the state pipe is registered with QEMU.
 const STATE_FD: &str = "rdmig-state";
+/// Where [`QemuSource::save_with`] hands each piece of the device state, in order.
+pub type StateSink<'a> = Box<dyn FnMut(&[u8]) -> std::io::Result<()> + Send + 'a>;
+
+/// QEMU's migration bandwidth while it saves a stopped guest's state: no limit that matters.
+const UNTHROTTLED: u64 = 1 << 40;
+/// The state pipe's buffer: the kernel's default 64 KiB makes QEMU and rdmig switch turns
+/// every 64 KiB of a state that may hold gigabytes of private RAM.
+const STATE_PIPE_BYTES: usize = 1 << 20;
+
+/// A pipe for the device state, its buffer enlarged where the system allows.
+fn state_pipe() -> Result<(std::io::PipeReader, std::io::PipeWriter), QemuError> {
+    let (rd, wr) = std::io::pipe().map_err(|err| QemuError::Io {
+        what: "creating the state pipe",
+        err,
+    })?;
+    // Only a hint: /proc/sys/fs/pipe-max-size may be lower, and the default works too.
+    let _ = rustix::pipe::fcntl_setpipe_size(&wr, STATE_PIPE_BYTES);
+    Ok((rd, wr))
+}
 /// How long a single QMP reply may take.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long saving or loading the device state may take.
@@ -34,8 +59,12 @@ pub enum QemuError {
     NoIgnoreShared(String),
     #[error("the guest has no memory backend objects: start QEMU with -object memory-backend-file,id=ID,size=SIZE,mem-path=FILE,share=on -machine memory-backend=ID")]
     NoBackend,
-    #[error("guest RAM backend {id:?} is a {kind}, not a shared file: start QEMU with -object memory-backend-file,id={id},size=SIZE,mem-path=FILE,share=on -machine memory-backend={id}")]
-    NotFile { id: String, kind: String },
+    #[error("the guest has {private} bytes of private RAM ({ids}), which QEMU moves inside its device state, all of it during the downtime; the limit is {limit} bytes (rdmig send --max-private-ram; a save file keeps none): give that RAM as shared files (-object memory-backend-file,...,share=on) that rdmig copies live, or raise the limit")]
+    PrivateTooLarge {
+        private: u64,
+        ids: String,
+        limit: u64,
+    },
     #[error("guest RAM backend {id:?} ({path}) is not shared: add share=on, or writes stay private to QEMU and never reach the file")]
     NotShared { id: String, path: String },
     #[error("guest RAM backend {id:?} maps {path}, which is not given with --ram")]
@@ -127,25 +156,35 @@ fn canonical(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
-/// Checks that the guest's RAM is exactly the given shared files, each of the given size.
-pub fn check_backends(found: &[Backend], ram: &[RamFile]) -> Result<(), QemuError> {
+/// Checks that the guest's shared RAM is exactly the given files, each of the given size, and
+/// that its private RAM (backends that are no shared file) is at most `max_private` bytes;
+/// returns the private RAM's size.
+pub fn check_backends(
+    found: &[Backend],
+    ram: &[RamFile],
+    max_private: u64,
+) -> Result<u64, QemuError> {
     if found.is_empty() {
         return Err(QemuError::NoBackend);
     }
     let mut used = vec![false; ram.len()];
+    let (mut private, mut ids) = (0u64, Vec::new());
     for b in found {
-        let Some(path) = &b.mem_path else {
-            return Err(QemuError::NotFile {
-                id: b.id.clone(),
-                kind: b.kind.clone(),
-            });
+        let Some(path) = b.mem_path.as_ref().filter(|_| b.share) else {
+            // A file given with --ram must be shared, or QEMU's writes never reach it.
+            if let Some(path) = &b.mem_path {
+                let c = canonical(Path::new(path));
+                if ram.iter().any(|r| canonical(&r.path) == c) {
+                    return Err(QemuError::NotShared {
+                        id: b.id.clone(),
+                        path: path.clone(),
+                    });
+                }
+            }
+            private += b.size;
+            ids.push(format!("{} {}", b.kind, b.id));
+            continue;
         };
-        if !b.share {
-            return Err(QemuError::NotShared {
-                id: b.id.clone(),
-                path: path.clone(),
-            });
-        }
         let c = canonical(Path::new(path));
         let Some(i) = ram.iter().position(|r| canonical(&r.path) == c) else {
             return Err(QemuError::BackendNotGiven {
@@ -163,10 +202,17 @@ pub fn check_backends(found: &[Backend], ram: &[RamFile]) -> Result<(), QemuErro
         }
         used[i] = true;
     }
-    match used.iter().position(|u| !u) {
-        Some(i) => Err(QemuError::RamNotBackend(ram[i].path.display().to_string())),
-        None => Ok(()),
+    if let Some(i) = used.iter().position(|u| !u) {
+        return Err(QemuError::RamNotBackend(ram[i].path.display().to_string()));
     }
+    if private > max_private {
+        return Err(QemuError::PrivateTooLarge {
+            private,
+            ids: ids.join(", "),
+            limit: max_private,
+        });
+    }
+    Ok(private)
 }
 
 fn status(q: &mut Qmp) -> Result<String, QemuError> {
@@ -247,6 +293,8 @@ pub struct QemuSource {
     pid: Option<i32>,
     version: String,
     caps_before: Value,
+    /// Bytes of RAM QEMU keeps privately: they travel in its device state.
+    private_ram: u64,
 }
 
 impl std::fmt::Debug for QemuSource {
@@ -259,7 +307,7 @@ impl QemuSource {
     /// Connects and checks everything that can be checked before any byte moves: the guest
     /// runs (or is paused), its RAM is exactly the given shared files, and QEMU can leave them
     /// out of its own stream. Then turns x-ignore-shared on.
-    pub fn attach(sock: &Path, ram: &[RamFile]) -> Result<QemuSource, QemuError> {
+    pub fn attach(sock: &Path, ram: &[RamFile], max_private: u64) -> Result<QemuSource, QemuError> {
         let mut q = Qmp::connect(sock, REPLY_TIMEOUT)?;
         let st = status(&mut q)?;
         if st != "running" && st != "paused" {
@@ -279,10 +327,11 @@ impl QemuSource {
                 need: "finish or cancel it first",
             });
         }
-        check_backends(&backends(&mut q)?, ram)?;
+        let private_ram = check_backends(&backends(&mut q)?, ram, max_private)?;
         let caps_before = enable_ignore_shared(&mut q)?;
         let (a, b, c) = q.version;
         Ok(QemuSource {
+            private_ram,
             caps_before,
             pid: q.peer_pid(),
             version: format!("{a}.{b}.{c}"),
@@ -299,6 +348,11 @@ impl QemuSource {
         &self.version
     }
 
+    /// Bytes of guest RAM that are no shared file: QEMU sends them in its device state.
+    pub fn private_ram(&self) -> u64 {
+        self.private_ram
+    }
+
     /// Stops the guest (a save that is not live stops it before copying its memory).
     pub fn stop(&self) -> Result<(), QemuError> {
         let mut q = self.qmp.lock().expect("not poisoned");
@@ -308,39 +362,86 @@ impl QemuSource {
 
     /// Stops the guest and saves its device state (everything but the shared RAM).
     pub fn stop_and_save(&self) -> Result<Vec<u8>, QemuError> {
-        let mut q = self.qmp.lock().expect("not poisoned");
-        q.execute("stop", None)?;
-        let (mut rd, wr) = std::io::pipe().map_err(|err| QemuError::Io {
-            what: "creating the state pipe",
-            err,
+        self.stop()?;
+        let mut buf = Vec::new();
+        let mut too_large = false;
+        self.save_with(Box::new(|bytes: &[u8]| {
+            if buf.len() + bytes.len() > MAX_STATE {
+                too_large = true;
+                return Err(std::io::Error::other("device state too large"));
+            }
+            buf.extend_from_slice(bytes);
+            Ok(())
+        }))
+        .map_err(|e| {
+            if too_large {
+                QemuError::StateTooLarge
+            } else {
+                e
+            }
         })?;
-        q.execute_with_fd("getfd", Some(json!({ "fdname": STATE_FD })), wr.as_fd())?;
-        drop(wr);
-        let reader = std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let r = (&mut rd).take(MAX_STATE as u64 + 1).read_to_end(&mut buf);
-            (r, buf)
-        });
-        let waited = q
-            .execute("migrate", Some(json!({ "uri": format!("fd:{STATE_FD}") })))
-            .map_err(QemuError::from)
-            .and_then(|_| wait_migration(&mut q, "saving the device state"));
-        if waited.is_err() {
-            let _ = q.execute("migrate_cancel", None);
-            // A descriptor QEMU did not take stays open in it; closing it ends the reader.
-            let _ = q.execute("closefd", Some(json!({ "fdname": STATE_FD })));
-        }
-        waited?;
-        let (r, buf) = reader.join().expect("the reader does not panic");
-        r.map_err(|err| QemuError::Io {
-            what: "reading the device state",
-            err,
-        })?;
-        if buf.len() > MAX_STATE {
-            return Err(QemuError::StateTooLarge);
-        }
         tracing::info!("saved {} bytes of QEMU device state", buf.len());
         Ok(buf)
+    }
+
+    /// Saves the device state of the stopped guest, handing each piece to `sink` as QEMU
+    /// writes it (a reader thread drains the pipe while this thread waits for QEMU). An error
+    /// of the sink ends the save: QEMU's migration is cancelled.
+    pub fn save_with(
+        &self,
+        mut sink: StateSink<'_>,
+    ) -> Result<(), QemuError> {
+        let mut q = self.qmp.lock().expect("not poisoned");
+        let (mut rd, wr) = state_pipe()?;
+        q.execute_with_fd("getfd", Some(json!({ "fdname": STATE_FD })), wr.as_fd())?;
+        drop(wr);
+        std::thread::scope(|scope| {
+            let reader = scope.spawn(move || -> std::io::Result<()> {
+                let mut buf = vec![0u8; 1 << 20];
+                loop {
+                    match rd.read(&mut buf) {
+                        Ok(0) => return Ok(()),
+                        Ok(n) => sink(&buf[..n])?,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                // `rd` drops here on an error: QEMU's writes then fail and its save ends.
+            });
+            // The guest is stopped: QEMU's bandwidth limit (128 MiB/s by default) would only
+            // stretch the downtime over the private RAM the state carries. Put back after.
+            let limit = q
+                .execute("query-migrate-parameters", None)
+                .ok()
+                .and_then(|p| p["max-bandwidth"].as_u64());
+            if limit.is_some() {
+                let _ = q.execute(
+                    "migrate-set-parameters",
+                    Some(json!({ "max-bandwidth": UNTHROTTLED })),
+                );
+            }
+            let waited = q
+                .execute("migrate", Some(json!({ "uri": format!("fd:{STATE_FD}") })))
+                .map_err(QemuError::from)
+                .and_then(|_| wait_migration(&mut q, "saving the device state"));
+            if waited.is_err() {
+                let _ = q.execute("migrate_cancel", None);
+                // A descriptor QEMU did not take stays open in it; closing it ends the reader.
+                let _ = q.execute("closefd", Some(json!({ "fdname": STATE_FD })));
+            }
+            if let Some(l) = limit {
+                let _ = q.execute(
+                    "migrate-set-parameters",
+                    Some(json!({ "max-bandwidth": l })),
+                );
+            }
+            let read = reader.join().expect("the reader does not panic");
+            waited?;
+            read.map_err(|err| QemuError::Io {
+                what: "reading the device state",
+                err,
+            })
+        })
     }
 
     /// Lets the guest run again after an abort (spec: INV-OWN-2).
@@ -372,7 +473,11 @@ impl QemuSource {
 
 /// Checks that the destination QEMU waits for an incoming migration on exactly the given RAM
 /// files, then turns x-ignore-shared on; returns QEMU's version and the capabilities before.
-fn check_destination(q: &mut Qmp, ram: &[RamFile]) -> Result<(String, Value), QemuError> {
+fn check_destination(
+    q: &mut Qmp,
+    ram: &[RamFile],
+    max_private: u64,
+) -> Result<(String, Value), QemuError> {
     let st = status(q)?;
     if st != "inmigrate" {
         return Err(QemuError::BadStatus {
@@ -381,7 +486,7 @@ fn check_destination(q: &mut Qmp, ram: &[RamFile]) -> Result<(String, Value), Qe
             need: "start it with -incoming defer",
         });
     }
-    check_backends(&backends(q)?, ram)?;
+    check_backends(&backends(q)?, ram, max_private)?;
     let before = enable_ignore_shared(q)?;
     let (a, b, c) = q.version;
     Ok((format!("{a}.{b}.{c}"), before))
@@ -428,6 +533,7 @@ impl QemuDest {
         ram: &[RamFile],
         start_cmd: Option<&str>,
         log: &Path,
+        max_private: u64,
     ) -> Result<QemuDest, QemuError> {
         let io = |what, err| QemuError::Io { what, err };
         let mut child = match start_cmd {
@@ -470,7 +576,7 @@ impl QemuDest {
         };
         let checked = connected
             .map_err(QemuError::from)
-            .and_then(|mut q| check_destination(&mut q, ram).map(|c| (q, c)));
+            .and_then(|mut q| check_destination(&mut q, ram, max_private).map(|c| (q, c)));
         match checked {
             Ok((qmp, (version, caps_before))) => Ok(QemuDest {
                 qmp: Mutex::new(qmp),
@@ -505,18 +611,20 @@ impl QemuDest {
         QemuError::Exited(format!("{what}{st}{tail}"))
     }
 
-    /// Loads the device state into the waiting QEMU and runs the guest; returns once QEMU
-    /// reports it running.
-    pub fn load_and_run(&self, state: &[u8]) -> Result<(), QemuError> {
+    /// Starts loading a guest's device state: turns QEMU's autostart off (`stop` while it
+    /// waits in `inmigrate`: the guest must not run when loading ends, only on COMMIT, spec:
+    /// STATE-4), hands it the read end of a pipe and starts `migrate-incoming`. The caller
+    /// writes the state into the returned pipe, in order, then closes it and calls
+    /// [`finish_load`](Self::finish_load).
+    pub fn begin_load(&self) -> Result<std::io::PipeWriter, QemuError> {
         let mut q = self.qmp.lock().expect("not poisoned");
         let closed = |e: QmpError, what| match e {
             QmpError::Closed | QmpError::Io(_) => self.exited(what),
             e => e.into(),
         };
-        let (rd, mut wr) = std::io::pipe().map_err(|err| QemuError::Io {
-            what: "creating the state pipe",
-            err,
-        })?;
+        q.execute("stop", None)
+            .map_err(|e| closed(e, "turning its autostart off"))?;
+        let (rd, wr) = state_pipe()?;
         q.execute_with_fd("getfd", Some(json!({ "fdname": STATE_FD })), rd.as_fd())
             .map_err(|e| closed(e, "receiving the state pipe"))?;
         drop(rd);
@@ -525,17 +633,30 @@ impl QemuDest {
             Some(json!({ "uri": format!("fd:{STATE_FD}") })),
         )
         .map_err(|e| closed(e, "starting to load the device state"))?;
-        let state = state.to_vec();
-        let writer = std::thread::spawn(move || wr.write_all(&state));
+        Ok(wr)
+    }
+
+    /// Waits until QEMU has loaded the whole state written to the pipe (which the caller has
+    /// closed): the guest is then ready, paused.
+    pub fn finish_load(&self) -> Result<(), QemuError> {
+        let mut q = self.qmp.lock().expect("not poisoned");
         match wait_migration(&mut q, "loading the device state") {
-            Ok(()) => {}
-            Err(QemuError::Qmp(e)) => return Err(closed(e, "loading the device state")),
-            Err(e) => return Err(e),
+            Ok(()) => Ok(()),
+            Err(QemuError::Qmp(QmpError::Closed | QmpError::Io(_))) => {
+                Err(self.exited("loading the device state"))
+            }
+            Err(e) => Err(e),
         }
-        if let Ok(Err(e)) = writer.join() {
-            tracing::warn!("writing the device state to QEMU: {e}");
-        }
-        // QEMU leaves `inmigrate` once loading is done: running if it autostarts, else paused.
+    }
+
+    /// Runs the loaded guest (after COMMIT); returns once QEMU reports it running.
+    pub fn run(&self) -> Result<(), QemuError> {
+        let mut q = self.qmp.lock().expect("not poisoned");
+        let closed = |e: QmpError, what| match e {
+            QmpError::Closed | QmpError::Io(_) => self.exited(what),
+            e => e.into(),
+        };
+        // QEMU leaves `inmigrate` once loading is done: paused, as its autostart is off.
         let t = Instant::now();
         loop {
             let st = status(&mut q).map_err(|e| match e {
@@ -616,26 +737,13 @@ mod tests {
     #[test]
     fn guest_ram_must_be_exactly_the_given_shared_files() {
         let ok = [file_backend("mem", "/dev/shm/g.ram", 1 << 20, true)];
-        check_backends(&ok, &[ram("/dev/shm/g.ram", 1 << 20)]).unwrap();
-        let e = check_backends(&[], &[ram("/a", 1)]).unwrap_err();
+        check_backends(&ok, &[ram("/dev/shm/g.ram", 1 << 20)], 0).unwrap();
+        let e = check_backends(&[], &[ram("/a", 1)], 0).unwrap_err();
         assert!(matches!(e, QemuError::NoBackend), "{e}");
-        let anon = Backend {
-            id: "pc.ram".into(),
-            kind: "memory-backend-ram".into(),
-            mem_path: None,
-            share: false,
-            size: 1 << 20,
-        };
-        let e = check_backends(&[anon], &[ram("/dev/shm/g.ram", 1 << 20)]).unwrap_err();
-        assert!(matches!(e, QemuError::NotFile { .. }), "{e}");
-        assert!(
-            e.to_string().contains("share=on"),
-            "the message says what to do: {e}"
-        );
         let private = [file_backend("mem", "/dev/shm/g.ram", 1 << 20, false)];
-        let e = check_backends(&private, &[ram("/dev/shm/g.ram", 1 << 20)]).unwrap_err();
+        let e = check_backends(&private, &[ram("/dev/shm/g.ram", 1 << 20)], 0).unwrap_err();
         assert!(matches!(e, QemuError::NotShared { .. }), "{e}");
-        let e = check_backends(&ok, &[ram("/dev/shm/g.ram", 2 << 20)]).unwrap_err();
+        let e = check_backends(&ok, &[ram("/dev/shm/g.ram", 2 << 20)], 0).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -647,14 +755,44 @@ mod tests {
             ),
             "{e}"
         );
-        let e = check_backends(&ok, &[ram("/dev/shm/other.ram", 1 << 20)]).unwrap_err();
+        let e = check_backends(&ok, &[ram("/dev/shm/other.ram", 1 << 20)], 0).unwrap_err();
         assert!(matches!(e, QemuError::BackendNotGiven { .. }), "{e}");
         let e = check_backends(
             &ok,
             &[ram("/dev/shm/g.ram", 1 << 20), ram("/dev/shm/x.ram", 1)],
+            0,
         )
         .unwrap_err();
         assert!(matches!(e, QemuError::RamNotBackend(_)), "{e}");
+    }
+
+    /// RAM QEMU keeps privately travels in its device state (all of it downtime): allowed up
+    /// to the operator's limit, refused above it with a message that says so.
+    #[test]
+    fn private_guest_ram_is_counted_and_refused_above_the_limit() {
+        let shared = file_backend("mem", "/dev/shm/g.ram", 1 << 20, true);
+        let anon = Backend {
+            id: "priv".into(),
+            kind: "memory-backend-ram".into(),
+            mem_path: None,
+            share: false,
+            size: 3 << 20,
+        };
+        let unshared = file_backend("vram", "/dev/shm/other.ram", 1 << 20, false);
+        let found = [shared, anon, unshared];
+        let files = [ram("/dev/shm/g.ram", 1 << 20)];
+        assert_eq!(check_backends(&found, &files, 4 << 20).unwrap(), 4 << 20);
+        let e = check_backends(&found, &files, (4 << 20) - 1).unwrap_err();
+        assert!(
+            matches!(e, QemuError::PrivateTooLarge { private, .. } if private == 4 << 20),
+            "{e}"
+        );
+        let m = e.to_string();
+        assert!(
+            m.contains("downtime") && m.contains("--max-private-ram"),
+            "{m}"
+        );
+        assert!(m.contains("memory-backend-ram priv"), "{m}");
     }
 
     /// A QEMU with one shared file backend at `path`, in `status`, with or without
@@ -730,7 +868,7 @@ mod tests {
     fn source_attach_enables_ignore_shared_and_turns_multifd_off() {
         let (dir, p, r) = setup();
         let (sock, log) = serve(dir.path(), guest(&p, "running", true, "none"));
-        let q = QemuSource::attach(&sock, &r).unwrap();
+        let q = QemuSource::attach(&sock, &r, 0).unwrap();
         assert_eq!(q.version(), "10.0.2");
         let l = log.lock().unwrap();
         let (_, set) = l
@@ -748,7 +886,7 @@ mod tests {
     fn source_without_ignore_shared_capability_is_refused_before_anything_changes() {
         let (dir, p, r) = setup();
         let (sock, log) = serve(dir.path(), guest(&p, "running", false, "none"));
-        let e = QemuSource::attach(&sock, &r).unwrap_err();
+        let e = QemuSource::attach(&sock, &r, 0).unwrap_err();
         assert!(
             matches!(e, QemuError::NoIgnoreShared(ref v) if v == "10.0.2"),
             "{e}"
@@ -765,10 +903,10 @@ mod tests {
     fn source_in_wrong_state_or_mid_migration_is_refused() {
         let (dir, p, r) = setup();
         let (sock, _) = serve(dir.path(), guest(&p, "inmigrate", true, "none"));
-        let e = QemuSource::attach(&sock, &r).unwrap_err();
+        let e = QemuSource::attach(&sock, &r, 0).unwrap_err();
         assert!(matches!(e, QemuError::BadStatus { .. }), "{e}");
         let (sock, _) = serve(dir.path(), guest(&p, "running", true, "active"));
-        let e = QemuSource::attach(&sock, &r).unwrap_err();
+        let e = QemuSource::attach(&sock, &r, 0).unwrap_err();
         assert!(e.to_string().contains("\"active\""), "{e}");
     }
 
@@ -784,8 +922,13 @@ mod tests {
                 json!({"return": {"status": s, "error-desc": "disk full"}})
             }),
         );
+        g.insert(
+            "query-migrate-parameters",
+            ret(json!({"max-bandwidth": 134217728})),
+        );
+        g.insert("migrate-set-parameters", ret(json!({})));
         let (sock, log) = serve(dir.path(), g);
-        let q = QemuSource::attach(&sock, &r).unwrap();
+        let q = QemuSource::attach(&sock, &r, 0).unwrap();
         let e = q.stop_and_save().unwrap_err();
         assert!(
             matches!(e, QemuError::MigrateFailed(ref d) if d == "disk full"),
@@ -794,21 +937,31 @@ mod tests {
         q.resume().unwrap();
         q.restore();
         let c = commands(&log);
-        let tail: Vec<_> = c.iter().rev().take(8).rev().cloned().collect();
+        let tail: Vec<_> = c.iter().rev().take(11).rev().cloned().collect();
         assert_eq!(
             tail,
             [
                 "stop",
                 "getfd",
+                "query-migrate-parameters",
+                "migrate-set-parameters",
                 "migrate",
                 "query-migrate",
                 "migrate_cancel",
                 "closefd",
+                "migrate-set-parameters",
                 "cont",
                 "migrate-set-capabilities"
             ]
         );
         let l = log.lock().unwrap();
+        // The stopped guest saves unthrottled, and QEMU's own limit is put back after.
+        let limits: Vec<&Value> = l
+            .iter()
+            .filter(|(c, _)| c == "migrate-set-parameters")
+            .map(|(_, a)| &a["max-bandwidth"])
+            .collect();
+        assert_eq!(limits, [&json!(UNTHROTTLED), &json!(134217728)]);
         assert_eq!(
             l.last().unwrap().1["capabilities"],
             json!([{"capability": "x-ignore-shared", "state": false},
@@ -821,7 +974,7 @@ mod tests {
     fn destination_must_wait_with_incoming_defer() {
         let (dir, p, r) = setup();
         let (sock, _) = serve(dir.path(), guest(&p, "running", true, "none"));
-        let e = QemuDest::attach(&sock, &r, None, &dir.path().join("log")).unwrap_err();
+        let e = QemuDest::attach(&sock, &r, None, &dir.path().join("log"), 0).unwrap_err();
         assert!(e.to_string().contains("-incoming defer"), "{e}");
     }
 
@@ -829,7 +982,7 @@ mod tests {
     fn destination_size_mismatch_is_refused_before_the_migration() {
         let (dir, p, _) = setup();
         let (sock, _) = serve(dir.path(), guest(&p, "inmigrate", true, "none"));
-        let e = QemuDest::attach(&sock, &[ram(&p, 2 << 20)], None, &dir.path().join("log"))
+        let e = QemuDest::attach(&sock, &[ram(&p, 2 << 20)], None, &dir.path().join("log"), 0)
             .unwrap_err();
         assert!(matches!(e, QemuError::SizeMismatch { .. }), "{e}");
     }
@@ -849,8 +1002,10 @@ mod tests {
             }),
         );
         let (sock, _) = serve(dir.path(), g);
-        let q = QemuDest::attach(&sock, &r, None, &dir.path().join("log")).unwrap();
-        let e = q.load_and_run(b"device state").unwrap_err();
+        let q = QemuDest::attach(&sock, &r, None, &dir.path().join("log"), 0).unwrap();
+        let wr = q.begin_load().unwrap();
+        drop(wr);
+        let e = q.finish_load().unwrap_err();
         assert!(
             matches!(e, QemuError::Exited(ref w) if w.contains("loading")),
             "{e}"
@@ -863,7 +1018,7 @@ mod tests {
         let sock = dir.path().join("never.sock");
         let log = dir.path().join("qemu.log");
         let cmd = "echo 'qemu: could not load kernel' >&2; exit 7";
-        let e = QemuDest::attach(&sock, &r, Some(cmd), &log).unwrap_err();
+        let e = QemuDest::attach(&sock, &r, Some(cmd), &log, 0).unwrap_err();
         let m = e.to_string();
         assert!(m.contains("exit status: 7"), "{m}");
         assert!(m.contains("QEMU said: qemu: could not load kernel"), "{m}");

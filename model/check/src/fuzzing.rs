@@ -41,6 +41,10 @@ pub fn blocks() -> Vec<BlockDesc> {
     ]
 }
 
+/// The state area of the dynamic-mode sessions (spec: STATE-1); pin-all sessions send their
+/// device state on the control channel, so the recordings cover both paths.
+pub const STATE_AREA: u64 = 32 << 10;
+
 fn configs(mode: RegMode) -> (SourceConfig, DestConfig) {
     let mut s = SourceConfig::with_defaults(0xF022, blocks(), Some(KEY.to_vec()));
     s.params.chunk_log2 = 14;
@@ -54,6 +58,9 @@ fn configs(mode: RegMode) -> (SourceConfig, DestConfig) {
     d.credit_window = 8;
     if mode == RegMode::PinAll {
         d.pin_budget = 1 << 20;
+    } else {
+        s.state_max = STATE_AREA;
+        d.state_capacity = STATE_AREA;
     }
     (s, d)
 }
@@ -118,7 +125,7 @@ fn record(mode: RegMode) -> Recording {
         zero_one_in: 3,
         seed: 77,
     };
-    let mut pair = Pair::new(s, d, guest, vec![0x5a; 40_000]).expect("valid config");
+    let mut pair = Pair::new(s, d, guest, vec![0x5a; 20_000]).expect("valid config");
     let mut dst_snapshots = vec![(pair.dst.clone(), 0)];
     let mut src_snapshots = vec![(pair.src.clone(), 0)];
     for phase in [
@@ -242,6 +249,11 @@ pub enum DstEvent {
     Digests {
         correct: bool,
     },
+    /// The device state's consumer finished (spec: STATE-4, STATE-5).
+    StateLoaded {
+        digest: u64,
+    },
+    StateFailed,
     WorkloadStarted,
     WorkloadFailed,
     Timer(bool),
@@ -305,6 +317,12 @@ impl DstOracle {
                 DstCommand::StoreDeviceState { offset, data } => {
                     assert!(*offset as usize + data.len() <= wire::MAX_DEVICE_STATE as usize);
                 }
+                DstCommand::FeedState { upto } | DstCommand::FinishState { len: upto } => {
+                    assert!(
+                        *upto <= STATE_AREA,
+                        "STATE-4: device state beyond the state area"
+                    );
+                }
                 DstCommand::StartWorkload => {
                     assert!(self.commit_fed, "SW-7: started without COMMIT");
                     assert!(
@@ -338,8 +356,15 @@ impl DstOracle {
     /// An oracle for a destination that has not started.
     fn fresh() -> DstOracle {
         let (_, dcfg) = configs(RegMode::Dynamic);
+        // The state area registers as one more local block (spec: STATE-2).
+        let mut blocks = dcfg.blocks;
+        blocks.push(BlockDesc {
+            name: b"state-area".to_vec(),
+            length: STATE_AREA,
+            page_log2: wire::STATE_PAGE_LOG2,
+        });
         DstOracle {
-            blocks: dcfg.blocks,
+            blocks,
             nic: BTreeMap::new(),
             pending: Vec::new(),
             next_rkey: 0x1_0000,
@@ -460,6 +485,8 @@ fn dst_event_input(
         DstEvent::Digests { correct } => {
             DstInput::Digests(vec![u64::from(!correct); total_chunks()])
         }
+        DstEvent::StateLoaded { digest } => DstInput::StateLoaded { digest },
+        DstEvent::StateFailed => DstInput::StateFailed,
         DstEvent::WorkloadStarted => DstInput::WorkloadStarted,
         DstEvent::WorkloadFailed => DstInput::WorkloadFailed,
         DstEvent::Timer(idle) => DstInput::Timer(if idle {
@@ -616,6 +643,14 @@ pub enum SrcEvent {
     DeviceState {
         len: u16,
     },
+    /// The state area's device state grows to `len` bytes (spec: STATE-3).
+    StateProduced {
+        len: u16,
+    },
+    StateDone {
+        len: u16,
+        digest: u64,
+    },
     Digests,
     Timer(bool),
     TransportFailed,
@@ -752,7 +787,12 @@ impl SrcOracle {
             SrcEvent::Paused => SrcInput::WorkloadPaused,
             SrcEvent::WorkloadFailed => SrcInput::WorkloadFailed,
             SrcEvent::DeviceState { len } => SrcInput::DeviceState(vec![7; len as usize]),
-            SrcEvent::Digests => SrcInput::Digests(vec![1; self.geo.total_chunks as usize]),
+            SrcEvent::StateProduced { len } => SrcInput::StateProduced { len: len as u64 },
+            SrcEvent::StateDone { len, digest } => SrcInput::StateDone {
+                len: len as u64,
+                digest,
+            },
+            SrcEvent::Digests => SrcInput::Digests(vec![1; self.geo.ram_chunks as usize]),
             SrcEvent::Timer(idle) => SrcInput::Timer(if idle {
                 SrcTimer::Progress
             } else {
@@ -775,6 +815,8 @@ impl SrcOracle {
         if phase_before == SrcPhase::AwaitTableAck && s.phase() == SrcPhase::Scanning {
             self.table_acked = true;
         }
+        // HELLO_ACK may add a state area to the geometry (spec: STATE-2).
+        self.geo = s.geometry().clone();
         for c in &cmds {
             self.check(s, c, peer_abort);
         }
@@ -835,7 +877,7 @@ impl SrcOracle {
             SrcCommand::Finish(_) => self.finished = true,
             SrcCommand::ScanDirty { .. }
             | SrcCommand::PauseWorkload
-            | SrcCommand::CaptureDeviceState
+            | SrcCommand::CaptureDeviceState { .. }
             | SrcCommand::ComputeDigests => {}
         }
     }

@@ -73,6 +73,9 @@ pub struct Pair {
     snapshot: Option<Vec<Vec<u8>>>,
     device_state: Vec<u8>,
     received_state: Vec<u8>,
+    /// The state area both sides will agree on (spec: STATE-1); its buffer and staging area
+    /// are one more block after the RAM blocks of `src_mem` and `dst_mem`.
+    state_area: u64,
     guest: Guest,
     rng: Rng,
     now: Millis,
@@ -114,13 +117,14 @@ impl Pair {
         device_state: Vec<u8>,
     ) -> Result<Self, rdmig_model::source::ConfigError> {
         let blocks: Vec<BlockDesc> = scfg.blocks.clone();
+        let state_area = scfg.state_max.min(dcfg.state_capacity);
         // Destination memory is in the destination's own block order.
         let dst_order: Vec<usize> = dcfg
             .blocks
             .iter()
             .map(|d| rdmig_model::wire::block_index(&blocks, &d.name).unwrap_or(0))
             .collect();
-        let dst_mem = dcfg
+        let mut dst_mem: Vec<Vec<u8>> = dcfg
             .blocks
             .iter()
             .map(|b| vec![0xAA; b.length as usize])
@@ -128,7 +132,7 @@ impl Pair {
         let src = Source::new(scfg, [7; wire::NONCE_LEN])?;
         let dst = Destination::new(dcfg, [9; wire::NONCE_LEN])?;
         let mut rng = Rng::new(guest.seed);
-        let src_mem: Vec<Vec<u8>> = blocks
+        let mut src_mem: Vec<Vec<u8>> = blocks
             .iter()
             .map(|b| {
                 let mut m = vec![0u8; b.length as usize];
@@ -143,8 +147,13 @@ impl Pair {
                 m
             })
             .collect();
+        if state_area > 0 {
+            src_mem.push(vec![0xCC; state_area as usize]);
+            dst_mem.push(vec![0xAA; state_area as usize]);
+        }
         let channels = src.params().channels as usize;
         Ok(Pair {
+            state_area,
             dst_mem,
             dst_order,
             page_log2: blocks.iter().map(|b| b.page_log2).collect(),
@@ -277,7 +286,7 @@ impl Pair {
     }
 
     fn guest_write(&mut self) {
-        let b = (self.rng.next_u64() % self.src_mem.len() as u64) as usize;
+        let b = (self.rng.next_u64() % self.dirty_log.len() as u64) as usize;
         let pages = self.src_mem[b].len() as u64 >> self.page_log2[b];
         let p = self.rng.next_u64() % pages;
         let ps = 1usize << self.page_log2[b];
@@ -404,9 +413,23 @@ impl Pair {
             }
             SrcCommand::ResumeWorkload => self.src_running = true,
             SrcCommand::RelinquishWorkload => self.relinquished = true,
-            SrcCommand::CaptureDeviceState => self
+            SrcCommand::CaptureDeviceState { area: 0 } => self
                 .src_inputs
                 .push_back(SrcInput::DeviceState(self.device_state.clone())),
+            SrcCommand::CaptureDeviceState { area } => {
+                // spec: STATE-3: produced in two steps, the first half before the rest.
+                assert_eq!(area, self.state_area, "the negotiated state area");
+                let n = self.device_state.len();
+                let sb = self.dirty_log.len();
+                self.src_mem[sb][..n].copy_from_slice(&self.device_state);
+                let digest = rdmig_model::digest::chunk_digest(&self.device_state);
+                self.src_inputs
+                    .push_back(SrcInput::StateProduced { len: n as u64 / 2 });
+                self.src_inputs.push_back(SrcInput::StateDone {
+                    len: n as u64,
+                    digest,
+                });
+            }
             SrcCommand::ComputeDigests => {
                 let p = self.src.params();
                 let d = self.digests(&self.src_mem, p.digest, p.chunk_log2);
@@ -446,6 +469,18 @@ impl Pair {
             DstCommand::StoreDeviceState { offset, data } => {
                 assert_eq!(offset as usize, self.received_state.len());
                 self.received_state.extend_from_slice(&data);
+            }
+            DstCommand::FeedState { upto } => {
+                let area = self.dst_mem.last().expect("a state area");
+                let from = self.received_state.len();
+                assert!(upto as usize > from && upto <= self.state_area, "STATE-4");
+                self.received_state
+                    .extend_from_slice(&area[from..upto as usize]);
+            }
+            DstCommand::FinishState { len } => {
+                assert_eq!(len as usize, self.received_state.len(), "STATE-4");
+                let digest = rdmig_model::digest::chunk_digest(&self.received_state);
+                self.dst_inputs.push_back(DstInput::StateLoaded { digest });
             }
             DstCommand::ComputeDigests => {
                 let p = self.dst.params().expect("negotiated");

@@ -56,6 +56,16 @@ fn inv_all_hold_exhaustively_on_small_config() {
     exhaustive(CheckConfig::small(), 4_000_000);
 }
 
+/// spec: STATE-1 .. STATE-5, INV-MEM-1, INV-REG-1, INV-PIN-1: device state carried over the
+/// data channels into a state area, produced in two steps, registered after the final round
+/// under a pin budget that forces RAM chunks out first, in both registration modes, with one
+/// fault of any kind: the consumer only ever gets placed bytes and holds the source's state
+/// when the workload starts.
+#[test]
+fn state_all_hold_exhaustively_with_a_state_area() {
+    exhaustive(CheckConfig::state_area(), 50_000);
+}
+
 /// spec: SAVE-1, INV-OWN-2: a workload paused before the source started (a save that is not
 /// live) runs again after every abort, whenever the fault strikes.
 #[test]

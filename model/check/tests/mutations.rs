@@ -237,3 +237,31 @@ fn reg_4_skipped_pin_budget_is_caught_by_a_hostile_source() {
         &[check::P_PIN],
     );
 }
+
+/// spec: STATE-3: a source that announces device state as placed once its writes are posted,
+/// not once they completed, lets the destination feed its consumer bytes that have not
+/// landed; the state-area configuration must catch it.
+#[test]
+fn state_3_announcing_state_before_its_writes_complete_is_caught() {
+    let mut cfg = CheckConfig::state_area();
+    cfg.mutations = Mutations {
+        state_placed_early: true,
+        ..Default::default()
+    };
+    cfg.faults = 0;
+    cfg.guest_writes = 0;
+    let run = check::run(
+        ProtocolModel::new(cfg),
+        Strategy::Bfs,
+        2,
+        Stop::FirstFailure,
+    );
+    let v = run.violations();
+    if let Some(trace) = run.first_violation_trace() {
+        eprintln!("{trace}");
+    }
+    assert!(
+        v.contains(&check::P_STATE3),
+        "early STATE_PLACED caught only by {v:?}"
+    );
+}

@@ -127,6 +127,7 @@ fn hello(params: Params) -> Message {
         params,
         credit_window: 8,
         nonce: [1; 32],
+        state_max: 0,
     })
 }
 
@@ -291,6 +292,7 @@ fn auth_3_source_sends_nothing_to_an_unproven_destination() {
         pin_budget: 1 << 30,
         nonce: [3; 32],
         mac: [0x66; 32],
+        state_capacity: 0,
     };
     let cmds = s.step(0, frame(Message::HelloAck(forged)));
     assert_abort(&cmds, AbortReason::AuthFailed, Detail::DestinationKey);
@@ -690,6 +692,7 @@ fn sw_7_no_start_without_commit_in_prepared() {
         frame(Message::Prepare {
             state_len: 0,
             digest_count: 1,
+            state_digest: 0,
         }),
     );
     assert_abort(&cmds, AbortReason::ProtocolViolation, Detail::PrepareCounts);

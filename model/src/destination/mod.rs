@@ -39,6 +39,10 @@ pub struct DestConfig {
     pub idle_timeout_ms: u64,
     /// 0 disables keepalives.
     pub keepalive_ms: u64,
+    /// Largest state area this destination holds for device state sent over the data
+    /// channels (a multiple of 4 KiB); 0 takes device state on the control channel only
+    /// (spec: STATE-1).
+    pub state_capacity: u64,
     /// Deliberate bugs (checker and simulator tests only).
     #[cfg(feature = "mutations")]
     pub mutations: DstMutations,
@@ -69,6 +73,7 @@ impl DestConfig {
             max_reg_inflight: MAX_REG_INFLIGHT,
             idle_timeout_ms: 30_000,
             keepalive_ms: 5_000,
+            state_capacity: 0,
             #[cfg(feature = "mutations")]
             mutations: DstMutations::default(),
         }
@@ -104,6 +109,15 @@ impl DestConfig {
             // spec: ERR-5: keepalives must come well within the peer's idle timeout.
             return Err(ConfigError(
                 "keepalive interval must be below the idle timeout",
+            ));
+        }
+        if self.state_capacity > wire::MAX_STATE_AREA
+            || !self
+                .state_capacity
+                .is_multiple_of(1 << wire::STATE_PAGE_LOG2)
+        {
+            return Err(ConfigError(
+                "the state area must be whole 4 KiB pages, at most 1 TiB",
             ));
         }
         Ok(())
@@ -175,8 +189,15 @@ pub enum DstInput {
     RegisterFailed {
         target: RegTarget,
     },
-    /// Answer to `DstCommand::ComputeDigests`: one digest per chunk in local chunk order.
+    /// Answer to `DstCommand::ComputeDigests`: one digest per RAM chunk in local chunk order.
     Digests(Vec<u64>),
+    /// Answer to `DstCommand::FinishState`: the consumer holds the whole device state, whose
+    /// bytes digest to `digest` (XXH3-64).
+    StateLoaded {
+        digest: u64,
+    },
+    /// The consumer of the device state refused it or failed.
+    StateFailed,
     /// Answer to `DstCommand::StartWorkload`.
     WorkloadStarted,
     WorkloadFailed,
@@ -221,12 +242,22 @@ pub enum DstCommand {
         offset: u64,
         len: u64,
     },
-    /// Store device-state bytes at `offset`.
+    /// Store device-state bytes at `offset` (device state on the control channel).
     StoreDeviceState {
         offset: u32,
         data: Vec<u8>,
     },
-    /// Digest every chunk of local memory (answer `DstInput::Digests`).
+    /// The state area's first `upto` bytes are placed: hand them, from where the previous
+    /// feed ended, to the device state's consumer, in order (spec: STATE-4).
+    FeedState {
+        upto: u64,
+    },
+    /// The device state is complete at `len` bytes: let the consumer finish taking it
+    /// (answer `StateLoaded` or `StateFailed`). The workload does not start (spec: STATE-4).
+    FinishState {
+        len: u64,
+    },
+    /// Digest every RAM chunk of local memory (answer `DstInput::Digests`).
     ComputeDigests,
     /// Start the workload (answer `WorkloadStarted` or `WorkloadFailed`).
     StartWorkload,
@@ -242,6 +273,7 @@ pub type DstOut = Out<DstCommand, DestStats>;
 struct Handshake {
     session_id: u64,
     params: Params,
+    state_capacity: u64,
     hello_payload: Vec<u8>,
     ack_payload: Vec<u8>,
 }
@@ -383,6 +415,13 @@ impl Destination {
         self.cfg.pin_budget
     }
 
+    /// The session's state area in bytes, once its block table is accepted (spec: STATE-1).
+    pub fn state_area(&self) -> u64 {
+        self.session()
+            .and_then(|s| s.geo.state_block().map(|b| s.geo.blocks[b].length))
+            .unwrap_or(0)
+    }
+
     pub fn config(&self) -> &DestConfig {
         &self.cfg
     }
@@ -507,7 +546,9 @@ impl Destination {
             DstInput::Registered { target, rkey } => self.on_registered(target, rkey, out),
             DstInput::RegisterFailed { target } => {
                 let requested = match &self.state {
-                    State::Pinning(s) | State::Receiving(s) => s.registering(target),
+                    State::Pinning(s) | State::Receiving(s) | State::ReceivingTail(s, _) => {
+                        s.registering(target)
+                    }
                     _ => false,
                 };
                 if requested {
@@ -521,6 +562,13 @@ impl Destination {
                 }
             }
             DstInput::Digests(d) => self.on_digests(d, out),
+            DstInput::StateLoaded { digest } => self.on_state_loaded(digest, out),
+            DstInput::StateFailed => match self.state {
+                State::Verifying(..) => {
+                    self.abort(out, AbortReason::WorkloadFailed, Detail::StateRefused)
+                }
+                _ => self.abort(out, AbortReason::LocalError, Detail::Unrequested),
+            },
             DstInput::WorkloadStarted | DstInput::WorkloadFailed => {
                 self.abort(out, AbortReason::LocalError, Detail::Unrequested)
             }
@@ -542,9 +590,15 @@ impl Destination {
             DstInput::TransportFailed => {
                 self.abort(out, AbortReason::TransportFailed, Detail::TransportFailed)
             }
-            // spec: DATA-7
+            // spec: DATA-7: the data channels matter while they may still carry writes: the
+            // rounds, and the device state of a session with a state area.
             DstInput::DataLost { .. } => {
-                if matches!(self.state, State::Receiving(_)) {
+                let carrying = match &self.state {
+                    State::Receiving(_) => true,
+                    State::ReceivingTail(s, _) => s.geo.state_block().is_some(),
+                    _ => false,
+                };
+                if carrying {
                     self.abort(out, AbortReason::TransportFailed, Detail::DataChannelLost)
                 }
             }
@@ -661,7 +715,9 @@ impl Destination {
             ) => self.on_round_message(m, out),
             (
                 DstPhase::ReceivingTail,
-                m @ (Message::DeviceState { .. } | Message::Digests { .. }),
+                m @ (Message::DeviceState { .. }
+                | Message::Digests { .. }
+                | Message::StatePlaced { .. }),
             ) => {
                 let State::ReceivingTail(s, tail) = &mut self.state else {
                     unreachable!("phase ReceivingTail");
@@ -670,13 +726,28 @@ impl Destination {
                     self.violation(out, d);
                 }
             }
+            // spec: STATE-2: the state area's chunks are registered after the final round.
+            (
+                DstPhase::ReceivingTail,
+                m @ (Message::RegRequest { .. } | Message::UnregRequest { .. }),
+            ) => {
+                let State::ReceivingTail(s, _) = &mut self.state else {
+                    unreachable!("phase ReceivingTail");
+                };
+                match s.on_tail_registration(m, out) {
+                    Err((reason, d)) => self.abort(out, reason, d),
+                    Ok(session::Next::Reply(m)) => self.queue(m, out),
+                    Ok(_) => {}
+                }
+            }
             (
                 DstPhase::ReceivingTail,
                 Message::Prepare {
                     state_len,
                     digest_count,
+                    state_digest,
                 },
-            ) => self.on_prepare(state_len, digest_count, out),
+            ) => self.on_prepare(state_len, digest_count, state_digest, out),
             (DstPhase::Prepared, Message::Commit) => {
                 let State::Prepared(mut s) = self.take() else {
                     unreachable!("phase Prepared");
@@ -762,6 +833,9 @@ impl Destination {
             ..h.params
         };
         self.credits.learn_peer_window(h.credit_window);
+        // spec: STATE-1: the state area is the smaller of what the source may need and what
+        // this destination holds.
+        let state_capacity = h.state_max.min(self.cfg.state_capacity);
         let mut ack = HelloAck {
             version: wire::PROTOCOL_VERSION,
             session_id: h.session_id,
@@ -770,6 +844,7 @@ impl Destination {
             pin_budget: self.cfg.pin_budget,
             nonce: self.nonce,
             mac: [0; MAC_LEN],
+            state_capacity,
         };
         if let Some(key) = &self.cfg.psk {
             let zero = auth::payload(&Message::HelloAck(ack.clone()));
@@ -780,6 +855,7 @@ impl Destination {
         let hs = Handshake {
             session_id: h.session_id,
             params,
+            state_capacity,
             hello_payload,
             ack_payload,
         };
@@ -792,20 +868,27 @@ impl Destination {
         let State::AwaitTable(hs) = &self.state else {
             unreachable!("phase AwaitTable");
         };
-        let mut s = match Session::new(&self.cfg, hs.session_id, hs.params, &blocks) {
+        let made = Session::new(
+            &self.cfg,
+            hs.session_id,
+            hs.params,
+            &blocks,
+            hs.state_capacity,
+        );
+        let mut s = match made {
             Ok(s) => Box::new(s),
             Err((reason, d)) => return self.abort(out, reason, d),
         };
         match s.params.mode {
             RegMode::PinAll => {
-                if let Err((reason, d)) = s.pin_all(&blocks, out) {
+                if let Err((reason, d)) = s.pin_all(out) {
                     return self.abort(out, reason, d); // spec: REG-8
                 }
                 self.go(State::Pinning(s), Event::TablePinAll);
             }
             RegMode::Dynamic => {
+                let rkeys = vec![0; s.geo.blocks.len()];
                 self.go(State::Receiving(s), Event::TableDynamic);
-                let rkeys = vec![0; blocks.len()];
                 self.queue(Message::BlockTableAck { rkeys }, out);
             }
         }
@@ -814,7 +897,9 @@ impl Destination {
     fn on_registered(&mut self, target: RegTarget, rkey: u32, out: &mut DstOut) {
         let r = match &mut self.state {
             State::Pinning(s) => s.on_block_registered(target, rkey),
-            State::Receiving(s) => s.on_chunk_registered(target, rkey, out),
+            State::Receiving(s) | State::ReceivingTail(s, _) => {
+                s.on_chunk_registered(target, rkey, out)
+            }
             _ => Err(Detail::Unrequested),
         };
         match r {
@@ -832,49 +917,87 @@ impl Destination {
         }
     }
 
-    fn on_prepare(&mut self, state_len: u32, digest_count: u32, out: &mut DstOut) {
+    fn on_prepare(
+        &mut self,
+        state_len: u64,
+        digest_count: u32,
+        state_digest: u64,
+        out: &mut DstOut,
+    ) {
         out.stats.prepare_ms = Some(self.now);
         let State::ReceivingTail(s, tail) = &self.state else {
             unreachable!("phase ReceivingTail");
         };
-        // spec: SW-5
+        // spec: SW-5, STATE-3
         if !tail.counts_match(s, state_len, digest_count) {
             return self.violation(out, Detail::PrepareCounts);
         }
-        let State::ReceivingTail(s, tail) = self.take() else {
+        if s.registration_busy() {
+            return self.violation(out, Detail::PrepareBusy);
+        }
+        let State::ReceivingTail(s, mut tail) = self.take() else {
             unreachable!("phase ReceivingTail");
         };
+        tail.state_digest = state_digest;
+        // spec: STATE-4: the consumer finishes taking the state before the vote, so a state
+        // it refuses aborts with the source still able to resume.
+        out.cmds.push(DstCommand::FinishState { len: state_len });
         if s.params.digest != wire::DigestAlg::None {
             out.cmds.push(DstCommand::ComputeDigests);
-            self.set(
-                DstPhase::ReceivingTail,
-                State::Verifying(s, tail),
-                Event::PrepareVerify,
-            );
         } else {
-            self.set(
-                DstPhase::ReceivingTail,
-                State::Prepared(s),
-                Event::PrepareNoVerify,
-            );
-            self.queue(Message::Prepared, out);
+            tail.digests_ok = true;
         }
+        self.set(
+            DstPhase::ReceivingTail,
+            State::Verifying(s, tail),
+            Event::Prepare,
+        );
     }
 
     fn on_digests(&mut self, local: Vec<u64>, out: &mut DstOut) {
-        let State::Verifying(s, tail) = &self.state else {
+        let State::Verifying(s, tail) = &mut self.state else {
             return self.abort(out, AbortReason::LocalError, Detail::Unrequested);
         };
-        if local.len() != s.geo.total_chunks as usize {
+        if tail.digests_ok || s.params.digest == wire::DigestAlg::None {
+            return self.abort(out, AbortReason::LocalError, Detail::Unrequested);
+        }
+        if local.len() != s.geo.ram_chunks as usize {
             return self.abort(out, AbortReason::LocalError, Detail::DigestCount);
         }
         if !s.digests_match(&local, &tail.digests) {
             return self.abort(out, AbortReason::DigestMismatch, Detail::DigestMismatch);
         }
+        tail.digests_ok = true;
+        self.verified(out);
+    }
+
+    fn on_state_loaded(&mut self, digest: u64, out: &mut DstOut) {
+        let State::Verifying(s, tail) = &mut self.state else {
+            return self.abort(out, AbortReason::LocalError, Detail::Unrequested);
+        };
+        if tail.state_loaded {
+            return self.abort(out, AbortReason::LocalError, Detail::Unrequested);
+        }
+        // spec: STATE-5
+        if s.params.digest != wire::DigestAlg::None && digest != tail.state_digest {
+            return self.abort(out, AbortReason::DigestMismatch, Detail::StateDigest);
+        }
+        tail.state_loaded = true;
+        self.verified(out);
+    }
+
+    /// Votes PREPARED once the digests match (if negotiated) and the consumer holds the state.
+    fn verified(&mut self, out: &mut DstOut) {
+        let State::Verifying(_, tail) = &self.state else {
+            unreachable!("phase Verifying");
+        };
+        if !(tail.digests_ok && tail.state_loaded) {
+            return;
+        }
         let State::Verifying(s, _) = self.take() else {
             unreachable!("phase Verifying");
         };
-        self.set(DstPhase::Verifying, State::Prepared(s), Event::DigestsMatch);
+        self.set(DstPhase::Verifying, State::Prepared(s), Event::Verified);
         self.queue(Message::Prepared, out);
     }
 }

@@ -63,6 +63,7 @@ impl Session {
         session_id: u64,
         params: Params,
         blocks: &[BlockDesc],
+        state_capacity: u64,
     ) -> Result<Session, (AbortReason, Detail)> {
         let mismatch = |d| Err((AbortReason::BlockMismatch, d));
         let mut local = Vec::with_capacity(blocks.len());
@@ -83,11 +84,17 @@ impl Session {
         if seen.len() != cfg.blocks.len() {
             return mismatch(Detail::MissingBlock);
         }
-        // spec: BLK-3, BLK-1
-        let geo =
-            Geometry::new(blocks, params.chunk_log2).map_err(|d| (AbortReason::Incompatible, d))?;
+        // spec: BLK-3, BLK-1, STATE-2: the state area is one more block after the table's.
+        let incompatible = |d| (AbortReason::Incompatible, d);
+        let geo = Geometry::new(blocks, params.chunk_log2)
+            .and_then(|g| g.with_state_area(state_capacity))
+            .map_err(incompatible)?;
         let local_geo = Geometry::new(&cfg.blocks, params.chunk_log2)
-            .map_err(|d| (AbortReason::Incompatible, d))?;
+            .and_then(|g| g.with_state_area(state_capacity))
+            .map_err(incompatible)?;
+        if state_capacity > 0 {
+            local.push(cfg.blocks.len() as u16);
+        }
         if params.mode == wire::RegMode::Dynamic
             && geo.chunk_size().min(geo.total_bytes) > cfg.pin_budget
         {
@@ -114,28 +121,49 @@ impl Session {
         })
     }
 
-    /// Pin-all: registers every block whole (spec: REG-8).
-    pub(super) fn pin_all(
-        &mut self,
-        blocks: &[BlockDesc],
-        out: &mut DstOut,
-    ) -> Result<(), (AbortReason, Detail)> {
+    /// Pin-all: registers every block whole, the state area too (spec: REG-8, STATE-2).
+    pub(super) fn pin_all(&mut self, out: &mut DstOut) -> Result<(), (AbortReason, Detail)> {
         let total = self.geo.total_bytes;
         if total > self.budget {
             return Err((AbortReason::PinBudget, Detail::PinAllOverBudget));
         }
         self.registered_bytes = total;
         out.stats.max_registered_bytes = total;
-        for (b, d) in blocks.iter().enumerate() {
+        for (b, bg) in self.geo.blocks.iter().enumerate() {
             let lb = self.local[b];
             out.cmds.push(DstCommand::Register {
                 target: RegTarget::Block(lb),
                 block: lb,
                 offset: 0,
-                len: d.length,
+                len: bg.length,
             });
         }
         Ok(())
+    }
+
+    /// A registration request is being answered (PREPARE must not overtake it).
+    pub(super) fn registration_busy(&self) -> bool {
+        !self.reg_queue.is_empty()
+    }
+
+    /// REG_REQUEST and UNREG_REQUEST after the final round: registrations name only chunks
+    /// of the state area; evictions may free any chunk (spec: STATE-2).
+    pub(super) fn on_tail_registration(
+        &mut self,
+        m: Message,
+        out: &mut DstOut,
+    ) -> Result<Next, (AbortReason, Detail)> {
+        match m {
+            Message::RegRequest { req_id, chunks } => {
+                let state = self.geo.state_block();
+                if chunks.iter().any(|c| Some(c.block as usize) != state) {
+                    return Err((AbortReason::ProtocolViolation, Detail::RegOutsideStateArea));
+                }
+                self.on_reg_request(req_id, chunks, out)
+            }
+            Message::UnregRequest { req_id, chunks } => self.on_unreg_request(req_id, chunks, out),
+            _ => Err((AbortReason::ProtocolViolation, Detail::WrongPhase)),
+        }
     }
 
     /// `target` is being registered at this machine's request.
@@ -228,7 +256,16 @@ impl Session {
     ) -> Result<Next, (AbortReason, Detail)> {
         let violation = |d| Err((AbortReason::ProtocolViolation, d));
         match m {
-            Message::RegRequest { req_id, chunks } => self.on_reg_request(req_id, chunks, out),
+            Message::RegRequest { req_id, chunks } => {
+                // spec: STATE-2: the state area is written only after the final round.
+                if chunks
+                    .iter()
+                    .any(|c| c.block as usize >= self.geo.ram_blocks)
+                {
+                    return violation(Detail::RegChunkRange);
+                }
+                self.on_reg_request(req_id, chunks, out)
+            }
             Message::UnregRequest { req_id, chunks } => self.on_unreg_request(req_id, chunks, out),
             Message::Zero { round, ranges } => self.on_zero(round, ranges, out),
             Message::RoundEnd { round, last, .. } => {
@@ -391,9 +428,8 @@ impl Session {
         #[cfg(not(feature = "mutations"))]
         let ranges_to_check: &[PageRange] = &ranges;
         for r in ranges_to_check {
-            let ok = self
-                .geo
-                .blocks
+            // spec: STATE-2: no ZERO names the state area.
+            let ok = self.geo.blocks[..self.geo.ram_blocks]
                 .get(r.block as usize)
                 .is_some_and(|b| r.first_page as u64 + r.page_count as u64 <= b.pages);
             if !ok {
@@ -445,21 +481,31 @@ impl Session {
 
     /// Local digests (local chunk order) equal the received ones (wire chunk order).
     pub(super) fn digests_match(&self, local: &[u64], received: &[u64]) -> bool {
-        self.geo.blocks.iter().enumerate().all(|(b, bg)| {
-            let lf = self.local_first[self.local[b] as usize] as usize;
-            let wf = bg.first_chunk as usize;
-            let n = bg.chunks as usize;
-            local.get(lf..lf + n) == received.get(wf..wf + n)
-        })
+        self.geo.blocks[..self.geo.ram_blocks]
+            .iter()
+            .enumerate()
+            .all(|(b, bg)| {
+                let lf = self.local_first[self.local[b] as usize] as usize;
+                let wf = bg.first_chunk as usize;
+                let n = bg.chunks as usize;
+                local.get(lf..lf + n) == received.get(wf..wf + n)
+            })
     }
 }
 
-/// The switchover's tail: device state and digests received so far (spec: SW-3, SW-4).
+/// The switchover's tail: device state and digests received so far (spec: SW-3, SW-4,
+/// STATE-3), then what verification has confirmed (STATE-4, STATE-5).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub(super) struct Tail {
     state_total: Option<u32>,
     state_received: u32,
+    /// The state area's placed prefix, from STATE_PLACED.
+    state_placed: u64,
     pub(super) digests: Vec<u64>,
+    /// PREPARE's digest of the device state.
+    pub(super) state_digest: u64,
+    pub(super) digests_ok: bool,
+    pub(super) state_loaded: bool,
 }
 
 impl Tail {
@@ -469,13 +515,17 @@ impl Tail {
         m: Message,
         out: &mut DstOut,
     ) -> Result<(), Detail> {
+        let area = s.geo.state_block().map(|b| s.geo.blocks[b].length);
         match m {
             Message::DeviceState {
                 offset,
                 total_len,
                 data,
             } => {
-                // spec: SW-3
+                // spec: SW-3; STATE-1: with a state area the device state uses it alone.
+                if area.is_some() {
+                    return Err(Detail::StateOnControl);
+                }
                 if *self.state_total.get_or_insert(total_len) != total_len {
                     return Err(Detail::StateTotalChanged);
                 }
@@ -487,12 +537,25 @@ impl Tail {
                 out.cmds.push(DstCommand::StoreDeviceState { offset, data });
                 Ok(())
             }
+            Message::StatePlaced { placed } => {
+                // spec: STATE-3: a prefix of the area that only grows.
+                let Some(area) = area else {
+                    return Err(Detail::NoStateArea);
+                };
+                if placed <= self.state_placed || placed > area {
+                    return Err(Detail::StatePlacedOrder);
+                }
+                self.state_placed = placed;
+                out.stats.state_bytes = placed;
+                out.cmds.push(DstCommand::FeedState { upto: placed });
+                Ok(())
+            }
             Message::Digests {
                 first_chunk,
                 digests,
             } => {
                 // spec: SW-4
-                let total = s.geo.total_chunks as usize;
+                let total = s.geo.ram_chunks as usize;
                 if s.params.digest == DigestAlg::None
                     || first_chunk as usize != self.digests.len()
                     || self.digests.len() + digests.len() > total
@@ -506,13 +569,17 @@ impl Tail {
         }
     }
 
-    /// PREPARE's counts equal what arrived (spec: SW-5).
-    pub(super) fn counts_match(&self, s: &Session, state_len: u32, digest_count: u32) -> bool {
+    /// PREPARE's counts equal what arrived (spec: SW-5, STATE-3).
+    pub(super) fn counts_match(&self, s: &Session, state_len: u64, digest_count: u32) -> bool {
         let verify = s.params.digest != DigestAlg::None;
-        let want_digests = if verify { s.geo.total_chunks } else { 0 };
-        state_len == self.state_received
-            && self.state_total.unwrap_or(0) == state_len
-            && digest_count == want_digests
-            && self.digests.len() as u32 == digest_count
+        let want_digests = if verify { s.geo.ram_chunks } else { 0 };
+        let state = match s.geo.state_block() {
+            Some(_) => state_len == self.state_placed,
+            None => {
+                state_len == self.state_received as u64
+                    && self.state_total.unwrap_or(0) as u64 == state_len
+            }
+        };
+        state && digest_count == want_digests && self.digests.len() as u32 == digest_count
     }
 }

@@ -60,6 +60,9 @@ pub struct SourceConfig {
     /// The workload was paused before this machine started (a save that is not live, spec:
     /// SAVE-1): it is this machine's to resume on an abort, whenever that comes.
     pub paused_at_start: bool,
+    /// Largest device state to send over the data channels, proposed in HELLO (whole 4 KiB
+    /// pages); 0 sends the device state on the control channel (spec: STATE-1).
+    pub state_max: u64,
 }
 
 impl SourceConfig {
@@ -94,6 +97,7 @@ impl SourceConfig {
             keepalive_ms: 5_000,
             channel_binding: None,
             paused_at_start: false,
+            state_max: 0,
         }
     }
 }
@@ -160,8 +164,18 @@ pub enum SrcInput {
     WorkloadPaused,
     /// Pausing the workload, or reading its dirty log or device state, failed.
     WorkloadFailed,
-    /// Result of `SrcCommand::CaptureDeviceState`.
+    /// Result of `SrcCommand::CaptureDeviceState { area: 0 }`: the whole device state.
     DeviceState(Vec<u8>),
+    /// `CaptureDeviceState` with a state area: the device state's first `len` bytes are in
+    /// the source's state buffer (block index `blocks.len()` of `PostWrite`); more may follow.
+    StateProduced {
+        len: u64,
+    },
+    /// The device state is complete at `len` bytes; `digest` is their XXH3-64 (spec: STATE-5).
+    StateDone {
+        len: u64,
+        digest: u64,
+    },
     /// Result of `SrcCommand::ComputeDigests`: one digest per chunk in global chunk order.
     Digests(Vec<u64>),
     Timer(SrcTimer),
@@ -215,8 +229,12 @@ pub enum SrcCommand {
     /// machine nor anything the driver set up to resume it should the source die (spec: SW-6).
     /// Carried out before the `Send(COMMIT)` that follows it.
     RelinquishWorkload,
-    /// Produce the device-state blob (answer `SrcInput::DeviceState`).
-    CaptureDeviceState,
+    /// Produce the device state. With `area` 0 answer `SrcInput::DeviceState` with the
+    /// whole blob; otherwise stream it into the state buffer (at most `area` bytes),
+    /// answering `StateProduced` as it grows and `StateDone` at its end (spec: STATE-3).
+    CaptureDeviceState {
+        area: u64,
+    },
     /// Digest every chunk of local memory (answer `SrcInput::Digests`).
     ComputeDigests,
     /// The machine reached its final outcome; it accepts no further input.
@@ -247,6 +265,8 @@ pub struct Mutations {
     pub relinquish_after_commit: bool,
     /// Do not count outstanding writes as a wait on the peer (no deadline for them).
     pub writes_without_deadline: bool,
+    /// Announce device state in STATE_PLACED once its writes are posted, not completed.
+    pub state_placed_early: bool,
 }
 
 /// What the handshake settled, kept for the rest of the session.
@@ -255,16 +275,29 @@ struct Session {
     params: Params,
     pin_budget: u64,
     dst_nonce: [u8; NONCE_LEN],
+    /// The negotiated state area (spec: STATE-1); 0: device state on the control channel.
+    state_area: u64,
 }
 
 /// The device state and digests of the switchover, sent in order before PREPARE.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 struct Tail {
+    /// The control channel's device state, whole.
     device_state: Option<Vec<u8>>,
     state_cursor: usize,
+    /// The state area's device state: bytes produced so far, and its end once known.
+    produced: u64,
+    state_done: bool,
+    /// The largest prefix announced in STATE_PLACED.
+    placed_sent: u64,
+    state_digest: u64,
     digests: Option<Vec<u64>>,
     digest_cursor: usize,
 }
+
+/// Bytes of newly placed device state that make a STATE_PLACED worth its frame (the last
+/// one goes whatever its size) (spec: STATE-3).
+pub const STATE_PLACED_STEP: u64 = 4 << 20;
 
 /// Per-phase data (spec: section "State tables", source).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -274,7 +307,8 @@ enum State {
     AwaitTableAck(Session),
     /// Scanning, Sending, AwaitRoundAck and Pausing: rounds of pre-copy and the final round.
     Transfer(Session, Box<Transfer>),
-    Finalizing(Session, Box<Tail>),
+    /// The transfer stays: its registrations and channels carry the state area's writes.
+    Finalizing(Session, Box<Transfer>),
     AwaitPrepared(Session),
     /// PREPARED received, COMMIT queued; `commit_sent` once it is handed to the transport.
     AwaitStarted {
@@ -369,6 +403,7 @@ impl Source {
             params: cfg.params,
             credit_window: cfg.credit_window,
             nonce,
+            state_max: cfg.state_max,
         });
         hello
             .validate()
@@ -487,7 +522,7 @@ impl Source {
     /// Bytes the source accounts as registered at the destination (spec: REG-4).
     pub fn registered_bytes(&self) -> u64 {
         match &self.state {
-            State::Transfer(_, t) => t.regs.bytes,
+            State::Transfer(_, t) | State::Finalizing(_, t) => t.regs.bytes,
             _ => 0,
         }
     }
@@ -495,7 +530,7 @@ impl Source {
     /// Writes posted and not yet completed.
     pub fn writes_in_flight(&self) -> usize {
         match &self.state {
-            State::Transfer(_, t) => t.writes.inflight.len(),
+            State::Transfer(_, t) | State::Finalizing(_, t) => t.writes.inflight.len(),
             _ => 0,
         }
     }
@@ -554,7 +589,7 @@ impl Source {
             | State::AwaitStarted { .. } => true,
             State::Transfer(_, t) => t.waiting(&self.link, self.mutation_no_write_deadline()),
             // Out of credits means waiting for the destination's grant.
-            State::Finalizing(..) => !self.link.can_send(),
+            State::Finalizing(_, t) => !self.link.can_send() || t.state_waiting(),
         }
     }
 
@@ -619,6 +654,8 @@ impl Source {
                 self.abort(out, AbortReason::WorkloadFailed, Detail::PauseFailed)
             }
             SrcInput::DeviceState(blob) => self.on_device_state(blob, out),
+            SrcInput::StateProduced { len } => self.on_state_produced(len, None, out),
+            SrcInput::StateDone { len, digest } => self.on_state_produced(len, Some(digest), out),
             SrcInput::Digests(d) => self.on_digests(d, out),
             SrcInput::Timer(SrcTimer::Progress) => {
                 if self.waiting() {
@@ -631,8 +668,14 @@ impl Source {
                 self.abort(out, AbortReason::TransportFailed, Detail::TransportFailed)
             }
             SrcInput::DataLost { .. } => {
-                // spec: DATA-7, ERR-3: the data channels matter until the final round is placed.
-                if matches!(self.state, State::AwaitTableAck(_) | State::Transfer(..)) {
+                // spec: DATA-7, ERR-3: the data channels matter until the final round is placed,
+                // and with a state area until the device state is.
+                let carrying = match &self.state {
+                    State::AwaitTableAck(_) | State::Transfer(..) => true,
+                    State::Finalizing(s, _) => s.state_area > 0,
+                    _ => false,
+                };
+                if carrying {
                     self.abort(out, AbortReason::TransportFailed, Detail::DataChannelLost)
                 }
             }
@@ -655,6 +698,7 @@ impl Source {
             params: self.cfg.params,
             credit_window: self.cfg.credit_window,
             nonce: self.nonce,
+            state_max: self.cfg.state_max,
         });
         self.link.outbox.push_back(hello);
         self.link.credits.announce_window();
@@ -678,28 +722,55 @@ impl Source {
     /// The tail being prepared: during the final round, or in Finalizing.
     fn tail_mut(&mut self) -> Option<(&Session, &mut Tail)> {
         match &mut self.state {
-            State::Transfer(s, t) => t.tail.as_deref_mut().map(|tail| (&*s, tail)),
-            State::Finalizing(s, tail) => Some((&*s, &mut **tail)),
+            State::Transfer(s, t) | State::Finalizing(s, t) => {
+                t.tail.as_deref_mut().map(|tail| (&*s, tail))
+            }
             _ => None,
         }
     }
 
     fn on_device_state(&mut self, blob: Vec<u8>, out: &mut SrcOut) {
-        let Some((_, tail)) = self.tail_mut() else {
+        let Some((s, tail)) = self.tail_mut() else {
             return self.abort(out, AbortReason::LocalError, Detail::Unrequested);
         };
-        if tail.device_state.is_some() {
+        if tail.device_state.is_some() || s.state_area > 0 {
             return self.abort(out, AbortReason::LocalError, Detail::Unrequested);
         }
         if blob.len() > wire::MAX_DEVICE_STATE as usize {
             // spec: SW-3
             return self.abort(out, AbortReason::LocalError, Detail::StateTooLarge);
         }
+        tail.state_digest = crate::digest::chunk_digest(&blob);
         tail.device_state = Some(blob);
     }
 
+    /// The device state grows in the state buffer; its pages join the writes once the final
+    /// round is acknowledged (spec: STATE-3).
+    fn on_state_produced(&mut self, len: u64, digest: Option<u64>, out: &mut SrcOut) {
+        let Some((s, tail)) = self.tail_mut() else {
+            return self.abort(out, AbortReason::LocalError, Detail::Unrequested);
+        };
+        if s.state_area == 0 {
+            return self.abort(out, AbortReason::LocalError, Detail::Unrequested);
+        }
+        if tail.state_done || len < tail.produced {
+            return self.abort(out, AbortReason::LocalError, Detail::StateProgress);
+        }
+        if len > s.state_area {
+            return self.abort(out, AbortReason::LocalError, Detail::StateOverArea);
+        }
+        tail.produced = len;
+        if let Some(d) = digest {
+            tail.state_done = true;
+            tail.state_digest = d;
+        }
+        if let State::Finalizing(_, t) = &mut self.state {
+            t.queue_state(&self.geo);
+        }
+    }
+
     fn on_digests(&mut self, d: Vec<u64>, out: &mut SrcOut) {
-        let total = self.geo.total_chunks as usize;
+        let total = self.geo.ram_chunks as usize;
         let Some((s, tail)) = self.tail_mut() else {
             return self.abort(out, AbortReason::LocalError, Detail::Unrequested);
         };
@@ -810,6 +881,17 @@ impl Source {
                     self.violation(out, d);
                 }
             }
+            // spec: STATE-2: the state area's registrations and evictions after the final round.
+            (State::Finalizing(_, t), Message::RegResult { req_id, rkeys }) => {
+                if let Err(d) = t.on_reg_result(req_id, rkeys) {
+                    self.violation(out, d);
+                }
+            }
+            (State::Finalizing(_, t), Message::UnregDone { req_id, count }) => {
+                if let Err(d) = t.on_unreg_done(req_id, count, &self.geo) {
+                    self.violation(out, d);
+                }
+            }
             (State::Transfer(_, t), Message::RoundAck { round }) if t.sub == Sub::AwaitRoundAck => {
                 if round != self.round {
                     return self.violation(out, Detail::RoundAckMismatch); // spec: RND-4
@@ -876,7 +958,10 @@ impl Source {
             _ => return self.violation(out, Detail::AuthModeChanged),
         }
         match q.mode {
-            RegMode::PinAll if a.pin_budget < self.geo.total_bytes => {
+            _ if a.state_capacity > self.cfg.state_max => {
+                return self.violation(out, Detail::StateAreaOverMax); // spec: STATE-1
+            }
+            RegMode::PinAll if a.pin_budget < self.geo.total_bytes + a.state_capacity => {
                 return self.abort(out, AbortReason::PinBudget, Detail::PinAllOverBudget);
             }
             RegMode::Dynamic if a.pin_budget < self.geo.chunk_size().min(self.geo.total_bytes) => {
@@ -884,6 +969,11 @@ impl Source {
             }
             _ => {}
         }
+        // spec: STATE-2: the state area is one more block, after the table's.
+        self.geo = match self.geo.with_state_area(a.state_capacity) {
+            Ok(g) => g,
+            Err(d) => return self.abort(out, AbortReason::Incompatible, d),
+        };
         self.link.credits.learn_peer_window(a.credit_window);
         self.params = q;
         let mac = match &self.cfg.psk {
@@ -905,6 +995,7 @@ impl Source {
             params: q,
             pin_budget: a.pin_budget,
             dst_nonce: a.nonce,
+            state_area: a.state_capacity,
         };
         self.go(State::AwaitTableAck(session), Event::HelloAck);
     }
@@ -953,7 +1044,7 @@ impl Source {
     }
 
     fn on_write_done(&mut self, wr_id: u64, out: &mut SrcOut) {
-        let State::Transfer(_, t) = &mut self.state else {
+        let (State::Transfer(_, t) | State::Finalizing(_, t)) = &mut self.state else {
             return self.abort(out, AbortReason::LocalError, Detail::UnknownWrite);
         };
         if !t.writes.complete(wr_id, &mut t.channels) {
@@ -971,9 +1062,19 @@ impl Source {
         if t.last {
             let s = *s;
             out.stats.final_round_acked_ms = Some(now);
-            // Requested when the final round started (spec: SW-2, SW-4).
-            let tail = t.tail.take().expect("the final round requests its tail");
-            self.go(State::Finalizing(s, tail), Event::FinalRoundAck);
+            // Requested when the final round started (spec: SW-2, SW-4); the device state
+            // produced so far joins the writes (spec: STATE-3).
+            assert!(t.tail.is_some(), "the final round requests its tail");
+            let State::Transfer(_, mut t) = std::mem::replace(&mut self.state, State::Idle) else {
+                unreachable!("matched above");
+            };
+            t.queue_state(&self.geo);
+            self.state = State::Finalizing(s, t);
+            check_source(
+                SrcPhase::AwaitRoundAck,
+                Event::FinalRoundAck,
+                SrcPhase::Finalizing,
+            );
         } else {
             t.sub = Sub::Scanning;
             check_source(SrcPhase::AwaitRoundAck, Event::RoundAck, SrcPhase::Scanning);
@@ -1033,7 +1134,8 @@ impl Source {
             // spec: SW-2, SW-4: the workload is paused and the final scan taken, so memory
             // is final: the device state and digests are prepared while the final round runs.
             t.tail = Some(Box::default());
-            out.cmds.push(SrcCommand::CaptureDeviceState);
+            out.cmds
+                .push(SrcCommand::CaptureDeviceState { area: s.state_area });
             if s.params.digest != DigestAlg::None {
                 out.cmds.push(SrcCommand::ComputeDigests);
             }
@@ -1106,16 +1208,43 @@ impl Source {
         }
     }
 
-    /// Device state, digests, then PREPARE (spec: SW-3 .. SW-5).
+    /// Device state, digests, then PREPARE (spec: SW-3 .. SW-5, STATE-3).
     fn pump_tail(&mut self, out: &mut SrcOut) {
-        let State::Finalizing(s, tail) = &mut self.state else {
+        let State::Finalizing(s, t) = &mut self.state else {
             return;
+        };
+        let area = s.state_area > 0;
+        if area {
+            t.pump_state(&mut self.link, &self.geo, &self.cfg, s, out);
+        }
+        #[cfg(feature = "mutations")]
+        let early = self.link.mutations.state_placed_early;
+        #[cfg(not(feature = "mutations"))]
+        let early = false;
+        let placed = t.state_placed(&self.geo, early);
+        let regs_idle = t.regs_idle();
+        let tail = t
+            .tail
+            .as_deref_mut()
+            .expect("requested when the final round started");
+        if area && placed > tail.placed_sent && self.link.can_send() {
+            let last = tail.state_done && placed == tail.produced;
+            if last || placed - tail.placed_sent >= STATE_PLACED_STEP {
+                tail.placed_sent = placed;
+                self.link.send(Message::StatePlaced { placed }, out);
+            }
+        }
+        let state_complete = if area {
+            tail.state_done && tail.placed_sent == tail.produced && regs_idle
+        } else {
+            tail.device_state.is_some()
         };
         let need_digests = s.params.digest != DigestAlg::None;
-        let (Some(state), true) = (&tail.device_state, !need_digests || tail.digests.is_some())
-        else {
+        if !state_complete || (need_digests && tail.digests.is_none()) {
             return;
-        };
+        }
+        let empty = Vec::new();
+        let state = tail.device_state.as_ref().unwrap_or(&empty);
         while self.link.can_send() {
             if tail.state_cursor < state.len() {
                 let end = (tail.state_cursor + MAX_STATE_CHUNK).min(state.len());
@@ -1142,14 +1271,15 @@ impl Source {
                 self.link.send(m, out);
                 continue;
             }
-            let digest_count = if need_digests {
-                self.geo.total_chunks
-            } else {
-                0
-            };
+            let digest_count = if need_digests { self.geo.ram_chunks } else { 0 };
             let m = Message::Prepare {
-                state_len: state.len() as u32,
+                state_len: if area {
+                    tail.produced
+                } else {
+                    state.len() as u64
+                },
                 digest_count,
+                state_digest: if need_digests { tail.state_digest } else { 0 },
             };
             self.link.send(m, out);
             out.stats.prepare_sent_ms = Some(self.link.now);

@@ -27,6 +27,9 @@ pub struct SourceStats {
     pub control_frames_sent: u64,
     pub control_frames_received: u64,
     pub data_bytes: u64,
+    /// Device-state bytes written into the state area, and the writes that carried them.
+    pub state_bytes: u64,
+    pub state_writes: u64,
     pub zero_pages: u64,
     pub zero_messages: u64,
     pub started_at_ms: Option<Millis>,

@@ -96,6 +96,10 @@ pub(super) struct Writes {
     pub(super) inflight: BTreeMap<u64, (u32, u8)>,
     chunk_inflight: Vec<u32>,
     next_wr_id: u64,
+    /// Writes into the state area in flight, by (offset in the area, wr_id): the smallest
+    /// bounds the placed prefix (spec: STATE-3).
+    state_inflight: BTreeSet<(u64, u64)>,
+    state_offset: BTreeMap<u64, u64>,
 }
 
 impl Writes {
@@ -106,6 +110,9 @@ impl Writes {
         };
         self.chunk_inflight[g as usize] -= 1;
         channels.inflight[ch as usize] -= 1;
+        if let Some(off) = self.state_offset.remove(&wr_id) {
+            self.state_inflight.remove(&(off, wr_id));
+        }
         true
     }
 }
@@ -171,6 +178,8 @@ pub(super) struct Transfer {
     /// final round starts (memory no longer changes) and arrive while it runs (spec: SW-2).
     pub(super) tail: Option<Box<super::Tail>>,
     pub(super) ahead: Ahead,
+    /// State-area pages handed to the writes so far (spec: STATE-3).
+    state_queued: u64,
 }
 
 impl Transfer {
@@ -232,9 +241,12 @@ impl Transfer {
                 inflight: BTreeMap::new(),
                 chunk_inflight: vec![0; n],
                 next_wr_id: 1,
+                state_inflight: BTreeSet::new(),
+                state_offset: BTreeMap::new(),
             },
             tail: None,
             ahead: Ahead::None,
+            state_queued: 0,
         }
     }
 
@@ -251,6 +263,97 @@ impl Transfer {
                     || !link.can_send()
             }
             Sub::Scanning | Sub::Pausing => joining,
+        }
+    }
+
+    /// After the final round: waiting on the peer for a registration answer or a write of the
+    /// state area (spec: ERR-4); producing the state is local work.
+    pub(super) fn state_waiting(&self) -> bool {
+        !self.regs.idle() || !self.writes.inflight.is_empty()
+    }
+
+    pub(super) fn regs_idle(&self) -> bool {
+        self.regs.idle()
+    }
+
+    /// Hands the device state's pages produced since the last call to the writes: whole
+    /// pages while it grows, the last partial page once it is complete (spec: STATE-3).
+    pub(super) fn queue_state(&mut self, geo: &Geometry) {
+        let (Some(sb), Some(tail)) = (geo.state_block(), self.tail.as_deref()) else {
+            return;
+        };
+        let log2 = geo.blocks[sb].page_log2;
+        let pages = if tail.state_done {
+            tail.produced.div_ceil(1 << log2)
+        } else {
+            tail.produced >> log2
+        };
+        if pages <= self.state_queued {
+            return;
+        }
+        let first = self.state_queued;
+        self.work.todo[sb].set_range(first, pages - first);
+        self.state_queued = pages;
+        let ppc = geo.pages_per_chunk(sb);
+        for c in (first / ppc)..pages.div_ceil(ppc) {
+            let g = geo.global(ChunkRef {
+                block: sb as u16,
+                chunk: c as u32,
+            });
+            self.enqueue(g);
+        }
+    }
+
+    /// A chunk with pages to write: ready if registered, else waiting for (or in) its
+    /// registration.
+    fn enqueue(&mut self, g: u32) {
+        self.work.pending.insert(g);
+        match self.regs.chunks[g as usize] {
+            ChunkSt::Registered { .. } => {
+                self.work.ready.insert(g);
+            }
+            ChunkSt::Unreg => {
+                self.work.need_reg.insert(g);
+            }
+            // Their answers (REG_RESULT, UNREG_DONE) look at `pending`.
+            ChunkSt::Requested | ChunkSt::Unregistering => {}
+        }
+    }
+
+    /// The device state's prefix whose every byte is placed: up to the first page not yet
+    /// written or still in flight (spec: STATE-3).
+    pub(super) fn state_placed(&self, geo: &Geometry, ignore_inflight: bool) -> u64 {
+        let (Some(sb), Some(tail)) = (geo.state_block(), self.tail.as_deref()) else {
+            return 0;
+        };
+        let log2 = geo.blocks[sb].page_log2;
+        let unsent = self.work.todo[sb]
+            .next_set(0)
+            .unwrap_or(self.state_queued)
+            .min(self.state_queued)
+            << log2;
+        let inflight = self
+            .writes
+            .state_inflight
+            .first()
+            .filter(|_| !ignore_inflight)
+            .map_or(u64::MAX, |&(off, _)| off);
+        unsent.min(inflight).min(tail.produced)
+    }
+
+    /// Writes and registrations of the state area after the final round (spec: STATE-2).
+    pub(super) fn pump_state(
+        &mut self,
+        link: &mut Link,
+        geo: &Geometry,
+        cfg: &SourceConfig,
+        s: &super::Session,
+        out: &mut SrcOut,
+    ) {
+        self.post_writes(geo, cfg, out);
+        if s.params.mode == RegMode::Dynamic {
+            self.request_registrations(link, geo, cfg, &s.params, out);
+            self.evict(link, geo, cfg, out);
         }
     }
 
@@ -469,12 +572,19 @@ impl Transfer {
                 self.writes.inflight.insert(wr_id, (g, ch));
                 self.writes.chunk_inflight[g as usize] += 1;
                 self.channels.inflight[ch as usize] += 1;
-                self.round_bytes += len;
-                if let Some(r) = out.stats.rounds.last_mut() {
-                    r.data_bytes += len;
-                    r.writes += 1;
+                if b >= geo.ram_blocks {
+                    self.writes.state_inflight.insert((offset, wr_id));
+                    self.writes.state_offset.insert(wr_id, offset);
+                    out.stats.state_bytes += len;
+                    out.stats.state_writes += 1;
+                } else {
+                    self.round_bytes += len;
+                    if let Some(r) = out.stats.rounds.last_mut() {
+                        r.data_bytes += len;
+                        r.writes += 1;
+                    }
+                    out.stats.data_bytes += len;
                 }
-                out.stats.data_bytes += len;
                 // spec: DATA-1, REG-5
                 out.cmds.push(SrcCommand::PostWrite(WriteCmd {
                     channel: ch,

@@ -28,6 +28,9 @@ impl Sim {
             self.commit_sent = true;
             self.stats.commit_sent_ns = Some(self.now);
         }
+        if from == SRC && code == wire::code::PREPARE {
+            self.stats.prepare_sent_ns.get_or_insert(self.now);
+        }
         let dir = from;
         if from == SRC && code == wire::code::HELLO {
             self.hello = Some(bytes.clone());

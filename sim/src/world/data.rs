@@ -22,7 +22,12 @@ impl Sim {
         self.stats.data_posted_bytes += len;
         self.trace.rec(self.now, Tag::WritePosted, ch as u64, wr_id);
         self.stats.cpu[SRC].requests_ns += self.costs.wr_ns;
-        let round = self.stats.rounds.len().saturating_sub(1);
+        // The state area's writes follow the final round and belong to no round.
+        let round = if self.is_state_block(block) {
+            NO_ROUND
+        } else {
+            self.stats.rounds.len().saturating_sub(1)
+        };
         if !self.chans[ch].alive {
             // A broken queue pair flushes new requests with an error.
             self.push_cqe(
@@ -62,12 +67,28 @@ impl Sim {
         Ok(())
     }
 
+    /// Source block `block` is the state buffer, after the RAM blocks (spec: STATE-2).
+    fn is_state_block(&self, block: u16) -> bool {
+        self.state
+            .as_ref()
+            .is_some_and(|s| s.src_block == block as usize)
+    }
+
+    /// Pages of source block `b`: RAM, or the state buffer as far as the area reaches.
+    fn src_block_pages(&self, b: usize) -> Option<u64> {
+        match (self.guest.mem.get(b), &self.state) {
+            (Some(m), _) => Some(m.len() as u64),
+            (None, Some(s)) if s.src_block == b => Some(s.pages().min(s.buf.len() as u64)),
+            _ => None,
+        }
+    }
+
     /// A write on a channel that was negotiated and admitted, of whole pages within a source
     /// block.
     fn check_write(&self, ch: usize, block: u16, offset: u64, len: u64) -> R {
         let negotiated = self.src.params().channels as usize;
         let b = block as usize;
-        let page_log2 = self.guest.page_log2();
+        let page_log2 = self.src_page_log2(b);
         let mask = (1u64 << page_log2) - 1;
         if ch >= negotiated || ch >= self.chans.len() {
             return Err(self.fail(
@@ -81,11 +102,11 @@ impl Sim {
                 format!("write on channel {ch}, which the destination never admitted"),
             ));
         }
-        if b >= self.guest.mem.len()
+        let pages = self.src_block_pages(b);
+        if pages.is_none_or(|n| (offset + len) >> page_log2 > n)
             || len == 0
             || offset & mask != 0
             || len & mask != 0
-            || (offset + len) >> page_log2 > self.guest.mem[b].len() as u64
         {
             return Err(self.fail(
                 "DATA-1",
@@ -137,7 +158,11 @@ impl Sim {
         self.link_free = l_start + wire_ns;
         self.stats.link_busy_ns += wire_ns;
         let wire_bytes = self.costs.wire_bytes(len);
-        self.stats.data_wire_bytes += wire_bytes;
+        if round == NO_ROUND {
+            self.stats.state_wire_bytes += wire_bytes;
+        } else {
+            self.stats.data_wire_bytes += wire_bytes;
+        }
         if let Some(r) = self.stats.rounds.get_mut(round) {
             r.first_post_ns.get_or_insert(self.now);
             r.wire_ns += wire_ns;
@@ -152,7 +177,7 @@ impl Sim {
         if self.cfg.guest.dst_pretouched {
             return 0;
         }
-        let page_log2 = self.guest.page_log2();
+        let page_log2 = self.src_page_log2(block as usize);
         let d = self.dst_of_src[block as usize] as usize;
         let n = len >> page_log2;
         (n - self.touched[d].count_range(offset >> page_log2, n)) << page_log2
@@ -256,7 +281,7 @@ impl Sim {
                 ));
             }
             Ok((block, at)) => {
-                let page_log2 = self.guest.page_log2();
+                let page_log2 = self.src_page_log2(w.block as usize);
                 let want = self.dst_of_src[w.block as usize];
                 if block != want || at != w.offset {
                     return Err(self.fail(
@@ -273,12 +298,26 @@ impl Sim {
                 );
                 let q0 = (at >> page_log2) as usize;
                 let lb = block as usize;
-                // The data path reads source memory now, not when the page was scanned.
-                self.dmem[lb][q0..q0 + n]
-                    .copy_from_slice(&self.guest.mem[w.block as usize][p0..p0 + n]);
-                self.guest.sent(w.block as usize, p0, n);
+                // The data path reads source memory now, not when the page was scanned (nor,
+                // for the state buffer, when the VMM reported it produced).
+                match &self.state {
+                    Some(s) if s.src_block == w.block as usize => {
+                        self.dmem[lb][q0..q0 + n].copy_from_slice(&s.buf[p0..p0 + n]);
+                        self.stats.state_placed_bytes += w.len;
+                        let by_ch = &mut self.stats.state_placed_by_channel;
+                        if by_ch.len() <= ch {
+                            by_ch.resize(ch + 1, 0);
+                        }
+                        by_ch[ch] += w.len;
+                    }
+                    _ => {
+                        self.dmem[lb][q0..q0 + n]
+                            .copy_from_slice(&self.guest.mem[w.block as usize][p0..p0 + n]);
+                        self.guest.sent(w.block as usize, p0, n);
+                        self.stats.data_placed_bytes += w.len;
+                    }
+                }
                 self.touched[lb].set_range(q0 as u64, n as u64);
-                self.stats.data_placed_bytes += w.len;
                 let bin = (self.now / BIN_NS) as usize;
                 if self.stats.bins.len() <= bin {
                     self.stats.bins.resize(bin + 1, 0);

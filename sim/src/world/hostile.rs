@@ -101,6 +101,7 @@ impl Sim {
             Inject::Prepare => Message::Prepare {
                 state_len: 0,
                 digest_count: 0,
+                state_digest: 0,
             },
             Inject::Commit => Message::Commit,
         };

@@ -56,6 +56,9 @@ impl Sim {
             });
         }
         if self.src.phase() != before {
+            if self.src.phase() == SrcPhase::Finalizing {
+                self.stats.final_ack_ns = Some(self.now);
+            }
             self.stats
                 .phases
                 .push((self.now, SRC, format!("{:?}", self.src.phase())));
@@ -184,7 +187,10 @@ impl Sim {
                 self.relinquished = true;
                 Ok(())
             }
-            SrcCommand::CaptureDeviceState => {
+            SrcCommand::CaptureDeviceState { area } if area > 0 || self.state.is_some() => {
+                self.capture_state(area)
+            }
+            SrcCommand::CaptureDeviceState { .. } => {
                 self.trace.rec(
                     self.now,
                     Tag::DeviceState,
@@ -295,12 +301,15 @@ impl Sim {
                 self.received_state.extend_from_slice(&data);
                 Ok(())
             }
+            DstCommand::FeedState { upto } => self.feed_state(upto),
+            DstCommand::FinishState { len } => self.finish_state(len),
             DstCommand::ComputeDigests => {
                 let Some(p) = self.lsn.session().and_then(|d| d.params()) else {
                     return Err(self.fail("SW-5", "destination digests before negotiating".into()));
                 };
+                // RAM only: the state area has no chunk digests (spec: SW-4).
                 let d = digests(
-                    &self.dmem,
+                    &self.dmem[..self.dst_ram_blocks()],
                     p.digest,
                     self.guest.page_log2(),
                     p.chunk_log2,
@@ -351,7 +360,7 @@ impl Sim {
         what: &str,
     ) -> Result<(usize, usize, usize), Failure> {
         let b = block as usize;
-        let page_log2 = self.guest.page_log2();
+        let page_log2 = self.dst_page_log2(b);
         let mask = (1u64 << page_log2) - 1;
         let ok = b < self.dmem.len()
             && len > 0

@@ -45,11 +45,14 @@ mod machines;
 mod outcomes;
 mod registration;
 mod setup;
+mod state;
 mod stats;
 mod timers;
 
 pub use hostile::Inject;
 use setup::{BlockLayout, SessionKeys};
+use state::StateArea;
+pub use state::STATE_STEP;
 use stats::R;
 pub use stats::*;
 
@@ -92,6 +95,8 @@ enum Ev {
     Detect(usize),
     /// A side learns that data channel `ch` is gone.
     DetectData(usize, usize),
+    /// The VMM adds the next step of device state to the source's state buffer.
+    StateStep,
     SafetyEnd,
 }
 
@@ -129,8 +134,12 @@ struct Wr {
     rkey: u32,
     remote_offset: u64,
     place_at: u64,
+    /// The round the write belongs to; `NO_ROUND` for the state area's writes.
     round: usize,
 }
+
+/// The round of a write that belongs to none (the state area's, after the final round).
+const NO_ROUND: usize = usize::MAX;
 
 #[derive(Debug, Clone, Copy)]
 struct Cqe {
@@ -186,6 +195,8 @@ pub struct Sim {
     touched: Vec<Bits>,
     dst_of_src: Vec<u16>,
     src_of_dst: Vec<usize>,
+    /// The device state's path over the data channels, when the session has a state area.
+    state: Option<StateArea>,
     chans: Vec<Chan>,
     link_free: u64,
     ctrl: [CtrlDir; 2],
@@ -250,15 +261,30 @@ impl Sim {
         // Each stream's draws keep a fixed order (guest: the layout, the device state, then
         // the guest's own stream; keys: the session's secrets), so a seed names one world.
         let layout = BlockLayout::draw(&cfg, &mut st.guest);
-        let mut device_state = vec![0u8; cfg.guest.device_state_bytes as usize];
-        st.guest.fill(&mut device_state);
+        // The control channel's blob, or the first version of the state area's pages.
+        let (device_state, state) = if cfg.guest.state_area {
+            let base = st.guest.between(1, 1 << 30) as u32;
+            let area = StateArea::new(&cfg, base, layout.src.len(), layout.dst.len());
+            (Vec::new(), Some(area))
+        } else {
+            let mut blob = vec![0u8; cfg.guest.device_state_bytes as usize];
+            st.guest.fill(&mut blob);
+            (blob, None)
+        };
         let guest = Guest::new(&cfg.guest, &layout.src, st.guest.fork());
         let keys = SessionKeys::draw(&cfg, &mut st.keys);
         let scfg = setup::source_config(&cfg, keys.session_id, layout.src.clone(), keys.src_psk);
         let src = Source::new(scfg, keys.src_nonce).map_err(|e| e.to_string())?;
         let dcfg = setup::dest_config(&cfg, layout.dst.clone(), keys.dst_psk);
         let lsn = Listener::new(ListenerConfig::new(dcfg)).map_err(|e| e.to_string())?;
-        let mut sim = Sim::at_time_zero(cfg, (src, lsn), guest, layout, device_state, st.faults);
+        let mut sim = Sim::at_time_zero(
+            cfg,
+            (src, lsn),
+            guest,
+            layout,
+            (device_state, state),
+            st.faults,
+        );
         sim.schedule_start(keys.dst_nonce);
         Ok(sim)
     }
@@ -458,6 +484,7 @@ impl Sim {
                     }),
                 }
             }
+            Ev::StateStep => self.state_step(),
             Ev::SafetyEnd => {
                 self.faults_active = false;
                 self.trace.rec(self.now, Tag::SafetyEnd, 0, 0);

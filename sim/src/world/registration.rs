@@ -25,7 +25,7 @@ impl Sim {
         // Pinning (RDMA) faults untouched pages in; a TCP transport only records a key, and
         // its receiving copy pays for first touch instead.
         let untouched = if self.costs.rdma {
-            (n as u64 - self.touched[b].count_range(p0 as u64, n as u64)) << self.guest.page_log2()
+            (n as u64 - self.touched[b].count_range(p0 as u64, n as u64)) << self.dst_page_log2(b)
         } else {
             0
         };

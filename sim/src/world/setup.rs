@@ -139,6 +139,7 @@ pub(super) fn source_config(
     };
     scfg.idle_timeout_ms = m.idle_timeout_ms;
     scfg.keepalive_ms = m.keepalive_ms;
+    scfg.state_max = cfg.state_max();
     scfg
 }
 
@@ -155,6 +156,7 @@ pub(super) fn dest_config(
     dcfg.max_reg_inflight = m.dst_max_reg_inflight;
     dcfg.idle_timeout_ms = m.idle_timeout_ms;
     dcfg.keepalive_ms = m.keepalive_ms;
+    dcfg.state_capacity = cfg.state_capacity();
     dcfg
 }
 
@@ -168,16 +170,23 @@ pub(super) fn safety_ns(cfg: &SimConfig) -> u64 {
 }
 
 /// Destination memory before anything arrives: every page garbage (so a page never sent is
-/// caught by verification), and untouched unless the destination was pre-faulted.
-fn destination_memory(cfg: &SimConfig, blocks: &[BlockDesc]) -> (Vec<Vec<u32>>, Vec<Bits>) {
-    let dmem: Vec<Vec<u32>> = blocks
+/// caught by verification), and untouched unless the destination was pre-faulted. The state
+/// area, if any, is one more block after the RAM blocks (spec: STATE-2).
+fn destination_memory(
+    cfg: &SimConfig,
+    blocks: &[BlockDesc],
+    state_pages: Option<u64>,
+) -> (Vec<Vec<u32>>, Vec<Bits>) {
+    let pages: Vec<u64> = blocks
         .iter()
-        .map(|b| vec![GARBAGE; (b.length >> b.page_log2) as usize])
+        .map(|b| b.length >> b.page_log2)
+        .chain(state_pages)
         .collect();
-    let touched = blocks
+    let dmem: Vec<Vec<u32>> = pages.iter().map(|&n| vec![GARBAGE; n as usize]).collect();
+    let touched = pages
         .iter()
-        .map(|b| {
-            let mut t = Bits::new(b.length >> b.page_log2);
+        .map(|&n| {
+            let mut t = Bits::new(n);
             if cfg.guest.dst_pretouched {
                 t.fill();
             }
@@ -195,10 +204,16 @@ impl Sim {
         (src, lsn): (Source, Listener),
         guest: Guest,
         layout: BlockLayout,
-        device_state: Vec<u8>,
+        (device_state, state): (Vec<u8>, Option<StateArea>),
         fault_rng: Rng,
     ) -> Sim {
-        let (dmem, touched) = destination_memory(&cfg, &layout.dst);
+        let (dmem, touched) =
+            destination_memory(&cfg, &layout.dst, state.as_ref().map(|s| s.pages()));
+        // The state buffer, source block `blocks.len()`, lands in the area (spec: STATE-2).
+        let mut dst_of_src = layout.dst_of_src;
+        if let Some(s) = &state {
+            dst_of_src.push(s.dst_block as u16);
+        }
         let costs = cfg.profile.costs();
         Sim {
             deadline: safety_ns(&cfg) + cfg.liveness_bound_ns(),
@@ -220,8 +235,9 @@ impl Sim {
             guest,
             dmem,
             touched,
-            dst_of_src: layout.dst_of_src,
+            dst_of_src,
             src_of_dst: layout.src_of_dst,
+            state,
             link_free: 0,
             ctrl: [CtrlDir::default(), CtrlDir::default()],
             ctrl_alive: true,

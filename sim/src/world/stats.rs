@@ -144,4 +144,18 @@ pub struct Stats {
     pub memory_verified: bool,
     pub phases: Vec<(u64, usize, String)>,
     pub guest_pages_written: u64,
+    /// The source entered Finalizing: the final ROUND_ACK reached it.
+    pub final_ack_ns: Option<u64>,
+    /// The source sent PREPARE.
+    pub prepare_sent_ns: Option<u64>,
+    /// With a state area: when the VMM finished producing the device state, when the
+    /// destination's consumer finished taking it, the bytes fed to it, and the device-state
+    /// bytes placed in the area, in all and per data channel (spec: STATE-3, STATE-4).
+    pub state_done_ns: Option<u64>,
+    pub state_loaded_ns: Option<u64>,
+    pub state_fed_bytes: u64,
+    pub state_placed_bytes: u64,
+    /// The state area's writes on the wire, headers included (not in `data_wire_bytes`).
+    pub state_wire_bytes: u64,
+    pub state_placed_by_channel: Vec<u64>,
 }

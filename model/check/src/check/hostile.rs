@@ -182,6 +182,7 @@ impl ProtocolModel {
             Inject::Prepare => Message::Prepare {
                 state_len: 0,
                 digest_count: total_chunks,
+                state_digest: 0,
             },
             Inject::Commit => Message::Commit,
         };

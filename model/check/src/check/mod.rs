@@ -59,6 +59,11 @@ pub use state::*;
 const PAGE_LOG2: u8 = 12;
 /// The device-state blob the source hands over at switchover.
 const DEVICE_STATE: &[u8] = b"rdmig device state";
+/// Bytes the state area's device state falls short of its last page (a partial last page).
+const STATE_SHORT: u64 = 1000;
+/// What the source's state buffer holds before the driver produced anything: no version
+/// a produced page carries.
+const STATE_UNPRODUCED: u8 = 0xcc;
 /// Pre-shared key: the model runs the authenticated handshake, as production does.
 const PSK: &[u8] = b"rdmig model key";
 /// The machines read no clock; the model passes a constant. Timers fire by choice of the
@@ -115,6 +120,9 @@ pub struct CheckConfig {
     /// The guest may also put a page back to its version before its last write (a lock
     /// released, a counter brought back).
     pub guest_reverts: bool,
+    /// Pages of device state carried over the data channels into a state area (spec:
+    /// STATE-1); 0 sends it on the control channel. The driver produces it in two steps.
+    pub state_pages: u64,
     /// Deliberate machine bugs, to show the checker catches them.
     #[cfg(feature = "mutations")]
     pub mutations: rdmig_model::source::Mutations,
@@ -152,6 +160,7 @@ impl CheckConfig {
             src_paused_at_start: false,
             hash_log: None,
             guest_reverts: false,
+            state_pages: 0,
             #[cfg(feature = "mutations")]
             mutations: Default::default(),
             #[cfg(feature = "mutations")]
@@ -257,7 +266,26 @@ impl CheckConfig {
         }
     }
 
-    pub const NAMES: [&'static str; 7] = [
+    /// Device state over the data channels (spec: STATE-1 .. STATE-5): one RAM block of two
+    /// 2-page chunks, three pages of device state (two chunks, the last short, the last page
+    /// partial) produced in two steps, a pin budget of two chunks in dynamic mode (so the
+    /// tail must evict RAM chunks to register the state area), pin-all as a second initial
+    /// state, one guest write, one fault of any kind.
+    pub fn state_area() -> Self {
+        CheckConfig {
+            name: "state-area",
+            block_pages: vec![4],
+            chunk_pages: 2,
+            modes: vec![RegMode::Dynamic, RegMode::PinAll],
+            pin_budget_chunks: 2,
+            state_pages: 3,
+            guest_writes: 1,
+            strays: vec![],
+            ..Self::small()
+        }
+    }
+
+    pub const NAMES: [&'static str; 8] = [
         "small",
         "medium",
         "strays",
@@ -265,6 +293,7 @@ impl CheckConfig {
         "hostile-source",
         "paused-save",
         "hash-log",
+        "state-area",
     ];
 
     pub fn by_name(name: &str) -> Option<Self> {
@@ -276,12 +305,28 @@ impl CheckConfig {
             "hostile-source" => Some(Self::hostile_source()),
             "paused-save" => Some(Self::paused_save()),
             "hash-log" => Some(Self::hash_log(crate::env::HashCompare::Both)),
+            "state-area" => Some(Self::state_area()),
             _ => None,
         }
     }
 
     fn chunk_log2(&self) -> u8 {
         PAGE_LOG2 + self.chunk_pages.trailing_zeros() as u8
+    }
+
+    /// The device state the destination's consumer must hold at start: the control
+    /// channel's blob, or the state area's page versions.
+    fn expected_state(&self) -> Vec<u8> {
+        if self.state_pages == 0 {
+            DEVICE_STATE.to_vec()
+        } else {
+            (0..self.state_pages).map(|p| 0x51 + p as u8).collect()
+        }
+    }
+
+    /// The state area's length (spec: STATE-1).
+    fn state_bytes(&self) -> u64 {
+        self.state_pages << PAGE_LOG2
     }
 }
 
@@ -385,17 +430,21 @@ impl ProtocolModel {
                 s.max_rounds = cfg.max_rounds;
                 s.on_limit = LimitPolicy::Switchover;
                 s.paused_at_start = cfg.src_paused_at_start;
+                s.state_max = cfg.state_bytes();
                 s.idle_timeout_ms = 1_000;
                 s.keepalive_ms = 500;
                 // Pin-all needs every byte pinned (spec: REG-8); dynamic mode gets the small
                 // chunk budget so that rounds must evict.
                 let pin_budget = match mode {
-                    RegMode::PinAll => cfg.block_pages.iter().sum::<u64>() << PAGE_LOG2,
+                    RegMode::PinAll => {
+                        (cfg.block_pages.iter().sum::<u64>() << PAGE_LOG2) + cfg.state_bytes()
+                    }
                     RegMode::Dynamic => cfg.pin_budget_chunks * chunk_bytes,
                 };
                 let mut d =
                     DestConfig::with_defaults(dst_blocks.clone(), Some(PSK.to_vec()), pin_budget);
                 d.credit_window = cfg.credit_window;
+                d.state_capacity = cfg.state_bytes();
                 d.idle_timeout_ms = 1_000;
                 d.keepalive_ms = 500;
                 #[cfg(feature = "mutations")]
@@ -432,18 +481,25 @@ impl ProtocolModel {
         src.set_mutations(self.cfg.mutations);
         let lsn = Listener::new(ListenerConfig::new(dst_cfg.clone())).expect("valid listener");
         // Every third page starts out zero, so the first round sends ZERO ranges too.
-        let src_mem: Vec<Vec<u8>> = self
+        // The state area, if any, is one more block on both sides (spec: STATE-2): the
+        // source's state buffer and the destination's staging area.
+        let state = self.cfg.state_pages as usize;
+        let mut src_mem: Vec<Vec<u8>> = self
             .cfg
             .block_pages
             .iter()
             .map(|&n| (0..n).map(|p| u8::from(p % 3 != 2)).collect())
             .collect();
         // The destination starts with garbage no source page can hold.
-        let dst_mem = self
+        let mut dst_mem: Vec<Vec<u8>> = self
             .dst_order
             .iter()
             .map(|&b| vec![0xee; self.cfg.block_pages[b] as usize])
             .collect();
+        if state > 0 {
+            src_mem.push(vec![STATE_UNPRODUCED; state]);
+            dst_mem.push(vec![0xee; state]);
+        }
         let mut s = State {
             src,
             lsn,
@@ -554,7 +610,8 @@ impl ProtocolModel {
         // The guest runs while the workload runs at the source; writes before the first scan
         // (which reports every page) would change nothing, so they start with round 1.
         if s.src_running && s.guest_left > 0 && s.src_live() && s.src.round() >= 1 {
-            for (b, mem) in s.src_mem.iter().enumerate() {
+            let ram = self.cfg.block_pages.len();
+            for (b, mem) in s.src_mem.iter().enumerate().take(ram) {
                 for (p, &v) in mem.iter().enumerate() {
                     out.push(Action::GuestWrite {
                         block: b as u16,

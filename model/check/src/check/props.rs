@@ -47,6 +47,9 @@ pub const P_LATE_WRITE: &str =
     "INV-REG-1 sometimes a write is rejected because the destination has ended";
 pub const P_DOUBT_REACH: &str = "INV-DOUBT-1 sometimes the source ends in doubt";
 pub const P_HOSTILE_ABORT: &str = "sometimes the hostile peer's frames end the session";
+pub const P_STATE3: &str = "STATE-3 the destination feeds its consumer only placed device state";
+pub const P_DONE_STATE: &str =
+    "STATE-3 sometimes a migration completes with its device state in the state area";
 
 /// An outcome only a hostile peer or a bug can cause.
 fn dishonest(o: Option<Outcome>) -> bool {
@@ -155,6 +158,7 @@ fn honest(cfg: &CheckConfig) -> Vec<Property<ProtocolModel>> {
             !mismatch(s.src.outcome()) && !mismatch(s.lsn.outcome())
         }),
         Property::always(P_REG, |_, s: &State| s.obs.reg_violation.is_none()),
+        Property::always(P_STATE3, |_, s: &State| !s.obs.fed_unplaced),
         Property::always(P_HONEST, |_, s: &State| {
             !dishonest(s.src.outcome()) && !dishonest(s.lsn.outcome())
         }),
@@ -198,6 +202,11 @@ fn honest(cfg: &CheckConfig) -> Vec<Property<ProtocolModel>> {
                 .any(|b| b.first() == Some(&wire::code::NOP))
         }),
     ];
+    if cfg.state_pages > 0 {
+        p.push(Property::sometimes(P_DONE_STATE, |_, s: &State| {
+            s.completed() && s.state_received.len() > 1
+        }));
+    }
     // Rounds beyond the first need a guest that writes.
     if cfg.guest_writes > 0 {
         p.push(Property::sometimes(P_DONE_ROUNDS, |_, s: &State| {

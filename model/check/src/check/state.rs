@@ -33,9 +33,14 @@ pub enum Link {
 /// A request a machine issued to its driver that awaits an answer.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SrcReq {
-    Scan { all: bool },
+    Scan {
+        all: bool,
+    },
     Pause,
     DeviceState,
+    /// The state area's device state: its first page, then the rest (spec: STATE-3).
+    StateFirst,
+    StateRest,
     Digests,
 }
 
@@ -49,6 +54,8 @@ pub enum DstReq {
         len: u64,
     },
     Digests,
+    /// The consumer finishes taking the device state (spec: STATE-4).
+    FinishState,
     Start,
 }
 
@@ -159,6 +166,8 @@ pub struct Observed {
     pub driver_violation: Option<&'static str>,
     /// A machine panicked (a production assertion fired); the state is terminal.
     pub panic: Option<String>,
+    /// STATE-3: the destination fed its consumer device state that was not placed.
+    pub fed_unplaced: bool,
 }
 
 /// One global state.
@@ -368,6 +377,7 @@ impl State {
             (o.registered_at_start, "REGISTERED AT START"),
             (o.last_credit_misused, "LAST CREDIT MISUSED"),
             (o.commit_before_relinquish, "COMMIT BEFORE RELINQUISH"),
+            (o.fed_unplaced, "UNPLACED STATE FED"),
             (
                 o.unauthenticated_registration,
                 "UNAUTHENTICATED REGISTRATION",
@@ -419,6 +429,7 @@ pub fn frame_brief(bytes: &[u8]) -> String {
                 Message::Prepare {
                     state_len,
                     digest_count,
+                    ..
                 } => format!("PREPARE state={state_len} digests={digest_count}"),
                 Message::Abort { reason } => format!("ABORT {reason:?}"),
                 other => other.name().to_string(),

@@ -11,7 +11,7 @@ use rdmig_model::types::*;
 use rdmig_model::wire::{self, DataHello, Frame, Message};
 
 use super::state::*;
-use super::{ProtocolModel, CTRL_CONN, DEVICE_STATE, NOW, PAGE_LOG2};
+use super::{ProtocolModel, CTRL_CONN, DEVICE_STATE, NOW, PAGE_LOG2, STATE_SHORT};
 use crate::env::{self, Refusal, Versions};
 
 /// The connection of data channel `ch`.
@@ -224,7 +224,13 @@ impl ProtocolModel {
                 s.src_running = true;
             }
             SrcCommand::RelinquishWorkload => s.relinquished = true,
-            SrcCommand::CaptureDeviceState => s.src_pending.push(SrcReq::DeviceState),
+            SrcCommand::CaptureDeviceState { area: 0 } => s.src_pending.push(SrcReq::DeviceState),
+            SrcCommand::CaptureDeviceState { area } => {
+                if area != self.cfg.state_bytes() {
+                    return Self::driver_violation(s, "a state area other than negotiated");
+                }
+                s.src_pending.push(SrcReq::StateFirst)
+            }
             SrcCommand::ComputeDigests => s.src_pending.push(SrcReq::Digests),
             SrcCommand::Finish(_) => {}
         }
@@ -314,6 +320,22 @@ impl ProtocolModel {
                 }
                 s.state_received.extend_from_slice(&data);
             }
+            DstCommand::FeedState { upto } => {
+                // spec: STATE-4: the consumer takes the placed pages in order.
+                let Some(area) = s.dst_mem.get(self.dst_order.len()) else {
+                    return Self::driver_violation(s, "device state fed without a state area");
+                };
+                let pages = upto.div_ceil(1 << PAGE_LOG2) as usize;
+                if pages > area.len() || pages < s.state_received.len() {
+                    return Self::driver_violation(s, "device state fed beyond the state area");
+                }
+                let fed = area[s.state_received.len()..pages].to_vec();
+                if fed.contains(&0xee) {
+                    s.obs.fed_unplaced = true;
+                }
+                s.state_received.extend_from_slice(&fed);
+            }
+            DstCommand::FinishState { .. } => s.dst_pending.push(DstReq::FinishState),
             DstCommand::ComputeDigests => s.dst_pending.push(DstReq::Digests),
             DstCommand::StartWorkload => s.dst_pending.push(DstReq::Start),
             DstCommand::Send(_) | DstCommand::Finish(_) => {
@@ -364,8 +386,28 @@ impl ProtocolModel {
                 self.feed_src(s, SrcInput::WorkloadPaused);
             }
             SrcReq::DeviceState => self.feed_src(s, SrcInput::DeviceState(DEVICE_STATE.to_vec())),
+            SrcReq::StateFirst => {
+                let want = self.cfg.expected_state();
+                let sb = self.cfg.block_pages.len();
+                s.src_mem[sb][0] = want[0];
+                s.src_pending.push(SrcReq::StateRest);
+                self.feed_src(
+                    s,
+                    SrcInput::StateProduced {
+                        len: 1 << PAGE_LOG2,
+                    },
+                );
+            }
+            SrcReq::StateRest => {
+                let want = self.cfg.expected_state();
+                let sb = self.cfg.block_pages.len();
+                s.src_mem[sb].copy_from_slice(&want);
+                let len = self.cfg.state_bytes() - STATE_SHORT;
+                let digest = chunk_digest(&want);
+                self.feed_src(s, SrcInput::StateDone { len, digest });
+            }
             SrcReq::Digests => {
-                let d = self.digests(&s.src_mem);
+                let d = self.digests(&s.src_mem[..self.cfg.block_pages.len()]);
                 self.feed_src(s, SrcInput::Digests(d));
             }
         }
@@ -383,8 +425,12 @@ impl ProtocolModel {
                 self.feed_dst(s, DstInput::Registered { target, rkey });
             }
             DstReq::Digests => {
-                let d = self.digests(&s.dst_mem);
+                let d = self.digests(&s.dst_mem[..self.dst_order.len()]);
                 self.feed_dst(s, DstInput::Digests(d));
+            }
+            DstReq::FinishState => {
+                let digest = chunk_digest(&s.state_received);
+                self.feed_dst(s, DstInput::StateLoaded { digest });
             }
             DstReq::Start => {
                 // spec: INV-MEM-1: compare at the moment the workload starts.
@@ -393,7 +439,7 @@ impl ProtocolModel {
                         .iter()
                         .enumerate()
                         .all(|(d, &b)| snap[b] == s.dst_mem[d])
-                }) && s.state_received == DEVICE_STATE;
+                }) && s.state_received == self.cfg.expected_state();
                 if s.obs.memory_equal_at_start != Some(false) {
                     s.obs.memory_equal_at_start = Some(equal);
                 }
