@@ -387,10 +387,7 @@ impl QemuSource {
     /// Saves the device state of the stopped guest, handing each piece to `sink` as QEMU
     /// writes it (a reader thread drains the pipe while this thread waits for QEMU). An error
     /// of the sink ends the save: QEMU's migration is cancelled.
-    pub fn save_with(
-        &self,
-        mut sink: StateSink<'_>,
-    ) -> Result<(), QemuError> {
+    pub fn save_with(&self, mut sink: StateSink<'_>) -> Result<(), QemuError> {
         let mut q = self.qmp.lock().expect("not poisoned");
         let (mut rd, wr) = state_pipe()?;
         q.execute_with_fd("getfd", Some(json!({ "fdname": STATE_FD })), wr.as_fd())?;
