@@ -81,6 +81,17 @@ run_case dynamic-1ch 7001 --channels 1 --dirty-log bitmap:/dev/shm/src.ram.dirty
 run_case pinall-2ch 7002 --channels 2 --pin-all --dirty-log bitmap:/dev/shm/src.ram.dirty
 run_case soft-dirty 7003 --channels 1 --dirty-log soft-dirty:@WPID@
 
+# Device state larger than the control channel carries (80 MiB and a partial page): RDMA
+# WRITEs from the source's registered state buffer into the destination's staging area,
+# its digest checked (spec: STATE-1 .. STATE-5).
+head -c 83887000 /dev/urandom >state.bin
+run_case state-area 7007 --channels 2 --dirty-log bitmap:/dev/shm/src.ram.dirty --state-in /tmp/state.bin
+ok=0
+[ "$(field device_state_path src.json)" = "data channels" ] && [ "$(field device_state src.json)" = 83887000 ] &&
+	[ "$(field device_state dst.json)" = 83887000 ] && ok=1
+echo "RXE-RESULT case=state-area-path ok=$ok path=\"$(field device_state_path src.json)\" bytes=$(field device_state src.json) dst_bytes=$(field device_state dst.json)"
+rm -f state.bin
+
 # Wrong key: the destination holds another key; the source must abort with AuthFailed, and
 # the destination, a server, keeps listening (a failed handshake ends that connection only)
 # until the operator stops it with SIGTERM (exit 2, Cancelled).

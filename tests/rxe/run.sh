@@ -12,7 +12,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 CACHE=${RXE_CACHE:-$ROOT/target/rxe-cache}
 TIMEOUT=${RXE_TIMEOUT:-420}
-CASES="dynamic-1ch pinall-2ch wrong-key killed-destination soft-dirty throughput"
+CASES="dynamic-1ch pinall-2ch wrong-key killed-destination soft-dirty state-area state-area-path throughput"
 start=$(date +%s)
 mkdir -p "$CACHE"
 
