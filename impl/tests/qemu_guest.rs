@@ -730,22 +730,12 @@ fn rdmig_live_migrates_qemu_guest_at_0_50_200_mb_s_and_memory_stays_intact() {
             );
         }
         assert_eq!(r.dst.status(), "running");
-        let survived = check_continues(&r.src, &r.dst);
         let tool = match (channels, verify) {
             (1, false) => "rdmig 1ch",
             (2, false) => "rdmig 2ch",
             _ => "rdmig 1ch --verify",
         };
-        let row = Row {
-            tool,
-            rate,
-            total_ms: sr["total_time_ms"].as_u64().unwrap(),
-            downtime_ms: sr["downtime_ms"].as_u64().unwrap(),
-            transferred_mb: sr["bytes"]["data"].as_u64().unwrap() as f64 / 1e6,
-            dirtied_mb_s: dirtied(&r.src),
-            survived,
-            phases: sr["phases"].clone(),
-        };
+        let row = rdmig_row(tool, rate, &r, &sr);
         record(&row);
         if let Err(e) = &row.survived {
             panic!("rate {rate}: guest did not survive: {e}");
@@ -898,13 +888,10 @@ fn page_diff(a: &Path, b: &Path) -> String {
     )
 }
 
-/// The benchmark row of an rdmig run, recorded. A guest that fails its check leaves its
-/// evidence: the page comparison and both QEMUs' states on stderr, and with
-/// `RDMIG_QEMU_KEEP_FAILED=DIR` both RAM files, the report and the consoles in `DIR/tag`.
-fn bench_row(tool: &'static str, rate: u64, s: &Scratch, r: &RdmigRun, tag: &str) -> Row {
-    let sr = report(&r.send, "send");
-    assert_eq!(r.send.code, Some(0), "rate {rate}: {sr}");
-    let row = Row {
+/// The row of an rdmig run whose source reported `sr`: its figures, and whether the guest
+/// went on at the destination.
+fn rdmig_row(tool: &'static str, rate: u64, r: &RdmigRun, sr: &Value) -> Row {
+    Row {
         tool,
         rate,
         total_ms: sr["total_time_ms"].as_u64().unwrap(),
@@ -913,7 +900,16 @@ fn bench_row(tool: &'static str, rate: u64, s: &Scratch, r: &RdmigRun, tag: &str
         dirtied_mb_s: dirtied(&r.src),
         survived: check_continues(&r.src, &r.dst),
         phases: sr["phases"].clone(),
-    };
+    }
+}
+
+/// The benchmark row of an rdmig run, recorded. A guest that fails its check leaves its
+/// evidence: the page comparison and both QEMUs' states on stderr, and with
+/// `RDMIG_QEMU_KEEP_FAILED=DIR` both RAM files, the report and the consoles in `DIR/tag`.
+fn bench_row(tool: &'static str, rate: u64, s: &Scratch, r: &RdmigRun, tag: &str) -> Row {
+    let sr = report(&r.send, "send");
+    assert_eq!(r.send.code, Some(0), "rate {rate}: {sr}");
+    let row = rdmig_row(tool, rate, r, &sr);
     record(&row);
     if row.survived.is_err() {
         eprintln!("DIFF {}", page_diff(&s.ram("src.ram"), &s.ram("dst.ram")));
@@ -1248,16 +1244,7 @@ fn state_3_a_guest_with_private_ram_migrates_with_it_in_its_device_state() {
         "the private RAM's pages travel in the device state: {state} bytes"
     );
     assert_eq!(rr["bytes"]["device_state"].as_u64(), Some(state), "{rr}");
-    let row = Row {
-        tool: "rdmig 2ch --verify, private RAM",
-        rate: 50,
-        total_ms: sr["total_time_ms"].as_u64().unwrap(),
-        downtime_ms: sr["downtime_ms"].as_u64().unwrap(),
-        transferred_mb: sr["bytes"]["data"].as_u64().unwrap() as f64 / 1e6,
-        dirtied_mb_s: dirtied(&r.src),
-        survived: check_continues(&r.src, &r.dst),
-        phases: sr["phases"].clone(),
-    };
+    let row = rdmig_row("rdmig 2ch --verify, private RAM", 50, &r, &sr);
     record(&row);
     if let Err(e) = &row.survived {
         panic!("the guest did not survive: {e}");

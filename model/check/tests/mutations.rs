@@ -177,21 +177,27 @@ fn err_4_writes_without_deadline_is_caught() {
     );
 }
 
-/// A hostile source (its own frames beside the honest ones) against a destination with a
-/// deliberate bug: the checker's hostile-source configuration must catch it.
-fn assert_hostile_source_catches(m: DstMutations, expected: &[&str]) {
-    let mut cfg = CheckConfig::hostile_source();
-    cfg.dst_mutations = m;
+/// The properties `cfg` violates first (breadth-first, so with a shortest counterexample,
+/// whose trace goes to stderr).
+fn first_violations(cfg: CheckConfig) -> Vec<&'static str> {
     let run = check::run(
         ProtocolModel::new(cfg),
         Strategy::Bfs,
         2,
         Stop::FirstFailure,
     );
-    let v = run.violations();
     if let Some(trace) = run.first_violation_trace() {
         eprintln!("{trace}");
     }
+    run.violations()
+}
+
+/// A hostile source (its own frames beside the honest ones) against a destination with a
+/// deliberate bug: the checker's hostile-source configuration must catch it.
+fn assert_hostile_source_catches(m: DstMutations, expected: &[&str]) {
+    let mut cfg = CheckConfig::hostile_source();
+    cfg.dst_mutations = m;
+    let v = first_violations(cfg);
     assert!(
         !v.is_empty(),
         "destination mutation {m:?} survived the hostile source"
@@ -250,16 +256,7 @@ fn state_3_announcing_state_before_its_writes_complete_is_caught() {
     };
     cfg.faults = 0;
     cfg.guest_writes = 0;
-    let run = check::run(
-        ProtocolModel::new(cfg),
-        Strategy::Bfs,
-        2,
-        Stop::FirstFailure,
-    );
-    let v = run.violations();
-    if let Some(trace) = run.first_violation_trace() {
-        eprintln!("{trace}");
-    }
+    let v = first_violations(cfg);
     assert!(
         v.contains(&check::P_STATE3),
         "early STATE_PLACED caught only by {v:?}"

@@ -2,7 +2,10 @@
 //! machine with crafted frames (as a malicious or broken peer would send) and asserts the
 //! exact reaction.
 
-use rdmig_check::pair::{Guest, Pair};
+mod common;
+
+use common::*;
+use rdmig_check::pair::Pair;
 use rdmig_model::table::{DstPhase, SrcPhase};
 use rdmig_model::wire::*;
 use rdmig_model::*;
@@ -37,82 +40,12 @@ fn dst_cfg() -> DestConfig {
     d
 }
 
-fn quiet() -> Guest {
-    Guest {
-        pages_per_step: 0,
-        active_steps: 0,
-        zero_one_in: 0,
-        seed: 1,
-    }
-}
-
 /// A pair advanced until the source scans for round 1: the destination is in Receiving.
 fn receiving_pair() -> Pair {
     let mut p = Pair::new(src_cfg(), dst_cfg(), quiet(), vec![]).unwrap();
     p.run_until_source(SrcPhase::Scanning, 1000);
     assert_eq!(p.dst.phase(), DstPhase::Receiving);
     p
-}
-
-fn frame<I: From<Frame>>(msg: Message) -> I {
-    I::from(Frame { credits: 0, msg })
-}
-
-trait Cmd {
-    fn outcome(&self) -> Option<Outcome>;
-    fn message(&self) -> Option<&Message>;
-    fn exposes_memory(&self) -> bool;
-}
-
-impl Cmd for DstCommand {
-    fn outcome(&self) -> Option<Outcome> {
-        match self {
-            DstCommand::Finish(o) => Some(*o),
-            _ => None,
-        }
-    }
-    fn message(&self) -> Option<&Message> {
-        match self {
-            DstCommand::Send(f) => Some(&f.msg),
-            _ => None,
-        }
-    }
-    fn exposes_memory(&self) -> bool {
-        matches!(
-            self,
-            DstCommand::Register { .. } | DstCommand::ZeroFill { .. } | DstCommand::StartWorkload
-        )
-    }
-}
-
-impl Cmd for SrcCommand {
-    fn outcome(&self) -> Option<Outcome> {
-        match self {
-            SrcCommand::Finish(o) => Some(*o),
-            _ => None,
-        }
-    }
-    fn message(&self) -> Option<&Message> {
-        match self {
-            SrcCommand::Send(f) => Some(&f.msg),
-            _ => None,
-        }
-    }
-    fn exposes_memory(&self) -> bool {
-        matches!(self, SrcCommand::PostWrite(_) | SrcCommand::OpenData { .. })
-    }
-}
-
-fn aborted(cmds: &[impl Cmd]) -> Option<AbortInfo> {
-    cmds.iter().find_map(|c| match c.outcome() {
-        Some(Outcome::Aborted(a)) => Some(a),
-        _ => None,
-    })
-}
-
-fn assert_abort(cmds: &[impl Cmd], reason: AbortReason, detail: Detail) {
-    let a = aborted(cmds).unwrap_or_else(|| panic!("expected abort {reason:?} ({detail})"));
-    assert_eq!((a.reason, a.detail), (reason, detail), "{}", a.detail);
 }
 
 fn sent(cmds: &[impl Cmd]) -> Vec<&Message> {

@@ -3,7 +3,10 @@
 //! give it, and asserting the exact reaction. Together they are the bad-input table of the
 //! state area.
 
-use rdmig_check::pair::{Guest, Pair};
+mod common;
+
+use common::{assert_abort, frame, quiet};
+use rdmig_check::pair::Pair;
 use rdmig_model::table::{DstPhase, SrcPhase};
 use rdmig_model::wire::*;
 use rdmig_model::*;
@@ -35,15 +38,6 @@ fn dst_cfg(capacity: u64) -> DestConfig {
     d.credit_window = 8;
     d.state_capacity = capacity;
     d
-}
-
-fn quiet() -> Guest {
-    Guest {
-        pages_per_step: 0,
-        active_steps: 0,
-        zero_one_in: 0,
-        seed: 1,
-    }
 }
 
 /// 40,000 bytes of device state: ten pages, the last one partial.
@@ -84,37 +78,12 @@ fn verifying_pair() -> Pair {
     panic!("the destination never verified");
 }
 
-fn frame(msg: Message) -> DstInput {
-    DstInput::Frame(Frame { credits: 0, msg })
-}
-
-fn abort_of<C>(cmds: &[C], outcome: impl Fn(&C) -> Option<Outcome>) -> AbortInfo {
-    cmds.iter()
-        .find_map(|c| match outcome(c) {
-            Some(Outcome::Aborted(a)) => Some(a),
-            _ => None,
-        })
-        .expect("an abort")
-}
-
 fn assert_dst_abort(cmds: &[DstCommand], reason: AbortReason, detail: Detail) {
-    let a = abort_of(cmds, |c| match c {
-        DstCommand::Finish(o) => Some(*o),
-        _ => None,
-    });
-    assert_eq!((a.reason, a.detail), (reason, detail), "{}", a.detail);
+    assert_abort(cmds, reason, detail);
     assert!(
         !cmds.iter().any(|c| matches!(c, DstCommand::StartWorkload)),
         "nothing starts"
     );
-}
-
-fn assert_src_abort(cmds: &[SrcCommand], reason: AbortReason, detail: Detail) {
-    let a = abort_of(cmds, |c| match c {
-        SrcCommand::Finish(o) => Some(*o),
-        _ => None,
-    });
-    assert_eq!((a.reason, a.detail), (reason, detail), "{}", a.detail);
 }
 
 /// spec: STATE-1 .. STATE-4: a migration whose device state goes over the data channels
@@ -192,7 +161,7 @@ fn state_1_the_source_refuses_an_area_larger_than_proposed() {
             msg: Message::HelloAck(ack),
         }),
     );
-    assert_src_abort(
+    assert_abort(
         &cmds,
         AbortReason::ProtocolViolation,
         Detail::StateAreaOverMax,
@@ -206,7 +175,7 @@ fn state_1_each_session_takes_its_state_on_one_path_only() {
     let mut d = tail_pair().dst;
     let cmds = d.step(
         0,
-        frame(Message::DeviceState {
+        frame::<DstInput>(Message::DeviceState {
             offset: 0,
             total_len: 10,
             data: vec![1; 10],
@@ -235,7 +204,7 @@ fn state_2_the_area_is_registered_only_after_the_final_round_and_never_zeroed() 
     let mut d = p.dst.clone();
     let cmds = d.step(
         0,
-        frame(Message::RegRequest {
+        frame::<DstInput>(Message::RegRequest {
             req_id: 1,
             chunks: vec![state],
         }),
@@ -244,7 +213,7 @@ fn state_2_the_area_is_registered_only_after_the_final_round_and_never_zeroed() 
     let mut d = p.dst.clone();
     let cmds = d.step(
         0,
-        frame(Message::Zero {
+        frame::<DstInput>(Message::Zero {
             round: 1,
             ranges: vec![PageRange {
                 block: 1,
@@ -258,7 +227,7 @@ fn state_2_the_area_is_registered_only_after_the_final_round_and_never_zeroed() 
     let mut d = tail_pair().dst;
     let cmds = d.step(
         0,
-        frame(Message::RegRequest {
+        frame::<DstInput>(Message::RegRequest {
             req_id: 99,
             chunks: vec![ChunkRef { block: 0, chunk: 0 }],
         }),
@@ -276,14 +245,17 @@ fn state_2_the_area_is_registered_only_after_the_final_round_and_never_zeroed() 
 fn state_3_placed_prefixes_grow_within_the_area() {
     let base = tail_pair().dst;
     let mut d = base.clone();
-    let cmds = d.step(0, frame(Message::StatePlaced { placed: AREA + 1 }));
+    let cmds = d.step(
+        0,
+        frame::<DstInput>(Message::StatePlaced { placed: AREA + 1 }),
+    );
     assert_dst_abort(
         &cmds,
         AbortReason::ProtocolViolation,
         Detail::StatePlacedOrder,
     );
     let mut d = base.clone();
-    let cmds = d.step(0, frame(Message::StatePlaced { placed: 8192 }));
+    let cmds = d.step(0, frame::<DstInput>(Message::StatePlaced { placed: 8192 }));
     assert!(cmds
         .iter()
         .any(|c| matches!(c, DstCommand::FeedState { upto: 8192 })));
@@ -300,7 +272,7 @@ fn state_3_placed_prefixes_grow_within_the_area() {
     let mut d2 = d.clone();
     let cmds = d2.step(
         0,
-        frame(Message::Prepare {
+        frame::<DstInput>(Message::Prepare {
             state_len: 8193,
             digest_count: 4,
             state_digest: 0,
@@ -314,7 +286,7 @@ fn state_3_placed_prefixes_grow_within_the_area() {
 #[test]
 fn state_3_a_stream_that_stops_mid_state_times_out() {
     let mut d = tail_pair().dst;
-    d.step(0, frame(Message::StatePlaced { placed: 4096 }));
+    d.step(0, frame::<DstInput>(Message::StatePlaced { placed: 4096 }));
     assert!(
         d.timers().idle.is_some(),
         "the destination waits with a deadline"
@@ -359,13 +331,13 @@ fn state_3_the_source_refuses_a_state_beyond_the_area() {
     ] {
         let mut s = p.src.clone();
         let cmds = s.step(0, input);
-        assert_src_abort(&cmds, AbortReason::LocalError, detail);
+        assert_abort(&cmds, AbortReason::LocalError, detail);
         assert!(cmds.contains(&SrcCommand::ResumeWorkload), "resumed");
     }
     let mut s = p.src.clone();
     s.step(0, SrcInput::StateProduced { len: 8192 });
     let cmds = s.step(0, SrcInput::StateProduced { len: 4096 });
-    assert_src_abort(&cmds, AbortReason::LocalError, Detail::StateProgress);
+    assert_abort(&cmds, AbortReason::LocalError, Detail::StateProgress);
 }
 
 /// spec: STATE-4: a consumer that refuses the state aborts the destination before its vote,

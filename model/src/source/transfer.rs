@@ -439,18 +439,14 @@ impl Transfer {
                     continue;
                 }
                 let g = geo.global(cr);
-                self.work.pending.insert(g);
-                match self.regs.chunks[g as usize] {
-                    ChunkSt::Registered { .. } => {
-                        self.work.ready.insert(g);
-                    }
-                    ChunkSt::Unreg => {
-                        self.work.need_reg.insert(g);
-                    }
-                    ChunkSt::Requested | ChunkSt::Unregistering => {
-                        unreachable!("a round starts only when registration traffic is quiescent")
-                    }
-                }
+                assert!(
+                    matches!(
+                        self.regs.chunks[g as usize],
+                        ChunkSt::Registered { .. } | ChunkSt::Unreg
+                    ),
+                    "a round starts only when registration traffic is quiescent"
+                );
+                self.enqueue(g);
             }
         }
         out.stats.rounds.push(stats);
