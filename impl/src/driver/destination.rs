@@ -35,6 +35,15 @@ pub struct DestRun {
 /// Memory left free beside a staging area the destination grows (spec: STATE-2).
 const STAGING_MARGIN: u64 = 256 << 20;
 
+/// Whether the staging area may take `grow` more bytes with `free` bytes available (unknown:
+/// yes), leaving `STAGING_MARGIN` for everything else.
+fn staging_fits(grow: u64, free: Option<u64>) -> bool {
+    free.is_none_or(|f| {
+        grow.checked_add(STAGING_MARGIN)
+            .is_some_and(|need| f >= need)
+    })
+}
+
 /// Bytes of memory the kernel can give without swapping (`MemAvailable`), if known.
 fn mem_available() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -169,18 +178,16 @@ impl<L: DestLink> Driver<L> {
             return true;
         }
         let grow = end - self.staged;
-        match mem_available() {
-            Some(free) if free < grow + STAGING_MARGIN => {
-                tracing::error!(
-                    "no memory for the device state's staging area: {grow} more bytes needed, {free} available"
-                );
-                false
-            }
-            _ => {
-                self.staged = end;
-                true
-            }
+        let free = mem_available();
+        if !staging_fits(grow, free) {
+            tracing::error!(
+                "no memory for the device state's staging area: {grow} more bytes needed, {} available",
+                free.unwrap_or(0)
+            );
+            return false;
         }
+        self.staged = end;
+        true
     }
 
     /// Once the session's state area is known (its block table accepted, long before the
@@ -481,4 +488,20 @@ fn report<L: DestLink>(
     );
     r.phases.sort_by_key(|p| p.start_ms);
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// spec: STATE-2: the staging area grows only into memory that is there, a margin left.
+    #[test]
+    fn state_2_the_staging_area_grows_only_into_available_memory() {
+        assert!(staging_fits(1 << 30, Some((1 << 30) + STAGING_MARGIN)));
+        assert!(!staging_fits(1 << 30, Some((1 << 30) + STAGING_MARGIN - 1)));
+        assert!(!staging_fits(u64::MAX, Some(u64::MAX)));
+        assert!(staging_fits(1 << 40, None), "unknown memory is not refused");
+        let free = mem_available().expect("/proc/meminfo has MemAvailable");
+        assert!(free > 0);
+    }
 }
