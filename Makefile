@@ -57,9 +57,9 @@ loom: deps
 	RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom $(CARGO) test --release -p rdmig --test loom_sync --test loom_bitmap
 
 # Every wait ends, on real networks (impl/tests/netns.rs, needs root): a veth link between two
-# network namespaces cut for 1 s, 10 s and for good, during pre-copy and after the pause; a
-# destination that never acknowledges, a trickling data frame, 200 stray connections, SIGTERM
-# and kill -9 to the source after the pause. About 75 seconds.
+# network namespaces cut for 1 s, 10 s and for good, during pre-copy, after the pause and while
+# a large device state streams; a destination that never acknowledges, a trickling data frame,
+# 200 stray connections, SIGTERM and kill -9 to the source after the pause. About 90 seconds.
 netns: deps
 	$(CARGO) test -p rdmig --test netns -- --ignored --test-threads=1
 

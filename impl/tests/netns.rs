@@ -107,33 +107,52 @@ struct Run {
 }
 
 fn start(tag: &str, mb_s: u32, listen: &str, net: Option<&Net>, via: Option<&str>) -> Run {
+    start_with(tag, mb_s, listen, net, via, |_| (vec![], vec![]))
+}
+
+/// [`start`] with more arguments for `recv` and `send`, made from the scratch folder.
+fn start_with(
+    tag: &str,
+    mb_s: u32,
+    listen: &str,
+    net: Option<&Net>,
+    via: Option<&str>,
+    extra: impl FnOnce(&std::path::Path) -> (Vec<String>, Vec<String>),
+) -> Run {
     let d = dir(tag);
+    let (recv_extra, send_extra) = extra(&d.0);
     let k = key(&d.0, "psk", "0123456789abcdef0123");
     let w = workload(&d.0, "32MiB", "20");
     let started = d.0.join("started");
     let start_cmd = format!("touch {}", started.display());
+    let mut recv_args = vec!["--start-cmd".to_string(), start_cmd];
+    recv_args.extend(recv_extra);
+    let recv_args: Vec<&str> = recv_args.iter().map(String::as_str).collect();
     let (dst, addr, dst_ram) = recv_at(
         &d.0,
         &k,
         "32MiB",
         listen,
         net.map(|n| n.b.as_str()),
-        &["--start-cmd", &start_cmd],
+        &recv_args,
     );
+    let rate = format!("{mb_s}MB/s");
+    let mut send_args = vec![
+        "--channels",
+        "2",
+        "--verify",
+        "--max-bandwidth",
+        &rate,
+        "--max-rounds",
+        "1",
+    ];
+    send_args.extend(send_extra.iter().map(String::as_str));
     let src = send_at(
         via.unwrap_or(addr.trim()),
         &k,
         &w,
         net.map(|n| n.a.as_str()),
-        &[
-            "--channels",
-            "2",
-            "--verify",
-            "--max-bandwidth",
-            &format!("{mb_s}MB/s"),
-            "--max-rounds",
-            "1",
-        ],
+        &send_args,
     );
     Run {
         d,
@@ -350,6 +369,54 @@ fn cut_case(name: &str, secs: Option<u64>, after_pause: bool) {
             e.dst_after
         );
     }
+}
+
+/// spec: LIVE-1, DATA-7, STATE-3: a link gone silent for good while a device state of 96 MiB
+/// streams over the data channels (its first bytes already fed to `--state-out`, after the
+/// final round) ends both sides within the idle timeout: the source runs its workload again,
+/// the destination started nothing and keeps no state.
+#[test]
+#[ignore = "needs root: make netns"]
+fn live_1_cut_for_good_while_the_device_state_streams() {
+    root();
+    let net = Net::new();
+    let state = std::sync::Mutex::new(PathBuf::new());
+    let r = start_with(
+        "cut-state",
+        20,
+        &format!("{}:7000", net.addr_b),
+        Some(&net),
+        None,
+        |d| {
+            let input = d.join("state.in");
+            std::fs::write(&input, vec![0x5a; (96 << 20) + 100]).unwrap();
+            let out = d.join("state.out");
+            *state.lock().unwrap() = out.clone();
+            (
+                vec!["--state-out".into(), out.display().to_string()],
+                vec!["--state-in".into(), input.display().to_string()],
+            )
+        },
+    );
+    let out = state.lock().unwrap().clone();
+    let partial = PathBuf::from(format!("{}.partial", out.display()));
+    // At 20 MB/s the state takes about five seconds: cut once its first bytes are fed.
+    assert!(
+        wait_until(Duration::from_secs(60), || partial.exists()),
+        "the device state never reached the destination's consumer"
+    );
+    let cut = Instant::now();
+    net.cut();
+    let e = end(r, cut, BOUND + Duration::from_secs(40));
+    e.table("link cut for good while the device state streams");
+    assert!(
+        e.src_after <= BOUND && e.dst_after <= BOUND,
+        "source {:?}, destination {:?} after a permanent cut",
+        e.src_after,
+        e.dst_after
+    );
+    assert_eq!(e.consistent().0, "aborted");
+    assert!(!out.exists() && !partial.exists(), "no device state kept");
 }
 
 /// spec: LIVE-1: a link gone silent for good during pre-copy ends both sides, within the idle
