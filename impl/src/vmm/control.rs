@@ -242,8 +242,68 @@ struct StateWriter {
     thread: std::thread::JoinHandle<std::io::Result<()>>,
 }
 
+impl StateWriter {
+    /// Starts the thread that writes what is queued into `pipe`, in order (at most
+    /// `FEED_QUEUE` pieces wait in memory).
+    fn spawn(mut pipe: impl std::io::Write + Send + 'static) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(FEED_QUEUE);
+        let thread = std::thread::spawn(move || {
+            for piece in rx {
+                pipe.write_all(&piece)?;
+            }
+            Ok(())
+        });
+        StateWriter { tx, thread }
+    }
+
+    /// Queues `bytes` in pieces, waiting at most `stall` for room for each one: a reader
+    /// that stops reading fails the feed instead of holding the destination.
+    fn feed(&self, bytes: &[u8], stall: Duration) -> Result<(), String> {
+        use std::sync::mpsc::TrySendError;
+        for piece in bytes.chunks(FEED_PIECE) {
+            let mut piece = piece.to_vec();
+            let since = Instant::now();
+            loop {
+                match self.tx.try_send(piece) {
+                    Ok(()) => break,
+                    Err(TrySendError::Full(p)) if since.elapsed() < stall => {
+                        piece = p;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(TrySendError::Full(_)) => {
+                        return Err(format!("QEMU read none of the device state for {stall:?}"))
+                    }
+                    Err(TrySendError::Disconnected(_)) => {
+                        return Err("QEMU stopped reading the device state".into())
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the queue and waits at most `stall` for the writer to put the rest into the
+    /// pipe; the writer's own result (a closed pipe) comes back as the inner result.
+    fn close(self, stall: Duration) -> Result<std::io::Result<()>, String> {
+        drop(self.tx);
+        let since = Instant::now();
+        while !self.thread.is_finished() {
+            if since.elapsed() > stall {
+                return Err(format!("QEMU read none of the device state for {stall:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(self.thread.join().expect("the state writer does not panic"))
+    }
+}
+
 /// Pieces the destination hands its consumer at a time.
 const FEED_PIECE: usize = 1 << 20;
+/// Pieces queued for the writer at most (64 MiB), so that the driver rarely waits for QEMU.
+const FEED_QUEUE: usize = 64;
+/// Longest a QEMU may leave the state pipe unread (full) before the consumer gives up on it:
+/// a QEMU that stops loading must not hold the destination (spec: LIVE-1).
+const FEED_STALL: Duration = Duration::from_secs(60);
 
 impl StateConsumer {
     /// Digested and dropped (a workload that takes no device state).
@@ -349,23 +409,11 @@ impl StateConsumer {
             }
             ConsumerKind::Qemu { q, writer } => {
                 if writer.is_none() {
-                    let mut pipe = q.begin_load().map_err(|e| e.to_string())?;
-                    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(64);
-                    let thread = std::thread::spawn(move || {
-                        for piece in rx {
-                            pipe.write_all(&piece)?;
-                        }
-                        Ok(())
-                    });
-                    *writer = Some(StateWriter { tx, thread });
+                    let pipe = q.begin_load().map_err(|e| e.to_string())?;
+                    *writer = Some(StateWriter::spawn(pipe));
                 }
                 let w = writer.as_ref().expect("started above");
-                for piece in bytes.chunks(FEED_PIECE) {
-                    if w.tx.send(piece.to_vec()).is_err() {
-                        return Err("QEMU stopped reading the device state".into());
-                    }
-                }
-                Ok(())
+                w.feed(bytes, FEED_STALL)
             }
         }
     }
@@ -393,8 +441,8 @@ impl StateConsumer {
             }
             ConsumerKind::Qemu { q, writer } => {
                 let w = writer.take().expect("started above");
-                drop(w.tx);
-                let written = w.thread.join().expect("the state writer does not panic");
+                // Bounded: a QEMU that stops reading leaves the writer blocked in the pipe.
+                let written = w.close(FEED_STALL)?;
                 // QEMU's own verdict first: it says why it stopped reading.
                 q.finish_load().map_err(|e| e.to_string())?;
                 written.map_err(|e| format!("writing the device state to QEMU: {e}"))?;
@@ -428,9 +476,10 @@ impl StateConsumer {
                 let _ = std::fs::remove_file(&*partial);
             }
             ConsumerKind::Qemu { writer, .. } => {
+                // Not joined: a writer blocked in a pipe QEMU no longer reads ends when that
+                // QEMU is stopped (or with this process), and nothing waits for it.
                 if let Some(w) = writer.take() {
                     drop(w.tx);
-                    let _ = w.thread.join();
                 }
             }
         }
@@ -440,6 +489,43 @@ impl StateConsumer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// LIVE-1: a QEMU that stops reading its state pipe fails the feed within the bound,
+    /// whether the queue fills (feed) or the last pieces never leave it (close).
+    #[test]
+    fn live_1_a_state_reader_that_stops_reading_fails_the_feed_within_the_bound() {
+        let stall = Duration::from_millis(200);
+        let (unread, pipe) = std::io::pipe().unwrap();
+        let w = StateWriter::spawn(pipe);
+        let t = Instant::now();
+        let bytes = vec![7u8; (FEED_QUEUE + 4) * FEED_PIECE];
+        let e = w.feed(&bytes, stall).unwrap_err();
+        assert!(e.contains("read none"), "{e}");
+        assert!(t.elapsed() < stall * 5, "{:?}", t.elapsed());
+        let e = w.close(stall).unwrap_err();
+        assert!(e.contains("read none"), "{e}");
+        drop(unread);
+
+        // A reader that went away: the writer's pipe breaks and the feed says so.
+        let (gone, pipe) = std::io::pipe().unwrap();
+        drop(gone);
+        let w = StateWriter::spawn(pipe);
+        let e = w.feed(&bytes, stall).unwrap_err();
+        assert!(e.contains("stopped reading"), "{e}");
+
+        // A reader that reads: everything arrives, in order.
+        let (mut reader, pipe) = std::io::pipe().unwrap();
+        let got = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            std::io::Read::read_to_end(&mut reader, &mut v).unwrap();
+            v
+        });
+        let w = StateWriter::spawn(pipe);
+        let bytes: Vec<u8> = (0..3 * FEED_PIECE + 5).map(|i| i as u8).collect();
+        w.feed(&bytes, stall).unwrap();
+        w.close(stall).unwrap().unwrap();
+        assert!(got.join().unwrap() == bytes);
+    }
 
     #[test]
     fn pid_pause_waits_for_stopped_state_and_resume_continues() {
