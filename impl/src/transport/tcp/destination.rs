@@ -303,6 +303,13 @@ const DATA_READ_AHEAD: usize = 64 << 10;
 /// source's window (64 writes a channel) keeps moving.
 const ACK_EVERY: u64 = 16;
 
+/// Whether to acknowledge before reading on: when frames are unacknowledged and either
+/// nothing more has arrived (the source may be waiting for the acknowledgement) or
+/// `ACK_EVERY` went by while the stream kept coming.
+fn ack_before_read(applied: u64, acked: u64, input_waiting: impl FnOnce() -> bool) -> bool {
+    acked < applied && (applied - acked >= ACK_EVERY || !input_waiting())
+}
+
 /// Bytes read off a data connection and not yet consumed.
 struct ReadAhead {
     buf: Vec<u8>,
@@ -323,13 +330,24 @@ impl ReadAhead {
     /// Reads what the socket has (at least a byte) by `deadline` (None: as long as it
     /// takes); `Ok(0)` is the end of the stream.
     fn fill(&mut self, s: &mut Stream, deadline: Option<Instant>) -> io::Result<usize> {
+        self.fill_upto(s, deadline, self.buf.len())
+    }
+
+    /// As `fill`, reading at most `most` bytes.
+    fn fill_upto(
+        &mut self,
+        s: &mut Stream,
+        deadline: Option<Instant>,
+        most: usize,
+    ) -> io::Result<usize> {
         if self.start == self.end {
             (self.start, self.end) = (0, 0);
         } else if self.end == self.buf.len() {
             self.buf.copy_within(self.start..self.end, 0);
             (self.start, self.end) = (0, self.end - self.start);
         }
-        let n = s.read_some(&mut self.buf[self.end..], deadline)?;
+        let end = self.buf.len().min(self.end + most);
+        let n = s.read_some(&mut self.buf[self.end..end], deadline)?;
         self.end += n;
         Ok(n)
     }
@@ -353,6 +371,7 @@ impl ReadAhead {
 fn data_receiver(mut s: Stream, land: &Landing<'_>, d: Deadlines) -> String {
     let mut applied: u64 = 0;
     let mut acked: u64 = 0;
+    let mut last_large = false;
     let mut ahead = ReadAhead {
         buf: vec![0u8; DATA_READ_AHEAD],
         start: 0,
@@ -365,13 +384,22 @@ fn data_receiver(mut s: Stream, land: &Landing<'_>, d: Deadlines) -> String {
         // waiting for it), then wait. An idle channel (between rounds) is normal; a frame,
         // once begun, is bounded.
         if ahead.available().is_empty() {
-            if acked < applied {
+            // Streaming (the next frame already waiting): acknowledged every ACK_EVERY
+            // frames only, so that a stream of large frames costs the source few wakeups.
+            if ack_before_read(applied, acked, || s.has_input()) {
                 if let Err(e) = s.write_all(&applied.to_le_bytes()) {
                     return format!("acknowledging: {e}");
                 }
                 acked = applied;
             }
-            match ahead.fill(&mut s, None) {
+            // After a large payload, which went straight into memory, the next frame is
+            // likely large too: its header alone is read, so that its payload is not copied
+            // through the read-ahead buffer.
+            let most = match last_large {
+                true => DATA_HEADER_LEN,
+                false => DATA_READ_AHEAD,
+            };
+            match ahead.fill_upto(&mut s, None, most) {
                 Ok(0) => return "closed by the source".into(),
                 Ok(_) => {}
                 Err(e) => return e.to_string(),
@@ -396,6 +424,7 @@ fn data_receiver(mut s: Stream, land: &Landing<'_>, d: Deadlines) -> String {
                     mem.write(off, &have[..n]);
                     ahead.consume(n);
                     let rest = h.len as u64 - n as u64;
+                    last_large = h.len as usize >= DATA_READ_AHEAD;
                     let landed = match rest {
                         0 => Ok(()),
                         _ => s.recv_into(mem, off + n as u64, rest, deadline),
@@ -410,9 +439,8 @@ fn data_receiver(mut s: Stream, land: &Landing<'_>, d: Deadlines) -> String {
             Err(e) => return format!("refused a data frame: {e}"),
         };
         applied += 1;
-        // Acknowledged now when nothing more is waiting (the usual case for large frames) or
-        // enough frames went by; else with the frames read ahead.
-        if ahead.available().is_empty() || applied - acked >= ACK_EVERY {
+        // Acknowledged when enough frames went by; else before the next wait for input.
+        if applied - acked >= ACK_EVERY {
             if let Err(e) = s.write_all(&applied.to_le_bytes()) {
                 return format!("acknowledging: {e}");
             }
@@ -623,5 +651,28 @@ pub fn fuzz_tls_data_frames(data: &[u8]) {
             after == reference.snapshot(),
             "frames decrypted from TLS landed differently from the same frames in the clear"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream of frames is acknowledged every ACK_EVERY frames while it keeps coming, and
+    /// at once when it stops: the source's window (64 writes a channel) never waits on an
+    /// acknowledgement held back.
+    #[test]
+    fn acknowledgements_are_batched_while_frames_stream_and_sent_when_they_stop() {
+        assert!(!ack_before_read(5, 0, || true), "streaming: held back");
+        assert!(
+            ack_before_read(ACK_EVERY, 0, || true),
+            "streaming: every ACK_EVERY"
+        );
+        assert!(ack_before_read(5, 0, || false), "stopped: sent at once");
+        assert!(
+            !ack_before_read(5, 5, || false),
+            "nothing new: nothing sent"
+        );
+        const { assert!(ACK_EVERY < 64) };
     }
 }

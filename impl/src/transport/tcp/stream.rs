@@ -100,6 +100,21 @@ impl Stream {
         }
     }
 
+    /// Whether bytes are waiting to be read now (in clear: the socket is readable; under TLS
+    /// always false, so that a caller deciding whether to acknowledge before a read does).
+    pub fn has_input(&self) -> bool {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        if self.tls.is_some() {
+            return false;
+        }
+        let mut fds = [PollFd::new(&self.tcp, PollFlags::IN)];
+        let now = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        matches!(poll(&mut fds, Some(&now)), Ok(n) if n > 0)
+    }
+
     pub fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         match &self.tls {
             Some(t) => t.write_all(buf),
