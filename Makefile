@@ -37,9 +37,10 @@ demo: deps
 	$(CARGO) build --release -q -p rdmig
 	./target/release/rdmig demo
 
-# rdmig's data path next to iperf3 -l 1M (or an in-tree equivalent) for 1 stream and 2 pairs,
+# rdmig's data path next to iperf3 -l 1M (installed here if missing) for 1 stream and 2 pairs,
 # rdmig with 1 and 2 channels, memory overhead, dirty-scan rate: medians of 3 runs.
 bench: deps
+	@command -v iperf3 >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3; }
 	$(CARGO) build --release -q -p rdmig
 	./target/release/rdmig bench
 

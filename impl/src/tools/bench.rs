@@ -39,9 +39,15 @@ fn iperf3_installed() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// `pairs` iperf3 client/server pairs at once, each sending `bytes` with 1 MiB writes; the
-/// sum of their received rates in GB/s.
-fn iperf3(pairs: usize, bytes: u64) -> Result<f64, String> {
+/// Seconds each iperf3 client sends for. Time-based, so that pairs started a few
+/// milliseconds apart overlap for nearly all of it and the sum of their rates is their rate
+/// together (with fixed byte counts, a pair that starts late runs partly alone and the sum
+/// overstates it).
+const IPERF3_SECONDS: &str = "2";
+
+/// `pairs` iperf3 client/server pairs at once, each sending for `IPERF3_SECONDS` with 1 MiB
+/// writes; the sum of their received rates in GB/s.
+fn iperf3(pairs: usize) -> Result<f64, String> {
     let ports: Vec<u16> = (0..pairs).map(|_| free_port()).collect::<Result<_, _>>()?;
     let mut servers = Vec::new();
     for p in &ports {
@@ -61,7 +67,7 @@ fn iperf3(pairs: usize, bytes: u64) -> Result<f64, String> {
             std::thread::spawn(move || loop {
                 let o = Command::new("iperf3")
                     .args(["-c", "127.0.0.1", "-p", &p.to_string(), "-l", "1M", "-J"])
-                    .args(["-n", &bytes.to_string()])
+                    .args(["-t", IPERF3_SECONDS])
                     .output();
                 let rate = o.ok().and_then(|o| {
                     let v: Value = serde_json::from_slice(&o.stdout).ok()?;
@@ -88,8 +94,45 @@ fn iperf3(pairs: usize, bytes: u64) -> Result<f64, String> {
     Ok(total)
 }
 
+/// Runs `send(i, connection)` for every sink port at once: all connections are made first
+/// and the senders start together; the rate of all `bytes` together in GB/s, over the time
+/// from the first start to the last end (not the sum of each sender's rate, which a late
+/// start inflates).
+fn together(
+    ports: &[u16],
+    bytes: u64,
+    send: impl Fn(usize, &mut TcpStream) -> Result<(), String> + Send + Sync + 'static,
+) -> Result<f64, String> {
+    let conns: Vec<TcpStream> = ports
+        .iter()
+        .map(|p| connect_sink(*p))
+        .collect::<Result<_, _>>()?;
+    let go = Arc::new(std::sync::Barrier::new(conns.len()));
+    let send = Arc::new(send);
+    let senders: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| {
+            let (go, send) = (go.clone(), send.clone());
+            std::thread::spawn(move || {
+                go.wait();
+                let t = Instant::now();
+                send(i, &mut c)?;
+                Ok::<_, String>((t, Instant::now()))
+            })
+        })
+        .collect();
+    let mut spans = Vec::new();
+    for s in senders {
+        spans.push(s.join().map_err(|_| "stream sender thread")??);
+    }
+    let first = spans.iter().map(|s| s.0).min().ok_or("no sender")?;
+    let last = spans.iter().map(|s| s.1).max().ok_or("no sender")?;
+    Ok(bytes as f64 / (last - first).as_secs_f64() / 1e9)
+}
+
 /// The in-tree stand-in for iperf3: `pairs` sender/receiver process pairs at once, each
-/// sender writing one hot 1 MiB buffer until `bytes` are out; the sum of their rates in GB/s.
+/// sender writing one hot 1 MiB buffer until `bytes` are out; their rate together in GB/s.
 fn stream(pairs: usize, bytes: u64) -> Result<f64, String> {
     let ports: Vec<u16> = (0..pairs).map(|_| free_port()).collect::<Result<_, _>>()?;
     let mut sinks = Vec::new();
@@ -100,35 +143,20 @@ fn stream(pairs: usize, bytes: u64) -> Result<f64, String> {
             .map_err(|e| e.to_string())?;
         sinks.push(s);
     }
-    let senders: Vec<_> = ports
-        .iter()
-        .map(|p| {
-            let p = *p;
-            std::thread::spawn(move || stream_send(p, bytes))
-        })
-        .collect();
-    let mut total = 0.0;
-    for s in senders {
-        total += s.join().map_err(|_| "stream sender thread")??;
-    }
+    let rate = together(&ports, bytes * pairs as u64, move |_, s| {
+        let buf = vec![0x5au8; 1 << 20];
+        let mut off = 0;
+        while off < bytes {
+            let n = (bytes - off).min(buf.len() as u64) as usize;
+            s.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+            off += n as u64;
+        }
+        finish_stream(s, bytes)
+    });
     for mut s in sinks {
         let _ = s.wait();
     }
-    Ok(total)
-}
-
-fn stream_send(port: u16, bytes: u64) -> Result<f64, String> {
-    let mut s = connect_sink(port)?;
-    let buf = vec![0x5au8; 1 << 20];
-    let t = Instant::now();
-    let mut off = 0;
-    while off < bytes {
-        let n = (bytes - off).min(buf.len() as u64) as usize;
-        s.write_all(&buf[..n]).map_err(|e| e.to_string())?;
-        off += n as u64;
-    }
-    finish_stream(&mut s, bytes)?;
-    Ok(bytes as f64 / t.elapsed().as_secs_f64() / 1e9)
+    rate
 }
 
 /// The memory-to-memory stream: what rdmig's data path does without its protocol. `pairs`
@@ -153,38 +181,24 @@ fn memory_stream(d: &Path, src: &Path, pairs: usize, bytes: u64) -> Result<f64, 
     }
     let block =
         Arc::new(crate::memory::ram::RamBlock::open("bench", src, 12).map_err(|e| e.to_string())?);
-    let senders: Vec<_> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let (p, block) = (*p, block.clone());
-            std::thread::spawn(move || {
-                let mut s = connect_sink(p)?;
-                let t = Instant::now();
-                let mut off = 0u64;
-                while off < share {
-                    let n = (share - off).min(1 << 20);
-                    block
-                        .send_range(s.as_fd(), &[], i as u64 * share + off, n)
-                        .map_err(|e| e.to_string())?;
-                    off += n;
-                }
-                finish_stream(&mut s, share)?;
-                Ok::<f64, String>(share as f64 / t.elapsed().as_secs_f64() / 1e9)
-            })
-        })
-        .collect();
-    let mut total = 0.0;
-    for s in senders {
-        total += s.join().map_err(|_| "memory stream sender thread")??;
-    }
+    let rate = together(&ports, share * pairs as u64, move |i, s| {
+        let mut off = 0u64;
+        while off < share {
+            let n = (share - off).min(1 << 20);
+            block
+                .send_range(s.as_fd(), &[], i as u64 * share + off, n)
+                .map_err(|e| e.to_string())?;
+            off += n;
+        }
+        finish_stream(s, share)
+    });
     for mut s in sinks {
         let _ = s.wait();
     }
     for i in 0..pairs {
         let _ = std::fs::remove_file(d.join(format!("sink-{i}.ram")));
     }
-    Ok(total)
+    rate
 }
 
 /// Connects to a sink on loopback `port`, waiting up to 10 s for it to listen.
@@ -466,7 +480,7 @@ fn measure(d: &Path, size: u64, state_size: u64) -> Result<Figures, String> {
     };
     let wire = |pairs| {
         if iperf {
-            iperf3(pairs, size)
+            iperf3(pairs)
         } else {
             stream(pairs, size)
         }
