@@ -235,6 +235,9 @@ fn stream_state(
     }
 }
 
+/// The phase that times the device state's production when it streams (STATE-3).
+const STATE_SAVE_PHASE: &str = "device state save (streamed beside the final scan and round)";
+
 fn scanned(r: Result<DirtyScan, String>) -> SrcInput {
     match r {
         Ok(scan) => SrcInput::Dirty(scan),
@@ -328,6 +331,9 @@ struct Driver<'a, L: SourceLink> {
     state_area: u64,
     /// The streamed device state under way, for the timeline.
     state_phase: Option<(PhaseReport, Instant)>,
+    /// A stopped QEMU's state save, started at the pause: its reports wait here until the
+    /// machine asks for the state (CaptureDeviceState), with the phase that times it.
+    early_state: Option<(Receiver<SrcEvent>, PhaseReport, Instant)>,
     /// The device state's length, once known.
     state_len: u64,
 }
@@ -509,16 +515,20 @@ impl<L: SourceLink> Driver<'_, L> {
                 d.run.workload.pause()
             }
         });
-        self.pending.push_back(match r {
+        let input = match r {
             Ok(out) => {
                 self.paused_state = out;
+                if streaming {
+                    self.start_qemu_state_save();
+                }
                 SrcInput::WorkloadPaused
             }
             Err(e) => {
                 tracing::error!("pausing the workload: {e}");
                 SrcInput::WorkloadFailed
             }
-        });
+        };
+        self.pending.push_back(input);
     }
 
     fn resume(&mut self) {
@@ -541,10 +551,49 @@ impl<L: SourceLink> Driver<'_, L> {
         }
     }
 
+    /// A stopped QEMU starts saving its state into the state buffer at once, beside the final
+    /// dirty scan: the guest no longer runs, so the state is final, and the save is downtime
+    /// either way. Only the buffer, the driver's own memory, sees it before the machine asks
+    /// for the state; its reports are held until then (spec: STATE-3, the machine's inputs
+    /// come only after CaptureDeviceState).
+    fn start_qemu_state_save(&mut self) {
+        let (Some(buf), Some(q), Some(_)) = (
+            self.run.state_buffer.clone(),
+            self.run.workload.streaming_qemu(),
+            self.run.background.as_ref(),
+        ) else {
+            return;
+        };
+        let hash = self.digest_alg != DigestAlg::None;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let phase = self.phase(STATE_SAVE_PHASE);
+        self.early_state = Some((rx, phase, Instant::now()));
+        std::thread::spawn(move || {
+            stream_state(&buf, StateFrom::Qemu(q), hash, &mut |e| {
+                let _ = tx.send(e);
+            })
+        });
+    }
+
     /// The device state, streamed into the state buffer while the final round runs: saved
-    /// by QEMU into it, or copied from what the pause produced or `--state-in` holds. On a
-    /// thread of its own when the driver has a channel for background work.
+    /// by QEMU into it (from the pause on), or copied from what the pause produced or
+    /// `--state-in` holds. On a thread of its own when the driver has a channel for
+    /// background work.
     fn stream_state(&mut self) {
+        if let Some((early, phase, t)) = self.early_state.take() {
+            let Some(tx) = self.run.background.clone() else {
+                unreachable!("started only with a channel for background work");
+            };
+            self.state_phase = Some((phase, t));
+            std::thread::spawn(move || {
+                for e in early {
+                    if tx.send(e).is_err() {
+                        return;
+                    }
+                }
+            });
+            return;
+        }
         let Some(buf) = self.run.state_buffer.clone() else {
             tracing::error!("a state area was negotiated but the driver has no state buffer");
             return self.pending.push_back(SrcInput::WorkloadFailed);
@@ -556,7 +605,7 @@ impl<L: SourceLink> Driver<'_, L> {
         };
         // The digest travels only when digests are negotiated (spec: STATE-5).
         let hash = self.digest_alg != DigestAlg::None;
-        let name = "device state save (streamed beside the final round)";
+        let name = STATE_SAVE_PHASE;
         match self.run.background.clone() {
             Some(tx) => {
                 self.state_phase = Some((self.phase(name), Instant::now()));
@@ -633,6 +682,7 @@ pub fn run_source(mut link: impl SourceLink, rx: Receiver<SrcEvent>, mut run: So
         paused: false,
         state_area: 0,
         state_phase: None,
+        early_state: None,
         state_len: 0,
     };
     let mut out = SrcOut::new();
