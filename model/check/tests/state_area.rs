@@ -380,3 +380,54 @@ fn state_5_a_state_digest_mismatch_aborts() {
     let r = p.run(200_000);
     assert_eq!(r.destination, Some(Outcome::Completed), "honest digest");
 }
+
+/// spec: STATE-3: PREPARE while a registration of the state area is still under way at the
+/// destination is a ProtocolViolation: the destination would vote with a registration its
+/// driver has not finished, and nothing starts.
+#[test]
+fn state_3_prepare_while_a_registration_is_unanswered_is_refused() {
+    // An area of six chunks for three chunks of state, and a budget that holds them all:
+    // chunks of the area stay free for a registration after the state is placed.
+    let mut dst = dst_cfg(2 * AREA);
+    dst.pin_budget = 1 << 20;
+    let mut p = Pair::new(src_cfg(2 * AREA), dst, quiet(), device_state()).unwrap();
+    p.run_until_source(SrcPhase::AwaitPrepared, 100_000);
+    assert_eq!(p.src.phase(), SrcPhase::AwaitPrepared);
+    assert_eq!(
+        p.dst.phase(),
+        DstPhase::ReceivingTail,
+        "PREPARE still in flight"
+    );
+    // A registration of a free chunk of the area, under the next request id the
+    // destination expects, whose driver never answers.
+    let free = ChunkRef { block: 1, chunk: 5 };
+    let registering = (0..64u32).find_map(|req_id| {
+        let mut d = p.dst.clone();
+        let cmds = d.step(
+            0,
+            frame::<DstInput>(Message::RegRequest {
+                req_id,
+                chunks: vec![free],
+            }),
+        );
+        cmds.iter()
+            .any(|c| matches!(c, DstCommand::Register { .. }))
+            .then_some(d)
+    });
+    p.dst = registering.expect("some request id starts a registration");
+    for _ in 0..100_000 {
+        if p.dst.outcome().is_some() {
+            break;
+        }
+        p.step();
+    }
+    assert_eq!(
+        p.dst.outcome(),
+        Some(Outcome::Aborted(AbortInfo {
+            reason: AbortReason::ProtocolViolation,
+            by_peer: false,
+            detail: Detail::PrepareBusy,
+        }))
+    );
+    assert_ne!(p.src.outcome(), Some(Outcome::Completed), "nothing starts");
+}
