@@ -275,7 +275,14 @@ impl RamBlock {
     /// buffer, the destination's staging area, spec: STATE-2): zero-filled, taken only as it
     /// is written or [populated](Self::populate).
     pub fn staging(name: &str, len: u64) -> Result<Self, MemError> {
-        Self::anonymous(name, len, rdmig_model::wire::STATE_PAGE_LOG2)
+        let b = Self::anonymous(name, len, rdmig_model::wire::STATE_PAGE_LOG2)?;
+        // Huge pages where the kernel gives them (transparent huge pages, "madvise" or
+        // "always"): gigabytes of state fault in and clear 2 MiB at a time, and the copies
+        // into it miss the TLB 512 times less often. A kernel without them ignores it.
+        if let Mapping::Anon(m) = &b._map {
+            let _ = m.advise(memmap2::Advice::HugePage);
+        }
+        Ok(b)
     }
 
     /// Faults in `[0, len)` of anonymous memory ahead of its use (`MADV_POPULATE_WRITE`), so
