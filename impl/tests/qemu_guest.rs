@@ -512,7 +512,7 @@ fn record(r: &Row) {
         "guest_mb": ram_mb(),
         "fill_mb": fill_mb(),
         "phases": r.phases,
-        "detail": match &r.survived { Ok((a, b)) => format!("source tick {a}, destination {b}"), Err(e) => e.lines().next().unwrap_or("").to_string() },
+        "detail": detail(&r.survived),
     });
     eprintln!("ROW {line}");
     if let Ok(p) = std::env::var("RDMIG_QEMU_RESULTS") {
@@ -1251,6 +1251,39 @@ fn state_3_a_guest_with_private_ram_migrates_with_it_in_its_device_state() {
     }
 }
 
+/// A result row's one-line account of the guest: the ticks it reached, or why it failed (the
+/// first line and the guest's own verdict: a `VERIFY BAD` line, a panic or memcheck's end).
+fn detail(survived: &Result<(u64, u64), String>) -> String {
+    match survived {
+        Ok((a, b)) => format!("source tick {a}, destination {b}"),
+        Err(e) => {
+            let first = e.lines().next().unwrap_or("");
+            let verdict = e.lines().find(|l| {
+                l.starts_with("VERIFY BAD")
+                    || l.contains("Kernel panic")
+                    || l.contains("MEMCHECK EXITED")
+            });
+            match verdict {
+                Some(v) if v != first => format!("{first} {v}"),
+                _ => first.to_string(),
+            }
+        }
+    }
+}
+
+/// A failed guest's row says why in one line: the first line of the failure and the guest's
+/// own verdict.
+#[test]
+fn a_failed_guest_row_names_its_verdict() {
+    let e = "destination failed:\nMEMCHECK tick=7 VERIFY OK\nVERIFY BAD page=3 version=3\nmore";
+    assert_eq!(
+        detail(&Err(e.into())),
+        "destination failed: VERIFY BAD page=3 version=3"
+    );
+    assert_eq!(detail(&Err("no ticks in 90 s".into())), "no ticks in 90 s");
+    assert_eq!(detail(&Ok((4, 5))), "source tick 4, destination 5");
+}
+
 /// A tick line the pause cut short is not read as a failed verification.
 #[test]
 fn a_tick_line_cut_short_is_not_a_tick() {
@@ -1453,7 +1486,7 @@ fn record_save(
         "guest_mb": ram_mb(),
         "fill_mb": fill_mb(),
         "survived": survived.is_ok(),
-        "detail": match survived { Ok((a, b)) => format!("source tick {a}, destination {b}"), Err(e) => e.lines().next().unwrap_or("").to_string() },
+        "detail": detail(survived),
     });
     eprintln!("ROW {line}");
     if let Ok(p) = std::env::var("RDMIG_QEMU_RESULTS") {
