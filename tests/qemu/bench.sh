@@ -48,32 +48,31 @@ for rate in sorted({r["rate_mb_s"] for r in rows if r["tool"] == "rdmig 2ch"}):
         continue
     print(f"| {rate} | {rt:.0f} / {rd:.0f} | {vt:.0f} / {vd:.0f} | {qt:.0f} / {qd:.0f} | "
           f"{rt / qt:.2f} | {rd / qd:.2f} | {100 * (vd - rd) / rd:+.0f} % |")
-tls = sorted({r["rate_mb_s"] for r in rows if r["tool"] == "rdmig 2ch tls"})
-if tls:
+def versus(rtool, qtool, rhead, qhead, extra=None):
+    """rdmig's runs of `rtool` against QEMU's of `qtool`, rate by rate: medians and ratios;
+    `extra` adds a column (its header, and its cell from rate, rdmig's total)."""
+    rates = sorted({r["rate_mb_s"] for r in rows if r["tool"] == rtool})
+    if not rates:
+        return
     print()
-    print("| dirty MB/s | rdmig 2ch TLS total / downtime (ms) | QEMU multifd 2ch TLS total / downtime (ms) | ratio total | ratio downtime | rdmig TLS / rdmig clear, total |")
-    print("|---|---|---|---|---|---|")
-    for rate in tls:
-        rt, rd = med("rdmig 2ch tls", rate, "total_ms"), med("rdmig 2ch tls", rate, "downtime_ms")
-        qt, qd = med("qemu multifd 2ch tls", rate, "total_ms"), med("qemu multifd 2ch tls", rate, "downtime_ms")
-        ct = med("rdmig 2ch", rate, "total_ms")
+    more = f" {extra[0]} |" if extra else ""
+    print(f"| dirty MB/s | {rhead} total / downtime (ms) | {qhead} total / downtime (ms) | ratio total | ratio downtime |{more}")
+    print("|---|---|---|---|---|" + ("---|" if extra else ""))
+    for rate in rates:
+        rt, rd = med(rtool, rate, "total_ms"), med(rtool, rate, "downtime_ms")
+        qt, qd = med(qtool, rate, "total_ms"), med(qtool, rate, "downtime_ms")
         if None in (rt, rd, qt, qd):
             print(f"| {rate} | (missing runs) |")
             continue
-        clear = f"{rt / ct:.2f}" if ct else "-"
-        print(f"| {rate} | {rt:.0f} / {rd:.0f} | {qt:.0f} / {qd:.0f} | {rt / qt:.2f} | {rd / qd:.2f} | {clear} |")
-private = sorted({r["rate_mb_s"] for r in rows if r["tool"] == "rdmig 2ch, private RAM"})
-if private:
-    print()
-    print("| dirty MB/s | rdmig 2ch, private RAM total / downtime (ms) | QEMU multifd 2ch, same guest total / downtime (ms) | ratio total | ratio downtime |")
-    print("|---|---|---|---|---|")
-    for rate in private:
-        rt, rd = med("rdmig 2ch, private RAM", rate, "total_ms"), med("rdmig 2ch, private RAM", rate, "downtime_ms")
-        qt, qd = med("qemu multifd 2ch, private RAM", rate, "total_ms"), med("qemu multifd 2ch, private RAM", rate, "downtime_ms")
-        if None in (rt, rd, qt, qd):
-            print(f"| {rate} | (missing runs) |")
-            continue
-        print(f"| {rate} | {rt:.0f} / {rd:.0f} | {qt:.0f} / {qd:.0f} | {rt / qt:.2f} | {rd / qd:.2f} |")
+        cell = f" {extra[1](rate, rt)} |" if extra else ""
+        print(f"| {rate} | {rt:.0f} / {rd:.0f} | {qt:.0f} / {qd:.0f} | {rt / qt:.2f} | {rd / qd:.2f} |{cell}")
+def against_clear(rate, rt):
+    ct = med("rdmig 2ch", rate, "total_ms")
+    return f"{rt / ct:.2f}" if ct else "-"
+versus("rdmig 2ch tls", "qemu multifd 2ch tls", "rdmig 2ch TLS", "QEMU multifd 2ch TLS",
+       ("rdmig TLS / rdmig clear, total", against_clear))
+versus("rdmig 2ch, private RAM", "qemu multifd 2ch, private RAM", "rdmig 2ch, private RAM",
+       "QEMU multifd 2ch, same guest")
 for r in bad:
     print("GUEST FAILED:", r)
 sys.exit(1 if bad else 0)

@@ -302,8 +302,9 @@ const FEED_PIECE: usize = 1 << 20;
 /// Pieces queued for the writer at most (64 MiB), so that the driver rarely waits for QEMU.
 const FEED_QUEUE: usize = 64;
 /// Longest a QEMU may leave the state pipe unread (full) before the consumer gives up on it:
-/// a QEMU that stops loading must not hold the destination (spec: LIVE-1).
-const FEED_STALL: Duration = Duration::from_secs(60);
+/// a QEMU that stops loading must not hold the destination (spec: LIVE-1). The bound QEMU's
+/// own load has.
+const FEED_STALL: Duration = crate::vmm::qemu::STATE_TIMEOUT;
 
 impl StateConsumer {
     /// Digested and dropped (a workload that takes no device state).

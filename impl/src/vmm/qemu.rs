@@ -47,7 +47,7 @@ fn state_pipe() -> Result<(std::io::PipeReader, std::io::PipeWriter), QemuError>
 /// How long a single QMP reply may take.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long saving or loading the device state may take.
-const STATE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const STATE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest device state accepted from QEMU (the wire bound, spec: SW-3).
 const MAX_STATE: usize = rdmig_model::wire::MAX_DEVICE_STATE as usize;
 
@@ -107,6 +107,14 @@ pub struct Backend {
     pub mem_path: Option<String>,
     pub share: bool,
     pub size: u64,
+}
+
+impl Backend {
+    /// The shared file it maps: none for RAM QEMU keeps privately (a `memory-backend-ram`,
+    /// or a file without `share=on`), which travels inside its device state.
+    pub fn shared_file(&self) -> Option<&String> {
+        self.mem_path.as_ref().filter(|_| self.share)
+    }
 }
 
 /// Lists the guest's memory backends (`/objects/*` of type `memory-backend-*`).
@@ -170,7 +178,7 @@ pub fn check_backends(
     let mut used = vec![false; ram.len()];
     let (mut private, mut ids) = (0u64, Vec::new());
     for b in found {
-        let Some(path) = b.mem_path.as_ref().filter(|_| b.share) else {
+        let Some(path) = b.shared_file() else {
             // A file given with --ram must be shared, or QEMU's writes never reach it.
             if let Some(path) = &b.mem_path {
                 let c = canonical(Path::new(path));
@@ -485,7 +493,7 @@ fn check_destination(
     }
     let found = backends(q)?;
     check_backends(&found, ram, max_private)?;
-    preallocate_private(q, &found);
+    preallocate_private(q, &found)?;
     let before = enable_ignore_shared(q)?;
     let (a, b, c) = q.version;
     Ok((format!("{a}.{b}.{c}"), before))
@@ -495,10 +503,11 @@ fn check_destination(
 /// That RAM arrives inside the device state, during the downtime, and every page QEMU touches
 /// for the first time while loading it costs a page fault and a page clear there (measured: a
 /// 128 MiB private node took 206 ms to load into fresh memory, 3 to 11 ms preallocated).
-/// Setting `prealloc` on a backend that exists allocates it at once; one that refuses stays as
-/// it is, which costs time, not correctness.
-fn preallocate_private(q: &mut Qmp, found: &[Backend]) {
-    for b in found.iter().filter(|b| !(b.share && b.mem_path.is_some())) {
+/// Setting `prealloc` on a backend that exists allocates it at once; one that QEMU refuses
+/// stays as it is, which costs time, not correctness. No answer within the QMP reply bound
+/// leaves the session unusable (a late reply would be taken for the next one's): an error.
+fn preallocate_private(q: &mut Qmp, found: &[Backend]) -> Result<(), QemuError> {
+    for b in found.iter().filter(|b| b.shared_file().is_none()) {
         let t = Instant::now();
         let args =
             json!({"path": format!("/objects/{}", b.id), "property": "prealloc", "value": true});
@@ -510,14 +519,16 @@ fn preallocate_private(q: &mut Qmp, found: &[Backend]) {
                 b.size >> 20,
                 t.elapsed()
             ),
-            Err(e) => tracing::warn!(
+            Err(e @ QmpError::Command { .. }) => tracing::warn!(
                 "destination QEMU: {} {} not preallocated ({e}): its pages are faulted in \
                  while the device state loads, inside the downtime",
                 b.kind,
                 b.id
             ),
+            Err(e) => return Err(e.into()),
         }
     }
+    Ok(())
 }
 
 /// The last lines of a QEMU log, for error messages.
@@ -1006,6 +1017,34 @@ mod tests {
         assert!(e.to_string().contains("-incoming defer"), "{e}");
     }
 
+    /// A destination QEMU waiting with `-incoming defer` on the shared file at `path` plus a
+    /// private `memory-backend-ram` "priv" of 1 MiB.
+    fn incoming_with_private_ram(path: &str) -> HashMap<&'static str, Handler> {
+        let mut g = guest(path, "inmigrate", true, "none");
+        g.insert(
+            "qom-list",
+            ret(
+                json!([{"name": "mem", "type": "child<memory-backend-file>"},
+                       {"name": "priv", "type": "child<memory-backend-ram>"}]),
+            ),
+        );
+        let path = path.to_string();
+        g.insert(
+            "qom-get",
+            Box::new(move |a: &Value, _| {
+                let private = a["path"] == "/objects/priv";
+                let v = match a["property"].as_str().unwrap() {
+                    "size" => json!(1 << 20),
+                    "share" => json!(!private),
+                    "mem-path" => json!(path.clone()),
+                    _ => unreachable!(),
+                };
+                json!({ "return": v })
+            }),
+        );
+        g
+    }
+
     /// A destination QEMU with a shared file and a private backend: only the private one is
     /// preallocated before the migration (its pages would otherwise be faulted in inside the
     /// downtime), and a QEMU that refuses still takes the migration.
@@ -1013,28 +1052,7 @@ mod tests {
     fn destination_private_ram_is_preallocated_before_the_migration() {
         for refuse in [false, true] {
             let (dir, p, r) = setup();
-            let mut g = guest(&p, "inmigrate", true, "none");
-            g.insert(
-                "qom-list",
-                ret(
-                    json!([{"name": "mem", "type": "child<memory-backend-file>"},
-                           {"name": "priv", "type": "child<memory-backend-ram>"}]),
-                ),
-            );
-            let path = p.clone();
-            g.insert(
-                "qom-get",
-                Box::new(move |a: &Value, _| {
-                    let private = a["path"] == "/objects/priv";
-                    let v = match a["property"].as_str().unwrap() {
-                        "size" => json!(1 << 20),
-                        "share" => json!(!private),
-                        "mem-path" => json!(path.clone()),
-                        _ => unreachable!(),
-                    };
-                    json!({ "return": v })
-                }),
-            );
+            let mut g = incoming_with_private_ram(&p);
             g.insert(
                 "qom-set",
                 Box::new(move |_, _| match refuse {
@@ -1055,6 +1073,18 @@ mod tests {
                 [&json!({"path": "/objects/priv", "property": "prealloc", "value": true})]
             );
         }
+    }
+
+    /// A QEMU that goes away instead of answering the preallocation leaves no usable QMP
+    /// session: the attach fails with it, before any migration (a refusal only warns, above).
+    #[test]
+    fn destination_lost_while_preallocating_fails_the_attach() {
+        let (dir, p, r) = setup();
+        let mut g = incoming_with_private_ram(&p);
+        g.insert("qom-set", Box::new(|_, _| json!({"close": true})));
+        let (sock, _) = serve(dir.path(), g);
+        let e = QemuDest::attach(&sock, &r, None, &dir.path().join("log"), 1 << 20).unwrap_err();
+        assert!(matches!(e, QemuError::Qmp(QmpError::Closed)), "{e}");
     }
 
     #[test]
